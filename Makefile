@@ -1,0 +1,70 @@
+# The README's two commands: `make demo` and `make test`. Everything they need is installed
+# here (Debian packages with apt-get as root, Python packages in .venv), never by hand.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+STAMPS := .stamps
+
+# Debian packages: build tools, signing, readers used by the tests, wine, Redis.
+DEBIAN_PACKAGES := wixl msitools osslsigncode nsis wine wine64 xorriso dmg2img p7zip-full \
+	cpio libarchive-tools openssl softhsm2 libengine-pkcs11-openssl gcc-mingw-w64-x86-64 \
+	make redis-server
+
+DEMO_OUT := out/demo
+DEMO_KEYS := .dev-keys
+SOURCE_DATE_EPOCH ?= 1767225600
+export SOURCE_DATE_EPOCH
+
+.PHONY: demo test bench deps venv payload payload-test dev-keys clean
+
+$(STAMPS)/debian:
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+deps: $(STAMPS)/debian $(STAMPS)/venv
+
+venv: $(STAMPS)/venv
+
+# The TEST payload: a tiny Windows service in C, cross-compiled with mingw-w64 (payload/README.md).
+payload-test: $(STAMPS)/debian
+	$(MAKE) -s -C payload/testagent
+
+# The reference agent, built by PyInstaller for this host (Windows and macOS binaries are
+# built the same way on those systems).
+payload: $(STAMPS)/venv
+	$(PIP) install -q --disable-pip-version-check -e '.[payload]'
+	.venv/bin/pyinstaller --noconfirm --log-level WARN payload/agent/agent.spec --distpath payload/build/host --workpath payload/build/pyi
+
+dev-keys: $(STAMPS)/venv
+	$(PY) -m builder dev-keys $(DEMO_KEYS)
+
+demo: deps payload-test dev-keys
+	@rm -rf $(DEMO_OUT)
+	DEMO_TOKEN=demo-enrollment-token-$$(date +%s) $(PY) -m builder build \
+		--format msi --format exe \
+		--version 1.0.0 --account-id demo-account --group-id demo-group \
+		--token-env DEMO_TOKEN --console-url https://console.example.com \
+		--payload payload/build --out $(DEMO_OUT) \
+		--sign-cert $(DEMO_KEYS)/codesign.pem --sign-key $(DEMO_KEYS)/codesign.key --ca $(DEMO_KEYS)/ca.pem
+	@for f in $(DEMO_OUT)/*.msi $(DEMO_OUT)/*.exe; do $(PY) -m builder verify --ca $(DEMO_KEYS)/ca.pem "$$f" || exit 1; done
+
+test: deps payload-test
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: deps payload-test
+	$(PY) -m tests.bench.run
+
+clean:
+	rm -rf out payload/build $(STAMPS) .pytest_cache

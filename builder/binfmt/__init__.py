@@ -1,0 +1,1 @@
+"""Pure file formats: no subprocess, bytes in, bytes out."""

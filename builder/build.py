@@ -1,0 +1,168 @@
+"""`builder build`: every requested format, in parallel, into the output folder, or nothing.
+
+Each format works in a private temporary folder (rendered sources carry the token, so they
+are 0600 and deleted afterwards). A finished installer is verified, then renamed into the
+output folder; if any format fails, the installers this run already placed are removed again,
+so the output folder never holds a half-written, unsigned or partial set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import formats, log
+from builder.config import Product
+from builder.enrollment import Enrollment
+from builder.errors import BuilderError, OutputError, PayloadError, VerificationError
+from builder.formats.base import BuildRequest, Signers
+
+PLATFORMS = {"msi": "windows", "exe": "windows", "pkg": "macos", "dmg": "macos"}
+
+
+@dataclass(frozen=True)
+class Output:
+    format: str
+    path: Path
+    size: int
+    sha256: str
+    signer: str | None
+    notarized: bool | None
+    seconds: float
+    details: dict
+
+    def as_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "path": str(self.path),
+            "size": self.size,
+            "sha256": self.sha256,
+            "signer": self.signer,
+            "notarized": self.notarized,
+            "seconds": round(self.seconds, 3),
+            **({"details": self.details} if self.details else {}),
+        }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_payload(payload: Path, platform: str, product: Product) -> None:
+    folder = payload / platform
+    if not payload.is_dir():
+        raise PayloadError(f"--payload {payload}: no such folder", "run `make payload` or give the agent's folder")
+    if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
+        raise PayloadError(f"--payload {payload}: {platform}/ is missing or empty", f"put the {platform} agent in {folder}")
+    if platform == "windows":
+        exe = folder / product.agent_exe
+        if not exe.is_file() or exe.stat().st_size == 0:
+            raise PayloadError(f"--payload {payload}: {platform}/{product.agent_exe} is missing or empty", "build the Windows agent (make payload)")
+
+
+def build(
+    *,
+    format_names: list[str],
+    product: Product,
+    version: str,
+    payload: Path,
+    enrollment: Enrollment | None,
+    signers: Signers,
+    out: Path,
+    source_date_epoch: int,
+    basename: str | None = None,
+) -> list[Output]:
+    """Build `format_names` into `out`. Returns the outputs; raises BuilderError leaving `out` as it was."""
+    chosen = [formats.get(n) for n in dict.fromkeys(format_names)]
+    for fmt in chosen:
+        check_payload(payload, fmt.platform, product)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot create it ({exc.strerror})", "choose a writable folder") from None
+    if enrollment is not None:
+        log.register_secret(enrollment.token.reveal())
+    stem = basename or default_basename(product, version, enrollment)
+    targets = {fmt.name: out / f"{stem}{fmt.suffix}" for fmt in chosen}
+
+    placed: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="builder-") as tmp:
+        def one(fmt) -> Output:
+            work = Path(tmp) / fmt.name
+            work.mkdir(mode=0o700)
+            request = BuildRequest(
+                product=product, version=version, payload=payload, enrollment=enrollment,
+                work=work, source_date_epoch=source_date_epoch, signers=signers,
+            )
+            start = time.perf_counter()
+            with log.step(f"{fmt.name}: build and sign"):
+                built = fmt.build(request)
+            if not signers.unsigned:
+                with log.step(f"{fmt.name}: verify"):
+                    report = fmt.verify(built.path, signers.verify_ca)
+                if not report.get("ok"):
+                    raise VerificationError(f"{fmt.name}: the signed installer does not verify: {report.get('detail', 'see builder verify')}", "check the signing certificate chain (--ca)")
+            return Output(fmt.name, built.path, built.path.stat().st_size, sha256_file(built.path),
+                          built.signer, built.notarized, time.perf_counter() - start, built.details)
+
+        # Formats spend their time in external tools, so threads run them side by side.
+        with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:
+            futures = [pool.submit(one, fmt) for fmt in chosen]
+            results, first_error = [], None
+            for fut in futures:
+                try:
+                    results.append(fut.result())
+                except BuilderError as exc:
+                    first_error = first_error or exc
+        if first_error:
+            raise first_error
+        try:
+            outputs = []
+            for res in results:
+                target = targets[res.format]
+                partial = target.with_name(f".{target.name}.partial")
+                shutil.copyfile(res.path, partial)
+                os.replace(partial, target)
+                placed.append(target)
+                outputs.append(Output(res.format, target, res.size, res.sha256, res.signer, res.notarized, res.seconds, res.details))
+            write_summary(out / f"{stem}.summary.json", outputs, enrollment, version)
+        except OSError as exc:
+            for p in placed:
+                p.unlink(missing_ok=True)
+            raise OutputError(f"--out {out}: cannot write the installers ({exc.strerror})", "check free space and permissions") from None
+    return outputs
+
+
+def default_basename(product: Product, version: str, enrollment: Enrollment | None) -> str:
+    base = product.service_name + "-" + version
+    if enrollment is None:
+        return base
+    # Ids may hold unicode letters: keep file names ASCII and unambiguous.
+    safe = lambda s: "".join(c if c.isascii() and (c.isalnum() or c in ".-") else "_" for c in s)  # noqa: E731
+    return f"{base}-{safe(enrollment.account_id)}-{safe(enrollment.group_id)}"
+
+
+def write_summary(path: Path, outputs: list[Output], enrollment: Enrollment | None, version: str) -> None:
+    doc = summary_doc(outputs, enrollment, version)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def summary_doc(outputs: list[Output], enrollment: Enrollment | None, version: str) -> dict:
+    return {
+        "version": version,
+        "enrollment": enrollment.public() if enrollment else None,
+        "installers": [o.as_dict() for o in outputs],
+    }

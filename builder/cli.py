@@ -1,0 +1,262 @@
+"""The `builder` command line: parse, call the library, print. No format logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from builder import __version__, formats, log
+from builder.config import load_product, parse_set_options, validate_version
+from builder.enrollment import Enrollment, Secret, read_token
+from builder.errors import BuilderError, UsageError
+from builder.formats.base import AppleKey, Signers
+from builder.signing.authenticode import SigningKey, OfflineTSA
+
+SIGN_PASSWORD_ENV = "BUILDER_SIGN_PASSWORD"
+MAC_SIGN_PASSWORD_ENV = "BUILDER_MAC_SIGN_PASSWORD"
+
+
+def handle_errors(fn):
+    """Turn a BuilderError into one line on stderr and its exit code; anything else is a bug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BuilderError as exc:
+            log.console.print(f"[bold red]error:[/] {log.redact(str(exc))}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def emit_json(doc) -> None:
+    click.echo(log.redact(json.dumps(doc, indent=2, ensure_ascii=False)))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="builder")
+@click.option("-v", "--verbose", is_flag=True, help="Debug log: every tool command line (secrets redacted) and its output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the result.")
+def main(verbose: bool, quiet: bool) -> None:
+    """Build, sign, stamp and verify remote-support agent installers."""
+    log.setup(verbose=verbose, quiet=quiet)
+
+
+# --- shared option groups ---------------------------------------------------------------
+
+def product_options(fn):
+    fn = click.option("--config", "config_file", type=click.Path(path_type=Path), help="Product identity file (TOML) over the embedded defaults.")(fn)
+    fn = click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="Override one product identity value.")(fn)
+    return fn
+
+
+def enrollment_options(fn):
+    for opt in reversed(
+        [
+            click.option("--account-id", required=True, help="The console account id."),
+            click.option("--group-id", required=True, help="The device group the agent joins."),
+            click.option("--token-file", help="File holding the enrollment token, or - for stdin."),
+            click.option("--token-env", metavar="NAME", help="Environment variable holding the enrollment token."),
+            click.option("--console-url", help="Console URL (default: product.console_url)."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def signing_options(fn):
+    for opt in reversed(
+        [
+            click.option("--sign-cert", type=click.Path(path_type=Path), help="Code-signing certificate chain (PEM)."),
+            click.option("--sign-key", type=click.Path(path_type=Path), help="Its private key (PEM)."),
+            click.option("--sign-pkcs12", type=click.Path(path_type=Path), help=f"PKCS#12 with key and chain; password from ${SIGN_PASSWORD_ENV}."),
+            click.option("--sign-pkcs11", metavar="URI", help=f"PKCS#11 URI of an HSM key (with --sign-cert); PIN from ${SIGN_PASSWORD_ENV}."),
+            click.option("--pkcs11-module", default=None, help="PKCS#11 module (default: SoftHSM's)."),
+            click.option("--timestamp-url", help="RFC 3161 timestamp server."),
+            click.option("--test-tsa", "test_tsa", type=click.Path(path_type=Path), help="Development key folder whose test TSA timestamps offline (tests only).", hidden=True),
+            click.option("--mac-sign-pkcs12", type=click.Path(path_type=Path), multiple=True, help=f"Developer ID Application/Installer PKCS#12 (repeatable); password from ${MAC_SIGN_PASSWORD_ENV}."),
+            click.option("--no-sign", is_flag=True, help="Build unsigned installers (development only)."),
+            click.option("--ca", type=click.Path(path_type=Path), help="Trusted root for verifying what was signed (default: system roots)."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
+                    mac_sign_pkcs12, no_sign, ca, product, environ=os.environ) -> Signers:
+    """All signing options resolved once, into one frozen object."""
+    any_key = any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12])
+    if no_sign:
+        if any_key:
+            raise UsageError("--no-sign was given together with signing options", "drop one of them")
+        log.warning("UNSIGNED build (--no-sign): Windows SmartScreen and macOS Gatekeeper will warn or refuse. Development only.")
+        return Signers(unsigned=True)
+    password = Secret(environ[SIGN_PASSWORD_ENV]) if SIGN_PASSWORD_ENV in environ else None
+    authenticode = None
+    if sign_cert or sign_key or sign_pkcs12 or sign_pkcs11:
+        if sign_pkcs12 and password is None:
+            raise UsageError(f"--sign-pkcs12 needs its password in ${SIGN_PASSWORD_ENV}", "export it (an empty value for none)")
+        tsa = None
+        if test_tsa:
+            tsa = OfflineTSA(certs=test_tsa / "tsa.pem", key=test_tsa / "tsa.key", time=int(environ.get("SOURCE_DATE_EPOCH") or time.time()))
+        extra = {"pkcs11_module": pkcs11_module} if pkcs11_module else {}
+        authenticode = SigningKey(
+            cert=sign_cert, key=sign_key, pkcs12=sign_pkcs12, pkcs11_uri=sign_pkcs11, password=password,
+            timestamp_url=timestamp_url, test_tsa=tsa, description=product.name, **extra,
+        )
+    apple_app = apple_installer = None
+    if mac_sign_pkcs12:
+        if MAC_SIGN_PASSWORD_ENV not in environ:
+            raise UsageError(f"--mac-sign-pkcs12 needs its password in ${MAC_SIGN_PASSWORD_ENV}", "export it (an empty value for none)")
+        from builder.signing import apple
+
+        mac_password = Secret(environ[MAC_SIGN_PASSWORD_ENV])
+        log.register_secret(mac_password.reveal())
+        apple_app, apple_installer = apple.classify_identities([AppleKey(pkcs12=p, password=mac_password) for p in mac_sign_pkcs12])
+    return Signers(authenticode=authenticode, apple_application=apple_app, apple_installer=apple_installer, verify_ca=ca)
+
+
+def source_date_epoch(environ=os.environ) -> int:
+    raw = environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
+        return int(time.time())
+    if not raw.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} is not a whole number of seconds", "unset it or give seconds since 1970")
+    return int(raw)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+@main.command()
+@click.option("--format", "format_names", multiple=True, required=True, type=click.Choice(formats.NAMES), help="Installer format (repeatable).")
+@click.option("--version", "version", required=True, help="Agent version, MAJOR.MINOR.BUILD.")
+@enrollment_options
+@click.option("--payload", type=click.Path(path_type=Path), default=Path("payload/build"), show_default=True, help="Agent payload: windows/ and macos/ sub-folders.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@signing_options
+@product_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@handle_errors
+def build(format_names, version, account_id, group_id, token_file, token_env, console_url, payload, out,
+          sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa, mac_sign_pkcs12,
+          no_sign, ca, config_file, set_items, as_json):
+    """Build signed installers with one group's enrollment stamped in."""
+    from builder import build as build_mod
+
+    product = load_product(config_file, parse_set_options(set_items))
+    validate_version(version)
+    token = read_token(token_file, token_env)
+    log.register_secret(token.reveal())
+    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
+    signers = resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
+                              pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
+                              mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=product)
+    outputs = build_mod.build(format_names=list(format_names), product=product, version=version, payload=payload,
+                              enrollment=enrollment, signers=signers, out=out, source_date_epoch=source_date_epoch())
+    doc = build_mod.summary_doc(outputs, enrollment, version)
+    if as_json:
+        emit_json(doc)
+    else:
+        log.summary_table(
+            "Installers",
+            ["format", "file", "size", "sha256", "signer"],
+            [[o.format, str(o.path), f"{o.size:,}", o.sha256[:16] + "…", o.signer or "UNSIGNED"] for o in outputs],
+        )
+
+
+def _report(path: Path, ca: Path | None, check: bool) -> dict:
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file", "check the path")
+    fmt = formats.for_file(path)
+    return fmt.verify(path, ca) if check else fmt.inspect(path)
+
+
+def _print_report(path: Path, doc: dict) -> None:
+    sig = doc.get("signature") or {}
+    log.console.print(f"[bold]{path}[/]")
+    for key in ("format", "version", "product"):
+        if doc.get(key):
+            log.console.print(f"  {key}: {doc[key]}")
+    if sig:
+        status = "[green]ok[/]" if sig.get("ok") else f"[red]FAILED[/] ({sig.get('detail')})"
+        log.console.print(f"  signature: {status}; signer: {sig.get('signer') or '-'}; timestamp: {sig.get('timestamp') or 'none'}")
+    if "notarized" in doc:
+        log.console.print(f"  notarized: {'yes' if doc['notarized'] else 'no'}")
+    enr = doc.get("enrollment")
+    if enr:
+        for key, value in enr.items():
+            log.console.print(f"  {key}: {value}")
+    else:
+        log.console.print("  enrollment: none stamped")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--ca", type=click.Path(path_type=Path), help="Trusted root (default: system roots).")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def verify(files, ca, as_json):
+    """Check signatures and show the enrollment stamped in installers (token masked)."""
+    docs = [{"file": str(f), **_report(f, ca, check=True)} for f in files]
+    if as_json:
+        emit_json(docs if len(docs) > 1 else docs[0])
+    else:
+        for f, d in zip(files, docs):
+            _print_report(f, d)
+    bad = [d["file"] for d in docs if not d.get("ok")]
+    if bad:
+        from builder.errors import VerificationError
+
+        raise VerificationError(f"{', '.join(bad)}: does not verify", "rebuild it, or give the right --ca")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def inspect(files, as_json):
+    """Show structure and stamped enrollment without checking signatures."""
+    docs = [{"file": str(f), **_report(f, None, check=False)} for f in files]
+    if as_json:
+        emit_json(docs if len(docs) > 1 else docs[0])
+    else:
+        for f, d in zip(files, docs):
+            _print_report(f, d)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json):
+    """Which external tools are present, their versions, and how to install what is missing."""
+    from builder.tools import runner
+
+    rows = []
+    for tool in runner.TOOLS.values():
+        ver = runner.version(tool)
+        rows.append({"tool": tool.command, "purpose": tool.purpose, "version": ver,
+                     "install": None if ver else f"apt-get install {tool.package}"})
+    if as_json:
+        emit_json(rows)
+    else:
+        log.summary_table("Tools", ["tool", "for", "version", "install"],
+                          [[r["tool"], r["purpose"], r["version"] or "[red]missing[/]", r["install"] or ""] for r in rows])
+    sys.exit(0 if all(r["version"] for r in rows) else 6)
+
+
+@main.command("dev-keys")
+@click.argument("folder", type=click.Path(path_type=Path))
+@handle_errors
+def dev_keys(folder):
+    """Make a DEVELOPMENT CA and signing keys (PKCS#12 password: 'development')."""
+    from builder.signing import devca
+
+    keys = devca.create(folder)
+    log.warning(f"development keys in {keys.folder}: for tests and demos only, never for shipping")

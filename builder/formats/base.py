@@ -1,0 +1,81 @@
+"""The small interface every installer format implements, and what flows through it.
+
+A format module (msi.py, exe.py, pkg.py, dmg.py) defines one class with `name`, `platform`,
+`suffix` and three methods. It renders its templates, runs its tools through
+`builder.tools.runner`, signs through `builder.signing`, and returns the finished file inside
+its private work folder; `builder.build` moves it into the output folder once verified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from builder.config import Product
+from builder.enrollment import Enrollment
+from builder.signing.authenticode import SigningKey, OfflineTSA
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppleKey:
+    """A PKCS#12 holding a Developer ID identity, with its password (never from argv)."""
+
+    pkcs12: Path
+    password: "object"  # builder.enrollment.Secret
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signers:
+    """How to sign each platform's output. `unsigned` only with an explicit --no-sign."""
+
+    authenticode: SigningKey | None = None
+    apple_application: AppleKey | None = None
+    apple_installer: AppleKey | None = None
+    notary: object | None = None
+    unsigned: bool = False
+    # Trusted root for verifying what was just signed (a development CA in tests and demo).
+    verify_ca: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildRequest:
+    product: Product
+    version: str
+    payload: Path
+    # None for a release build: the installer then carries an empty, reserved enrollment slot.
+    enrollment: Enrollment | None
+    work: Path
+    source_date_epoch: int
+    signers: Signers
+
+    def payload_dir(self, platform: str) -> Path:
+        return self.payload / platform
+
+
+@dataclass(frozen=True, kw_only=True)
+class Built:
+    """A finished installer inside the format's work folder, and what the summary says of it."""
+
+    path: Path
+    signer: str | None
+    notarized: bool | None = None
+    details: dict = field(default_factory=dict)
+
+
+class Format(Protocol):
+    name: str  # "msi", "exe", "pkg", "dmg"
+    platform: str  # "windows" or "macos": the payload sub-folder it takes
+    suffix: str  # ".msi"
+
+    def build(self, request: BuildRequest) -> Built:
+        """Render, run the tools, sign, and return the finished file in request.work."""
+
+    def verify(self, path: Path, ca: Path | None) -> dict:
+        """Structure + signature checks; {"ok": bool, "signature": {...}, "enrollment": {...} | None, ...}."""
+
+    def inspect(self, path: Path) -> dict:
+        """What `verify` reports about structure and enrollment, without checking signatures."""
+
+
+__all__ = ["AppleKey", "BuildRequest", "Built", "Format", "Signers", "SigningKey", "OfflineTSA"]

@@ -1,0 +1,1 @@
+"""Authenticode and Apple signing."""

@@ -1,0 +1,171 @@
+"""Authenticode signing and verification of PE (EXE) and MSI files with osslsigncode.
+
+Passwords and PINs go to osslsigncode on stdin (`-readpass -`), never on its command line.
+osslsigncode writes to a new file only; callers sign `src` into a temporary `dst` in the
+output folder and rename it once verified, so no unsigned or half-signed file is ever left.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from builder import log
+from builder.enrollment import Secret
+from builder.errors import SigningError, ToolFailedError, UsageError, VerificationError
+from builder.tools import runner
+
+DEFAULT_PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
+DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OfflineTSA:
+    """osslsigncode's built-in RFC 3161 responder, for offline tests: no network involved."""
+
+    certs: Path
+    key: Path
+    time: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigningKey:
+    """One of: a PEM cert+key, a PKCS#12, or a PKCS#11 URI (with its cert as PEM)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    pkcs12: Path | None = None
+    pkcs11_uri: str | None = None
+    pkcs11_module: str = DEFAULT_PKCS11_MODULE
+    pkcs11_engine: str = DEFAULT_PKCS11_ENGINE
+    password: Secret | None = None
+    timestamp_url: str | None = None
+    test_tsa: OfflineTSA | None = None
+    description: str | None = None
+    url: str | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [bool(self.pkcs12), bool(self.pkcs11_uri), bool(self.key and not self.pkcs11_uri)]
+        if sum(chosen) != 1:
+            raise UsageError(
+                "give exactly one signing key: --sign-cert with --sign-key, --sign-pkcs12, or --sign-pkcs11",
+                "or --no-sign for an unsigned development build",
+            )
+        if (self.key or self.pkcs11_uri) and not self.cert:
+            raise UsageError("--sign-key and --sign-pkcs11 need --sign-cert PEM (the certificate chain)")
+        for label, path in (("--sign-cert", self.cert), ("--sign-key", self.key), ("--sign-pkcs12", self.pkcs12)):
+            if path is not None and not Path(path).is_file():
+                raise UsageError(f"{label} {path}: no such file", "check the path")
+        if self.cert:
+            check_code_signing_cert(Path(self.cert))
+        if self.password:
+            log.register_secret(self.password.reveal())
+
+    @property
+    def kind(self) -> str:
+        return "pkcs12" if self.pkcs12 else "pkcs11" if self.pkcs11_uri else "pem"
+
+    def args(self) -> list[str]:
+        if self.pkcs12:
+            out = ["-pkcs12", str(self.pkcs12)]
+        elif self.pkcs11_uri:
+            out = ["-pkcs11engine", self.pkcs11_engine, "-pkcs11module", self.pkcs11_module, "-certs", str(self.cert), "-key", self.pkcs11_uri]
+        else:
+            out = ["-certs", str(self.cert), "-key", str(self.key)]
+        if self.password is not None:
+            out += ["-readpass", "-"]
+        out += ["-h", "sha256"]
+        if self.description:
+            out += ["-n", self.description]
+        if self.url:
+            out += ["-i", self.url]
+        if self.timestamp_url:
+            out += ["-ts", self.timestamp_url]
+        if self.test_tsa:
+            out += ["-TSA-certs", str(self.test_tsa.certs), "-TSA-key", str(self.test_tsa.key), "-TSA-time", str(self.test_tsa.time)]
+        return out
+
+    def stdin(self) -> bytes | None:
+        return None if self.password is None else self.password.reveal().encode()
+
+
+def check_code_signing_cert(path: Path) -> None:
+    """Refuse a certificate without the codeSigning usage: osslsigncode would sign, Windows would not trust it."""
+    try:
+        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (ValueError, IndexError, OSError):
+        raise SigningError(f"--sign-cert {path}: not a PEM certificate", "give the code-signing certificate in PEM form") from None
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return  # no EKU extension means any usage
+    if ExtendedKeyUsageOID.CODE_SIGNING not in eku:
+        raise SigningError(f"--sign-cert {path}: the certificate lacks the codeSigning extended key usage", "use a code-signing certificate")
+
+
+def sign(key: SigningKey, src: Path, dst: Path) -> None:
+    """Sign `src` into the new file `dst` (which must not exist)."""
+    result = runner.run("osslsigncode", ["sign", *key.args(), "-in", src, "-out", dst], stdin=key.stdin(), check=False)
+    if result.returncode == 0 and dst.is_file():
+        return
+    dst.unlink(missing_ok=True)
+    out = result.text()
+    if "Wrong password" in out or "mac verify failure" in out or "bad decrypt" in out:
+        raise SigningError("the signing key could not be opened: wrong password or PIN", "check BUILDER_SIGN_PASSWORD")
+    if "timestamping failed" in out.lower() or "HTTP failure" in out or "Failed to get data" in out:
+        raise SigningError(f"the timestamp server {key.timestamp_url} did not answer", "check --timestamp-url and the network, or leave it out")
+    if "PKCS#11" in out or "pkcs11" in out.lower() and "load" in out.lower():
+        raise SigningError("the PKCS#11 key could not be used", "check --sign-pkcs11 URI, the module and the PIN")
+    if "Failed to read key or certificates" in out:
+        raise SigningError("the signing key or certificate could not be read", "check the files, their format (PEM/PKCS#12) and the password")
+    raise SigningError(f"osslsigncode could not sign {src.name}: {runner.last_line(out)}", "run with -v for the full output")
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    signer: str | None
+    timestamp: str | None
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "signer": self.signer, "timestamp": self.timestamp, "detail": self.detail}
+
+
+_SUBJECT_RE = re.compile(r"^\s*Signer #0:\s*\n\s*Subject:\s*(.+)$", re.MULTILINE)
+_TS_RE = re.compile(r"Timestamp time:\s*(.+)$", re.MULTILINE)
+
+
+def verify(path: Path, ca: Path | None = None, tsa_ca: Path | None = None) -> Verification:
+    """osslsigncode verify against `ca` (default: the system's trusted roots)."""
+    ca_file = str(ca) if ca else SYSTEM_CA_BUNDLE
+    args = ["verify", "-CAfile", ca_file, "-TSA-CAfile", str(tsa_ca or ca_file), "-in", path]
+    try:
+        result = runner.run("osslsigncode", args, check=False)
+    except ToolFailedError as exc:  # timeouts
+        raise VerificationError(f"{path}: {exc.message}") from None
+    out = result.text()
+    subject = _SUBJECT_RE.search(out)
+    ts = _TS_RE.search(out)
+    ok = result.returncode == 0 and "Signature verification: ok" in out
+    if ok:
+        detail = "signature ok"
+    elif "No signature found" in out or "does not contain any signature" in out.lower():
+        detail = "not signed"
+    elif "MISMATCH" in out:
+        detail = "content changed after signing (digest mismatch)"
+    else:
+        detail = runner.last_line(out)
+    return Verification(ok, subject.group(1).strip() if subject else None, ts.group(1).strip() if ts else None, detail)
+
+
+def signer_subject(key: SigningKey) -> str | None:
+    if key.cert:
+        cert = x509.load_pem_x509_certificates(Path(key.cert).read_bytes())[0]
+        return cert.subject.rfc4514_string()
+    return None

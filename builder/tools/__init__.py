@@ -1,0 +1,1 @@
+"""Wrappers around external programs; all of them go through runner.run."""

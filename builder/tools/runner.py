@@ -1,0 +1,123 @@
+"""The one way this project runs an external program.
+
+- finds the executable with `shutil.which` and raises ToolMissingError naming the Debian package;
+- logs the shell-quoted command at debug level, with secrets redacted;
+- feeds secrets through stdin or files, never argv (callers pass `stdin=`);
+- keeps stdout/stderr for the error message (last lines, redacted) and raises ToolFailedError,
+  or lets the caller map a failure to a more precise error with `check=False`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import log
+from builder.errors import ToolFailedError, ToolMissingError
+
+
+@dataclass(frozen=True)
+class Tool:
+    """An external program: the command, the Debian package that installs it, how to ask its version."""
+
+    command: str
+    package: str
+    version_args: tuple[str, ...] = ("--version",)
+    purpose: str = ""
+
+    def path(self) -> str:
+        found = shutil.which(self.command)
+        if not found:
+            raise ToolMissingError(
+                f"{self.command} is not installed (needed for {self.purpose or 'this step'})",
+                f"install it with: apt-get install {self.package}",
+            )
+        return found
+
+
+# Every external program the project runs. `builder doctor` lists them.
+TOOLS: dict[str, Tool] = {
+    t.command: t
+    for t in (
+        Tool("wixl", "wixl", ("--version",), "MSI builds"),
+        Tool("msibuild", "msitools", (), "MSI post-build edits"),
+        Tool("msiinfo", "msitools", (), "MSI inspection"),
+        Tool("makensis", "nsis", ("-VERSION",), "EXE builds"),
+        Tool("osslsigncode", "osslsigncode", ("--version",), "Authenticode signing"),
+        Tool("openssl", "openssl", ("version",), "development keys"),
+        Tool("xorriso", "xorriso", ("-version",), "DMG builds"),
+        Tool("wine", "wine", ("--version",), "install tests"),
+        Tool("7z", "p7zip-full", (), "archive inspection in tests"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+
+    def text(self) -> str:
+        return log.redact((self.stdout + self.stderr).decode("utf-8", "replace"))
+
+
+def run(
+    tool: str,
+    args: list[str | os.PathLike],
+    *,
+    stdin: bytes | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 600,
+) -> Result:
+    """Run `tool` (a key of TOOLS) with `args`. Secrets go in `stdin`, never in `args`."""
+    exe = TOOLS[tool].path()
+    argv = [exe, *map(str, args)]
+    log.debug("$ " + shlex.join([tool, *argv[1:]]))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            argv,
+            input=stdin if stdin is not None else b"",
+            capture_output=True,
+            cwd=cwd,
+            env=None if env is None else {**os.environ, **env},
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise ToolFailedError(f"{tool} did not finish within {timeout:.0f}s", "see the debug log (-v)") from None
+    result = Result(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+    output = result.text()
+    if output.strip():
+        log.debug(f"{tool} output:\n{output.rstrip()}")
+    if check and proc.returncode != 0:
+        raise ToolFailedError(f"{tool} failed (exit {proc.returncode}): {last_line(output)}", "run with -v for the full output")
+    return result
+
+
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def version(tool: Tool) -> str | None:
+    """First line the tool prints about its version, or None when it is not installed."""
+    exe = shutil.which(tool.command)
+    if not exe:
+        return None
+    if not tool.version_args:
+        return "installed"
+    try:
+        proc = subprocess.run([exe, *tool.version_args], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "installed (version unknown)"
+    out = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip().splitlines()
+    return out[0].strip() if out else "installed"

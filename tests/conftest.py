@@ -1,0 +1,44 @@
+"""Fixtures shared by every suite: development keys, the test payload, wine prefixes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder.signing import devca
+from tests.support import wine as winesupport
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def dev_keys(tmp_path_factory) -> devca.DevKeys:
+    """A development CA, code-signing keys and a test TSA, made once per session."""
+    return devca.create(tmp_path_factory.mktemp("dev-keys"))
+
+
+@pytest.fixture(scope="session")
+def test_payload() -> Path:
+    """payload/build with windows/agent.exe: the mingw-built TEST agent (payload/README.md)."""
+    subprocess.run(["make", "-s", "payload-test"], cwd=REPO, check=True)
+    root = REPO / "payload" / "build"
+    assert (root / "windows" / "agent.exe").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def wine_template(tmp_path_factory) -> winesupport.WinePrefix:
+    winesupport.require_x86_64()
+    prefix = winesupport.make_template(tmp_path_factory.mktemp("wine-template") / "prefix")
+    yield prefix
+    prefix.kill()
+
+
+@pytest.fixture
+def wine(wine_template, tmp_path) -> winesupport.WinePrefix:
+    """A fresh Windows machine (a copy of the booted template prefix) for one test."""
+    prefix = winesupport.copy_prefix(wine_template, tmp_path / "prefix")
+    yield prefix
+    prefix.kill()

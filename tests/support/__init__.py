@@ -1,0 +1,1 @@
+"""Test helpers shared by the suites: a wine prefix driver, development keys."""
