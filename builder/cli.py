@@ -260,3 +260,69 @@ def dev_keys(folder):
 
     keys = devca.create(folder)
     log.warning(f"development keys in {keys.folder}: for tests and demos only, never for shipping")
+
+
+@main.command("release")
+@click.option("--format", "format_names", multiple=True, type=click.Choice(formats.NAMES), help="Formats to build (default: all).")
+@click.option("--version", "version", required=True, help="Agent version, MAJOR.MINOR.BUILD.")
+@click.option("--payload", type=click.Path(path_type=Path), default=Path("payload/build"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Release folder (base installers + manifest.json).")
+@signing_options
+@product_options
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
+@handle_errors
+def release_cmd(format_names, version, payload, out, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module,
+                timestamp_url, test_tsa, mac_sign_pkcs12, no_sign, ca, config_file, set_items, as_json):
+    """Build and sign every format once, with an empty enrollment slot, and write the manifest."""
+    from builder import release as release_mod
+
+    product = load_product(config_file, parse_set_options(set_items))
+    validate_version(version)
+    signers = resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
+                              pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
+                              mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=product)
+    manifest = release_mod.release(format_names=list(format_names or formats.NAMES), product=product, version=version,
+                                   payload=payload, signers=signers, out=out, source_date_epoch=source_date_epoch())
+    if as_json:
+        emit_json(manifest)
+    else:
+        log.summary_table(f"Release {version}", ["format", "file", "size", "sha256", "slot"],
+                          [[f, e["file"], f"{e['size']:,}", e["sha256"][:16] + "…",
+                            f"{e['slot']['size']} B at {e['slot']['extents'][0][0]}" if e.get("slot") else "-"]
+                           for f, e in manifest["files"].items()])
+
+
+@main.command("stamp")
+@click.option("--release", "release_dir", type=click.Path(path_type=Path), required=True, help="A folder made by `builder release`.")
+@click.option("--format", "fmt", required=True, type=click.Choice(["exe", "msi", "msi-tagged", "pkg", "dmg"]),
+              help="msi: Property defaults baked in and re-signed (GPO/Intune); msi-tagged: slot only, no re-signing.")
+@enrollment_options
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output installer file.")
+@signing_options
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, console_url, out,
+              sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa, mac_sign_pkcs12,
+              no_sign, ca, as_json):
+    """Turn a release into one group's installer (signing keys only for msi, pkg and dmg)."""
+    from builder import stamp as stamp_mod
+    from builder.release import Release
+
+    rel = Release.open(release_dir, ca=ca)
+    product = rel.product()
+    token = read_token(token_file, token_env)
+    log.register_secret(token.reveal())
+    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
+    if fmt in stamp_mod.SLOTTED and not any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12]):
+        signers = Signers(unsigned=not rel.manifest.get("signed"), verify_ca=ca)  # nothing is re-signed
+    else:
+        signers = resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
+                                  pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
+                                  mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=product)
+    result = stamp_mod.stamp(rel, fmt, enrollment, signers, out)
+    doc = {**result.as_dict(), "release": rel.version, "enrollment": enrollment.public()}
+    if as_json:
+        emit_json(doc)
+    else:
+        log.info(f"{result.path}: {result.size:,} bytes, sha256 {result.sha256}, "
+                 f"{'re-signed' if result.resigned else 'signature kept'}, {result.bytes_written:,} bytes written")

@@ -21,6 +21,7 @@ logger = logging.getLogger("builder")
 _secrets: set[str] = set()
 _lock = threading.Lock()
 _quiet = False
+_timings: list[tuple[str, float]] = []
 
 
 def register_secret(value: str) -> None:
@@ -79,8 +80,19 @@ def step(title: str) -> Iterator[None]:
         if not _quiet:
             console.print(f"[red]✗[/] {redact(title)} [dim]({time.perf_counter() - start:.2f}s)[/]")
         raise
+    seconds = time.perf_counter() - start
+    with _lock:
+        _timings.append((title, seconds))
     if not _quiet:
-        console.print(f"[green]✓[/] {redact(title)} [dim]({time.perf_counter() - start:.2f}s)[/]")
+        console.print(f"[green]✓[/] {redact(title)} [dim]({seconds:.2f}s)[/]")
+
+
+def take_timings() -> list[tuple[str, float]]:
+    """The (title, seconds) of every step finished since the last call; for `make bench`."""
+    with _lock:
+        out = list(_timings)
+        _timings.clear()
+    return out
 
 
 def summary_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

@@ -18,11 +18,18 @@ _XML_SUFFIXES = (".wxs.j2", ".xml.j2", ".plist.j2", ".dist.j2")
 
 
 def nsis_string(value: str) -> str:
-    """A value for inside an NSIS double-quoted string: `$` and `"` and newlines escaped."""
+    """A value for inside an NSIS double-quoted string: `$` and `"` and newlines escaped.
+
+    makensis expands `$%NAME%` (a build-machine environment variable) and `${NAME}` (a define)
+    before it reads `$$`, so `$$%X%` would still leak the builder's environment: after `$`
+    becomes `$$`, the `%` or `{` that follows is written as its `${U+..}` character define.
+    """
     if "\0" in value:
         raise ValueError("NUL cannot be carried in an NSIS string")
     return (
         value.replace("$", "$$")
+        .replace("$$%", "$$${U+25}")
+        .replace("$${", "$$${U+7B}")
         .replace('"', '$\\"')
         .replace("\r", "$\\r")
         .replace("\n", "$\\n")

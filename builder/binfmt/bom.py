@@ -105,6 +105,10 @@ def _record(path: _Path) -> bytes:
     if entry.size > 0xFFFFFFFF:
         raise PayloadError(f"{entry.archive_name} is {entry.size} bytes; files of 4 GiB or more "
                            "are not supported in a BOM")
+    for field in ("uid", "gid", "mtime"):
+        if getattr(entry, field) > 0xFFFFFFFF:
+            raise PayloadError(f"{entry.archive_name}: {field} {getattr(entry, field)} does not "
+                               "fit the BOM's 32-bit field")
     head = _RECORD.pack(_TYPE[entry.kind], 1, _RECORD_FLAGS, entry.mode & 0xFFFF, entry.uid,
                         entry.gid, entry.mtime, entry.size, 1)
     if entry.kind == "dir":

@@ -25,7 +25,7 @@ NOSTREAM = 0xFFFFFFFF
 _HEADER = struct.Struct("<8s16sHHHHH6sIIIIIIIII")
 _DIFAT_IN_HEADER = 109
 _ENTRY_SIZE = 128
-_STORAGE, _STREAM, _ROOT = 1, 2, 5
+_STREAM, _ROOT = 2, 5  # directory entry object types
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,15 @@ class _CompoundFile:
     def __init__(self, data, name: str):
         self.data, self.name = data, name
         if len(data) < 8 or bytes(data[:8]) != SIGNATURE:
-            raise FormatError(f"{name} is not a compound file (an MSI); its signature is wrong",
+            raise FormatError(f"{name} is not an MSI (it is not a compound file)",
                               hint="pass a Windows Installer .msi")
         if len(data) < 512:
             raise self._truncated("header")
-        (_, _, _, major, byte_order, sector_shift, mini_shift, _, dir_sectors, fat_sectors,
-         self.first_dir, _, self.cutoff, self.first_minifat, minifat_sectors, first_difat,
+        (_, _, _, major, byte_order, sector_shift, mini_shift, _, _, fat_sectors,
+         self.first_dir, _, self.cutoff, self.first_minifat, _, first_difat,
          difat_sectors) = _HEADER.unpack_from(data, 0)
-        if byte_order != 0xFFFE or (major, sector_shift) not in ((3, 9), (4, 12)) or mini_shift != 6:
+        supported = (major, sector_shift) in ((3, 9), (4, 12))
+        if byte_order != 0xFFFE or not supported or mini_shift != 6:
             raise FormatError(f"{name} has an unsupported compound file header "
                               f"(version {major}, sector shift {sector_shift})")
         self.major = major
@@ -95,7 +96,10 @@ class _CompoundFile:
             sector = entries[-1]
         if len(sectors) < count:
             raise self._corrupt("the DIFAT lists fewer FAT sectors than the header")
-        return sectors[:count]
+        sectors = sectors[:count]
+        if sectors and self.sector_offset(max(sectors)) + self.sector_size > len(self.data):
+            raise self._truncated("FAT")
+        return sectors
 
     def _next(self, sector: int) -> int:
         index, entry = divmod(sector, self._per_sector)
@@ -108,10 +112,13 @@ class _CompoundFile:
 
     def chain(self, start: int, needed: int | None = None) -> list[int]:
         """Sectors of the chain from `start`: `needed` of them, or up to ENDOFCHAIN."""
-        out, sector = [], start
+        out, seen, sector = [], set(), start
         while sector != ENDOFCHAIN and (needed is None or len(out) < needed):
-            if sector > MAXREGSECT or len(out) >= self.max_sectors:
-                raise self._corrupt("a sector chain is broken or loops")
+            if sector > MAXREGSECT:
+                raise self._corrupt("a sector chain is broken")
+            if sector in seen:
+                raise self._corrupt("a sector chain loops")
+            seen.add(sector)
             out.append(sector)
             sector = self._next(sector)
         if needed is not None and len(out) < needed:
@@ -179,10 +186,14 @@ class _CompoundFile:
             self._mini_stream_chain = self.chain(root.start,
                                                  -(-root.size // self.sector_size))
         per_container = self.sector_size // self.mini_size
-        pieces, mini, limit = [], entry.start, len(self._minifat_chain) * self._per_sector
+        pieces, seen = [], set()
+        mini, limit = entry.start, len(self._minifat_chain) * self._per_sector
         for _ in range(-(-entry.size // self.mini_size)):
             if mini >= limit or mini // per_container >= len(self._mini_stream_chain):
                 raise self._corrupt("a mini stream chain is broken")
+            if mini in seen:
+                raise self._corrupt("a mini stream chain loops")
+            seen.add(mini)
             container, within = divmod(mini, per_container)
             pieces.append((self.sector_offset(self._mini_stream_chain[container])
                            + within * self.mini_size, self.mini_size))

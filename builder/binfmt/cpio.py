@@ -101,6 +101,13 @@ def _normalised_mode(kind: Kind, st_mode: int) -> int:
     return stat.S_IFREG | (EXEC_MODE if executable else FILE_MODE)
 
 
+def _override_key(key: str) -> str:
+    key = key.strip("/")
+    while key.startswith("./"):
+        key = key[2:]
+    return "" if key == "." else key
+
+
 def scan_tree(
     root: str | os.PathLike[str],
     *,
@@ -122,8 +129,7 @@ def scan_tree(
     for name, value in (("mtime", mtime), ("uid", uid), ("gid", gid)):
         if not isinstance(value, int) or value < 0:
             raise PayloadError(f"{name} must be a non-negative integer, got {value!r}")
-    overrides = {("" if key in (".", "./") else key.strip("/")): value
-                 for key, value in (modes or {}).items()}
+    overrides = {_override_key(key): value for key, value in (modes or {}).items()}
 
     entries: list[TreeEntry] = []
 
@@ -157,7 +163,7 @@ def scan_tree(
     if overrides:
         unknown = ", ".join(sorted(overrides))
         raise PayloadError(f"mode overrides name paths that are not in {base}: {unknown}",
-                           hint="give paths relative to the payload folder, e.g. 'usr/local/bin/agent'")
+                           hint="give paths relative to the payload folder, e.g. 'bin/agent'")
     return entries
 
 

@@ -143,38 +143,33 @@ def with_signature(data, pkcs7_der: bytes, name: str = "the input") -> bytes:
     return bytes(out)
 
 
-_FOLD_CHUNK = 1 << 20  # even, so every chunk starts on a 16-bit word boundary
+_CHUNK = 1 << 16  # even, so every chunk starts on a word boundary; small enough for the cache
 
 
 def words_sum(data, offset: int = 0) -> int:
     """Sum of the little-endian 16-bit words of `data` (a piece starting at file offset
     `offset`), modulo 0xFFFF.
 
-    Because 2**16 == 1 (mod 0xFFFF), the value of the whole piece read as one little-endian
-    integer is congruent to the sum of its words; folding the big integer in halves on 16-bit
-    boundaries keeps it congruent and is much faster than iterating over words.
+    Because 2**16 == 1 (mod 0xFFFF), a piece read as one little-endian integer is congruent to
+    the sum of its words, so each chunk is one int.from_bytes and one remainder by a small
+    divisor, both in C: several times faster than summing memoryview.cast("H") on 30 MB.
     """
     view = memoryview(data).cast("B")
-    total = 0
-    for start in range(0, len(view), _FOLD_CHUNK):
-        x = int.from_bytes(view[start:start + _FOLD_CHUNK], "little")
-        while x.bit_length() > 4096:
-            k = (x.bit_length() // 32) * 16
-            x = (x >> k) + (x & ((1 << k) - 1))
-        total += x
-    total %= 0xFFFF
+    total = sum(int.from_bytes(view[i:i + _CHUNK], "little") % 0xFFFF
+                for i in range(0, len(view), _CHUNK)) % 0xFFFF
     # A piece at an odd file offset has its bytes in the other half of each word.
     return total * 0x100 % 0xFFFF if offset & 1 else total
 
 
-def fold_checksum(word_sum: int, file_size: int) -> int:
+def fold_checksum(word_sum: int, file_size: int, all_zero: bool = False) -> int:
     """The CheckSum from the words' sum (mod 0xFFFF, CheckSum field excluded) and the size.
 
     The reference algorithm adds words with end-around carry, which gives the sum modulo 0xFFFF
-    except that a nonzero total that is a multiple of 0xFFFF comes out as 0xFFFF, not 0. A PE
-    starts with "MZ", so its total is never zero.
+    except that a nonzero total that is a multiple of 0xFFFF comes out as 0xFFFF; only words
+    that are all zero give 0. (A PE starts with "MZ", so its words never are.)
     """
-    return (((word_sum % 0xFFFF) or 0xFFFF) + file_size) & 0xFFFFFFFF
+    folded = word_sum % 0xFFFF or (0 if all_zero else 0xFFFF)
+    return (folded + file_size) & 0xFFFFFFFF
 
 
 def pe_checksum(data, checksum_offset: int | None = None) -> int:
@@ -186,6 +181,8 @@ def pe_checksum(data, checksum_offset: int | None = None) -> int:
     """
     if checksum_offset is None:
         checksum_offset = parse(data).checksum_offset
-    field = bytes(data[checksum_offset:checksum_offset + 4])
-    total = words_sum(data) - words_sum(field, checksum_offset)
-    return fold_checksum(total, len(data))
+    view = memoryview(data).cast("B")
+    end = checksum_offset + 4
+    total = words_sum(view) - words_sum(view[checksum_offset:end], checksum_offset)
+    all_zero = total % 0xFFFF == 0 and not (any(view[:checksum_offset]) or any(view[end:]))
+    return fold_checksum(total, len(view), all_zero)

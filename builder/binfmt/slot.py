@@ -27,9 +27,9 @@ def encode_slot(payload: bytes, size: int = SLOT_SIZE) -> bytes:
     over = len(payload) - capacity(size)
     if over > 0:
         raise SlotError(
-            f"the enrollment is {over} bytes over the {capacity(size)}-byte capacity of the "
-            f"release's {size}-byte slot",
-            hint="build the release with a larger slot or shorten the enrollment",
+            f"the enrollment is {len(payload)} bytes, {over} over the {capacity(size)} bytes "
+            f"a {size}-byte slot holds",
+            hint="build the release with a larger slot, or shorten the enrollment",
         )
     return _HEADER.pack(MAGIC, len(payload)) + payload + bytes(-over)
 

@@ -71,8 +71,10 @@ def read_slot(data, kind: Kind, name: str = "the input") -> bytes | None:
 
 def checksum_field(data, kind: Kind, name: str = "the input") -> ChecksumField | None:
     """The base's PE CheckSum, or None for an MSI or a PE whose CheckSum is 0 (not set)."""
-    if kind != "exe":
+    if kind == "msi":
         return None
+    if kind != "exe":
+        raise UsageError(f"unknown installer kind {kind!r}", hint="use 'exe' or 'msi'")
     layout = pe.parse(data, name)
     return ChecksumField(layout.checksum_offset, layout.checksum) if layout.checksum else None
 
@@ -129,3 +131,27 @@ def apply_pieces(base, pieces: list[Piece]) -> bytes:
     """The output `pieces` describe, built from `base` (bytes, memoryview or mmap)."""
     view = memoryview(base)
     return b"".join(view[p[1]:p[1] + p[2]] if p[0] == "base" else p[1] for p in pieces)
+
+
+def checksum_neutral(slot_bytes: bytes, base_slot: bytes, file_offset: int) -> bytes:
+    """`slot_bytes` with its last padding word set so the file's PE CheckSum stays valid.
+
+    The CheckSum is a sum of 16-bit words modulo 0xFFFF plus the file size; a stamp that keeps
+    the sum of the slot's words equal to the base slot's leaves it unchanged. So instead of a
+    second patch at offset 216 (which would make a streamed or server-side-copied stamp touch
+    the start of the file too), one word in the slot's zero padding balances the sum, and the
+    stamp stays a single contiguous piece. The slot decoder ignores padding.
+    """
+    if len(slot_bytes) != len(base_slot):
+        raise SlotError(f"the stamp is {len(slot_bytes)} bytes but the base slot is {len(base_slot)}")
+    end = file_offset + len(slot_bytes)
+    word_at = (end - 2) & ~1  # the last word boundary in the slot, in file offsets
+    rel = word_at - file_offset
+    used = len(slot_bytes.rstrip(b"\0"))
+    if rel < used or any(slot_bytes[rel:rel + 2]):
+        raise SlotError("the enrollment leaves no room for the slot's checksum word",
+                        hint="shorten the enrollment by a few bytes or use a larger slot")
+    delta = (pe.words_sum(base_slot, file_offset) - pe.words_sum(slot_bytes, file_offset)) % 0xFFFF
+    out = bytearray(slot_bytes)
+    out[rel:rel + 2] = struct.pack("<H", delta)
+    return bytes(out)

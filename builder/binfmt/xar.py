@@ -26,9 +26,8 @@ import re
 import struct
 import xml.etree.ElementTree as ET
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Union
 
 from builder.errors import FormatError, PayloadError
@@ -507,7 +506,7 @@ class XarArchive:
             if member.type == "directory":
                 raise self._fail(f"member {name!r} is a directory and has no data")
             return 0
-        decoder = self._decoder(member)
+        decode, finish = self._decoder(member)
         archived = _checksum(member.archived_checksum, f"{name!r} archived", self)
         extracted = _checksum(member.extracted_checksum, f"{name!r} extracted", self)
         self._stream.seek(self.heap_start + member.offset)
@@ -521,8 +520,8 @@ class XarArchive:
             if archived:
                 archived.update(chunk)
             try:
-                plain = decoder(chunk)
-            except (zlib.error, OSError, lzma.LZMAError, ValueError) as exc:
+                plain = decode(chunk) if remaining else decode(chunk) + finish()
+            except (zlib.error, OSError, lzma.LZMAError, ValueError, EOFError) as exc:
                 raise self._fail(f"member {name!r} does not decode as {member.encoding}: "
                                  f"{exc}") from None
             if extracted:
@@ -546,16 +545,18 @@ class XarArchive:
         self.extract(name, buffer)
         return buffer.getvalue()
 
-    def _decoder(self, member: XarMember):
+    def _decoder(self, member: XarMember) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+        """(decode a chunk, flush what is left) for the member's encoding."""
         encoding = member.encoding or OCTET_STREAM
         if encoding == OCTET_STREAM:
-            return lambda chunk: chunk
+            return (lambda chunk: chunk), (lambda: b"")
         if encoding == "application/x-gzip":  # xar's "gzip" is a zlib stream
-            return zlib.decompressobj().decompress
+            inflater = zlib.decompressobj()
+            return inflater.decompress, inflater.flush
         if encoding == "application/x-bzip2":
-            return bz2.BZ2Decompressor().decompress
+            return bz2.BZ2Decompressor().decompress, (lambda: b"")
         if encoding in ("application/x-lzma", "application/x-xz"):
-            return lzma.LZMADecompressor().decompress
+            return lzma.LZMADecompressor().decompress, (lambda: b"")
         raise self._fail(f"member {member.name!r} has unsupported encoding {encoding!r}")
 
     def signature_bytes(self, which: str = "signature") -> bytes:
@@ -585,8 +586,12 @@ def read_xar(source: bytes | bytearray | str | os.PathLike[str] | BinaryIO, *,
 def toc_checksum(data: bytes, *, name: str = "xar archive") -> bytes:
     """The verified TOC checksum of the xar `data`: what a pkg's RSA <signature> signs.
 
-    A flat package's signature is RSA PKCS#1 v1.5 over this digest as a prehashed SHA-1 value
-    (e.g. cryptography's `verify(sig, digest, PKCS1v15(), Prehashed(SHA1()))`).
+    The <signature style="RSA"> is RSA PKCS#1 v1.5 over these 20 bytes. Two hash conventions
+    exist: Apple's xar/productsign treat them as the SHA-1 hash itself (cryptography:
+    `verify(sig, digest, PKCS1v15(), Prehashed(SHA1()))`), while rcodesign (apple-platform-py)
+    signs them as a message with SHA-256 (`verify(sig, digest, PKCS1v15(), SHA256())`, or
+    `openssl dgst -sha256 -verify`). The <x-signature style="CMS"> is a detached CMS
+    SignedData over the same 20 bytes.
     """
     return XarArchive(data, name=name).stored_toc_checksum
 

@@ -169,3 +169,35 @@ def signer_subject(key: SigningKey) -> str | None:
         cert = x509.load_pem_x509_certificates(Path(key.cert).read_bytes())[0]
         return cert.subject.rfc4514_string()
     return None
+
+
+def add_enrollment_slot(signed: Path, dst: Path, kind: str, size: int) -> None:
+    """Copy `signed` to `dst` with an empty enrollment slot of `size` bytes in its signature.
+
+    The slot is an unauthenticated attribute of the PKCS#7 (builder/binfmt/pkcs7.py), so the
+    signature stays valid and later stamps change only the slot's bytes. It must be the last
+    change to the signature: a timestamp added afterwards would re-encode the PKCS#7.
+    """
+    from builder.binfmt import pe, pkcs7
+
+    data = signed.read_bytes()
+    if kind == "exe":
+        dst.write_bytes(pe.with_signature(data, pkcs7.add_slot(pe.pkcs7_of(data, str(signed)), size), str(signed)))
+        return
+    if kind != "msi":
+        raise UsageError(f"no enrollment slot for {kind!r} files", "slots exist for exe and msi")
+    # An MSI's signature is a stream of the compound file; osslsigncode rewrites the container.
+    work = dst.parent
+    sig, unsigned = work / f".{dst.name}.sig", work / f".{dst.name}.unsigned"
+    try:
+        runner.run("osslsigncode", ["extract-signature", "-in", signed, "-out", sig])
+        sig.write_bytes(pkcs7.add_slot(sig.read_bytes(), size))
+        runner.run("osslsigncode", ["remove-signature", "-in", signed, "-out", unsigned])
+        # Without -CAfile attach-signature exits 1 after writing a valid file, so the output's
+        # existence is checked rather than the exit code; `verify` afterwards is the real check.
+        runner.run("osslsigncode", ["attach-signature", "-sigin", sig, "-CAfile", SYSTEM_CA_BUNDLE, "-in", unsigned, "-out", dst], check=False)
+        if not dst.is_file():
+            raise SigningError(f"{signed.name}: osslsigncode could not attach the signature with its slot", "run with -v for its output")
+    finally:
+        sig.unlink(missing_ok=True)
+        unsigned.unlink(missing_ok=True)

@@ -47,6 +47,7 @@ TOOLS: dict[str, Tool] = {
         Tool("wixl", "wixl", ("--version",), "MSI builds"),
         Tool("msibuild", "msitools", (), "MSI post-build edits"),
         Tool("msiinfo", "msitools", (), "MSI inspection"),
+        Tool("msidump", "msitools", (), "reading MSI tables into files (keeps the Property table out of logs)"),
         Tool("makensis", "nsis", ("-VERSION",), "EXE builds"),
         Tool("osslsigncode", "osslsigncode", ("--version",), "Authenticode signing"),
         Tool("openssl", "openssl", ("version",), "development keys"),

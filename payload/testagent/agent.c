@@ -9,6 +9,7 @@
  *   agent.exe write-config          --registry-key KEY --config PATH
  *   agent.exe enroll-from-installer --installer PATH --registry-key KEY --config PATH
  *   agent.exe service               --registry-key KEY --config PATH
+ *   agent.exe forget                --registry-key KEY --config PATH
  *   agent.exe --version
  *
  * No secret is ever read from the command line or printed: the enrollment token travels from
@@ -110,7 +111,11 @@ static void buf_free(buf *b)
 static void buf_put(buf *b, const void *s, size_t n)
 {
     if (b->oom) return;
-    if (n + 1 > b->cap - b->n) { /* +1 keeps room for a terminating NUL */
+    if (n > SIZE_MAX / 2) {
+        b->oom = 1;
+        return;
+    }
+    if (!b->p || n + 1 > b->cap - b->n) { /* +1 keeps room for a terminating NUL */
         size_t c = b->cap ? b->cap : 256;
         while (c - b->n < n + 1) {
             if (c > SIZE_MAX / 2) {
@@ -124,9 +129,11 @@ static void buf_put(buf *b, const void *s, size_t n)
             b->oom = 1;
             return;
         }
-        if (b->n) memcpy(q, b->p, b->n);
-        buf_free(b);
+        size_t keep = b->n;
+        if (keep) memcpy(q, b->p, keep);
+        buf_free(b); /* wipes the old copy */
         b->p = q;
+        b->n = keep;
         b->cap = c;
     }
     memcpy(b->p + b->n, s, n);
@@ -852,6 +859,29 @@ static int cmd_service(const wchar_t *key, const wchar_t *config)
     return fail(EXIT_WRITE, L"service dispatcher failed (error %lu)", GetLastError());
 }
 
+/* Uninstall: delete the config (it holds the token) and status.json, and their folder if it is
+ * then empty. Files already gone are fine: uninstall must not fail on a half-installed agent.
+ * The registry values belong to the installer, which removes them itself. */
+static int cmd_forget(const wchar_t *config)
+{
+    const wchar_t *slash = NULL;
+    for (const wchar_t *c = config; *c; c++)
+        if (is_sep(*c)) slash = c;
+    size_t dir = (size_t)(slash - config) + 1;
+    wchar_t *path = calloc(wcslen(config) + 16, sizeof *path);
+    if (!path) return fail(EXIT_WRITE, L"out of memory");
+    int rc = 0;
+    if (!DeleteFileW(config) && GetLastError() != ERROR_FILE_NOT_FOUND && GetLastError() != ERROR_PATH_NOT_FOUND)
+        rc = fail(EXIT_WRITE, L"cannot delete %ls (error %lu)", config, GetLastError());
+    memcpy(path, config, dir * sizeof *path);
+    wcscpy(path + dir, L"status.json");
+    DeleteFileW(path);
+    path[dir - 1] = 0;
+    RemoveDirectoryW(path); /* only succeeds when empty */
+    free(path);
+    return rc;
+}
+
 /* ---------------------------------------------------------------- command line */
 
 enum { O_KEY = 1, O_CONFIG = 2, O_INSTALLER = 4 };
@@ -861,7 +891,7 @@ static const struct {
 } OPTIONS[] = {{L"--registry-key", O_KEY}, {L"--config", O_CONFIG}, {L"--installer", O_INSTALLER}};
 
 static const wchar_t USAGE[] =
-    L"usage: agent.exe write-config|enroll-from-installer|service --registry-key KEY --config PATH "
+    L"usage: agent.exe write-config|enroll-from-installer|service|forget --registry-key KEY --config PATH "
     L"[--installer PATH] | --version";
 
 /* Options in any order, each once, as `--name VALUE` or `--name=VALUE`; all of `need` required. */
@@ -914,6 +944,10 @@ int wmain(int argc, wchar_t **argv)
     if (!wcscmp(cmd, L"service")) {
         if ((rc = parse_options(argc, argv, O_KEY | O_CONFIG, opt))) return rc;
         return cmd_service(opt[0], opt[1]);
+    }
+    if (!wcscmp(cmd, L"forget")) {
+        if ((rc = parse_options(argc, argv, O_KEY | O_CONFIG, opt))) return rc;
+        return cmd_forget(opt[1]);
     }
     return fail(EXIT_USAGE, L"unknown command %ls; %ls", cmd, USAGE);
 }

@@ -1,0 +1,539 @@
+"""The Windows EXE: an NSIS installer that gives the MSI's installed result.
+
+Same folder under Program Files, same registry values, same config file written by the agent,
+same auto-start service. Steps: stage the payload in the work folder (file times fixed to
+SOURCE_DATE_EPOCH, as the MSI's), render templates/nsis/installer.nsi.j2 (0600: it holds the
+token), makensis (which signs the uninstaller through !uninstfinalize), then Authenticode
+signing of the installer through builder.signing.authenticode.
+
+Reading an enrollment back (verify, inspect): each enrollment value is written by the script
+from pieces, and each piece is an NSIS string that starts with a marker naming its field and
+place (`builder-enrollment/1:group_id:0/1:`), skipped at run time by StrCpy. The pieces live in
+the script's string table, inside the zlib-compressed header; `script_strings` inflates it and
+`enrollment_from_strings` puts the values back together. So verify reports the enrollment this installer really writes,
+with the token fingerprinted from the real token, not a copy recorded beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import struct
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from builder import log, render
+from builder.binfmt import pe
+from builder.config import Product
+from builder.enrollment import Enrollment, Secret
+from builder.errors import ConfigError, EnrollmentError, FormatError, PayloadError, ToolFailedError, UsageError
+from builder.formats.base import BuildRequest, Built, SigningKey
+from builder.signing import authenticode
+from builder.tools import nsis, runner
+
+TEMPLATE = "nsis/installer.nsi.j2"
+SCRIPT_NAME = "installer.nsi"
+UNSIGNED_NAME = "setup.unsigned.exe"
+SIGNED_NAME = "setup.exe"
+SIGN_SCRIPT_NAME = "sign-uninstaller.sh"
+STAGE_NAME = "files"
+CONFIG_NAME = "enrollment.json"  # the MSI's name for the agent's config, in the same folder
+UNINSTALLER_NAME = "uninstall.exe"
+# Enrollment field -> the REG_SZ value under HKLM\<registry_key> the agent reads.
+REGISTRY_VALUES = {
+    "account_id": "AccountId",
+    "group_id": "GroupId",
+    "console_url": "ConsoleUrl",
+    "enrollment_token": "EnrollmentToken",
+}
+# An NSIS string holds 1024 characters at run time; a piece and its marker stay well below.
+PIECE_CHARS = 500
+MARKER_PREFIX = "builder-enrollment/1:"
+_MARKER_RE = re.compile(r"^builder-enrollment/1:([a-z_]+):(\d+)/(\d+):(.*)$", re.DOTALL)
+# Payload file and folder names end up in NSIS File/Delete lines: kept to a set that needs no
+# escaping at compile time (File takes its path as is; `$` there would be read as a variable).
+_PAYLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-()+]*$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def split_pieces(value: str, size: int = PIECE_CHARS) -> list[str]:
+    """`value` cut into pieces of at most `size` characters.
+
+    makensis replaces `$%NAME%` with the build machine's environment variable NAME, and
+    `${NAME}` with a define, before it turns `$$` into `$`: a `$` followed by `%` or `{` in one
+    string would be expanded however it is escaped. A cut between the two characters makes
+    each piece safe; the installer joins the pieces back at run time.
+    """
+    pieces: list[str] = []
+    current = ""
+    for char in value:
+        if len(current) >= size or (current.endswith("$") and char in "%{"):
+            pieces.append(current)
+            current = ""
+        current += char
+    pieces.append(current)
+    return pieces
+
+
+def marker(field_name: str, index: int, count: int) -> str:
+    return f"{MARKER_PREFIX}{field_name}:{index}/{count}:"
+
+
+def enrollment_context(enrollment: Enrollment) -> list[dict]:
+    """The four values as the template writes them. Holds the token in clear."""
+    values = {
+        "account_id": enrollment.account_id,
+        "group_id": enrollment.group_id,
+        "console_url": enrollment.console_url,
+        "enrollment_token": enrollment.token.reveal(),
+    }
+    out = []
+    for field_name, value in values.items():
+        pieces = split_pieces(value)
+        out.append({
+            "name": REGISTRY_VALUES[field_name],
+            "length": len(value),
+            "buffer_bytes": (len(value) + 1) * 2,
+            "pieces": [{"marker": marker(field_name, i, len(pieces)), "text": text} for i, text in enumerate(pieces)],
+        })
+    return out
+
+
+@dataclass
+class _Dir:
+    windows_suffix: str  # "" for the install folder itself, else "\\sub\\dir"
+    files: list[dict] = field(default_factory=list)
+
+
+def payload_files(folder: Path, product: Product) -> list[str]:
+    """Relative POSIX paths of the files to install, sorted; the MSI's rule: dot-files (build
+    stamps, .DS_Store) are not part of the agent."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if not name.startswith("."):
+                found.append((Path(root) / name).relative_to(folder).as_posix())
+    if product.agent_exe not in found:
+        raise PayloadError(f"{folder}: {product.agent_exe} is missing", "build the Windows agent (make payload)")
+    for rel in found:
+        bad = [part for part in PurePosixPath(rel).parts if not _PAYLOAD_NAME_RE.match(part)]
+        if bad:
+            raise PayloadError(f"{folder / rel}: the name {bad[0]!r} has a character outside {_PAYLOAD_NAME_RE.pattern}", "rename it in the payload")
+    return sorted(found)
+
+
+def _dirs(relpaths: list[str], staged_as: str) -> list[_Dir]:
+    """Folders in creation order (a parent before its children), each with its files."""
+    dirs: dict[str, _Dir] = {"": _Dir("")}
+    for rel in relpaths:
+        parts = PurePosixPath(rel).parts
+        for i in range(1, len(parts)):
+            key = "/".join(parts[:i])
+            dirs.setdefault(key, _Dir("\\" + "\\".join(parts[:i])))
+        parent = "/".join(parts[:-1])
+        dirs[parent].files.append({"name": parts[-1], "source": f"{staged_as}/{rel}"})
+    return [dirs[k] for k in sorted(dirs)]
+
+
+# The longest run-time string the script builds is the `sc create` command line. NSIS cuts
+# strings at 1024 characters without a word, so a product config that could make it longer is
+# refused. Worst cases: $INSTDIR given with /D= (MAX_PATH), a relocated ProgramData.
+_NSIS_MAX_STRLEN = 1024
+_SC_CREATE_FIXED = 180  # sc.exe's path, its keywords, quotes and the agent's option names
+_WORST_INSTDIR, _WORST_APPDATA = 260, 64
+
+
+def check_string_lengths(product: Product) -> None:
+    longest = (_SC_CREATE_FIXED + len(product.service_name) + len(product.service_display_name) + _WORST_INSTDIR
+               + len(product.agent_exe) + len(product.registry_key) + _WORST_APPDATA
+               + len(product.windows_install_folder) + len(CONFIG_NAME))
+    if longest >= _NSIS_MAX_STRLEN:
+        raise ConfigError(
+            f"the EXE's service command line could reach {longest} characters, over NSIS' limit of {_NSIS_MAX_STRLEN - 1}",
+            "shorten product.install_folder, product.registry_key or product.service_display_name",
+        )
+
+
+def render_script(
+    product: Product,
+    version: str,
+    enrollment: Enrollment | None,
+    relpaths: list[str],
+    *,
+    payload_bytes: int = 0,
+    sign_command: str | None = None,
+    outfile: str = UNSIGNED_NAME,
+    staged_as: str = STAGE_NAME,
+) -> str:
+    """The NSIS script. Contains the token in clear when `enrollment` is given: write it with
+    render.write_private and delete it after the build."""
+    check_string_lengths(product)
+    key_parts = product.registry_key.split("\\")
+    return render.render(
+        TEMPLATE,
+        product=product,
+        version=version,
+        file_version=version + ".0",
+        outfile=outfile,
+        config_name=CONFIG_NAME,
+        uninstaller_name=UNINSTALLER_NAME,
+        arp_key_name=product.service_name,
+        dirs=_dirs(relpaths, staged_as),
+        install_parents=["\\".join(product.install_parts[:i]) for i in range(len(product.install_parts) - 1, 0, -1)],
+        registry_value_names=list(REGISTRY_VALUES.values()),
+        # The key, then its parents up to (not including) the first part (SOFTWARE).
+        registry_keys_to_prune=["\\".join(key_parts[:i]) for i in range(len(key_parts), 1, -1)],
+        estimated_size_kb=(payload_bytes + 1023) // 1024,
+        enrollment=enrollment_context(enrollment) if enrollment is not None else None,
+        sign_uninstaller=sign_command,
+    )
+
+
+def _sign_script(key: SigningKey) -> str:
+    """A POSIX sh script for !uninstfinalize: sign "$1" in place. Paths only, no secret: a
+    password is read by osslsigncode from its standard input (`-readpass -`), which it inherits
+    from makensis."""
+    osslsigncode = runner.TOOLS["osslsigncode"].path()
+    sign = shlex.join([osslsigncode, "sign", *key.args()])
+    return (
+        "#!/bin/sh\n"
+        "# Run by makensis (!uninstfinalize) with the uninstaller's path; osslsigncode never overwrites.\n"
+        "set -eu\n"
+        'rm -f "$1.signed"\n'
+        f'{sign} -in "$1" -out "$1.signed" >&2\n'
+        'mv -f "$1.signed" "$1"\n'
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an NSIS installer back (pure: bytes in, values out; belongs with builder/binfmt)
+
+_FH_SIG = 0xDEADBEEF
+_FH_MAGIC = b"NullsoftInst"
+_FIRSTHEADER = struct.Struct("<II12sII")  # flags, siginfo, "NullsoftInst", header size, data size
+_FH_FLAGS_UNINSTALL, _FH_FLAGS_NO_CRC = 1, 4
+_BLOCKS = 8  # pages, sections, entries, strings, langtables, ctlcolors, bgfont, data
+_NB_STRINGS, _NB_LANGTABLES = 3, 4
+# The uninstaller's stub (code, icons, manifest) comes before its own first header; 512 KiB is
+# far more than any NSIS stub and far less than an agent that would be inflated for nothing.
+_STUB_LIMIT = 512 * 1024
+
+
+@dataclass(frozen=True)
+class NsisInstaller:
+    firstheader_offset: int
+    flags: int
+    header_size: int  # the script header, inflated
+    data_end: int  # end of the NSIS data (its CRC included); a signature may follow
+    wide: bool  # an amd64 stub: the header's block offsets are 64-bit
+
+    @property
+    def is_uninstaller(self) -> bool:
+        return bool(self.flags & _FH_FLAGS_UNINSTALL)
+
+    @property
+    def blocks_start(self) -> int:
+        return self.firstheader_offset + _FIRSTHEADER.size
+
+
+def _truncated(name: str, what: str) -> FormatError:
+    return FormatError(f"{name} is truncated: {what} runs past the end of the file", "download or copy the file again")
+
+
+def _sections_end(data, name: str) -> int:
+    """End of the last PE section's raw data (pe.parse has checked the headers before)."""
+    lfanew = struct.unpack_from("<I", data, 0x3C)[0]
+    count, optional_size = struct.unpack_from("<H12xH", data, lfanew + 6)
+    table = lfanew + 24 + optional_size
+    if table + 40 * count > len(data):
+        raise _truncated(name, "its section table")
+    end = 0
+    for i in range(count):
+        raw_size, raw_ptr = struct.unpack_from("<II", data, table + 40 * i + 16)
+        end = max(end, raw_ptr + raw_size)
+    return end
+
+
+def find_firstheader(data, start: int = 0) -> int | None:
+    """Offset of NSIS's first header: on a 512-byte boundary, where the stub looks for it."""
+    needle = struct.pack("<I", _FH_SIG) + _FH_MAGIC
+    pos = data.find(needle, start)
+    while pos != -1:
+        if (pos - 4) % 512 == 0:
+            return pos - 4
+        pos = data.find(needle, pos + 1)
+    return None
+
+
+def locate(data, name: str) -> NsisInstaller:
+    """The NSIS layout of `data`; FormatError naming `name` when it is not a PE, is cut off,
+    or is not an NSIS installer."""
+    layout = pe.parse(data, name)
+    if _sections_end(data, name) > len(data):
+        raise _truncated(name, "its last PE section")
+    at = find_firstheader(data)
+    if at is None:
+        raise FormatError(f"{name} is not an NSIS installer (no NSIS header)", "give an installer built by builder")
+    flags, _sig, _magic, header_size, data_size = _FIRSTHEADER.unpack_from(data, at)
+    if at + data_size > len(data):
+        raise _truncated(name, "the installer's data")
+    if layout.cert_table_offset and at + data_size > layout.cert_table_offset:
+        raise FormatError(f"{name}: the installer's data overlaps its signature", "rebuild the installer")
+    lfanew = struct.unpack_from("<I", data, 0x3C)[0]
+    wide = struct.unpack_from("<H", data, lfanew + 24)[0] == 0x20B  # PE32+
+    return NsisInstaller(at, flags, header_size, at + data_size, wide)
+
+
+def _blocks(data, inst: NsisInstaller, name: str):
+    """(offset of the stored bytes, their length, compressed?) of each data block in order:
+    the script header first, then one per file, plugin and uninstaller."""
+    pos = inst.blocks_start
+    end = inst.data_end - (0 if inst.flags & _FH_FLAGS_NO_CRC else 4)
+    while pos + 4 <= end:
+        (word,) = struct.unpack_from("<I", data, pos)
+        length = word & 0x7FFFFFFF
+        if pos + 4 + length > end:
+            raise FormatError(f"{name}: an NSIS data block runs past the installer's data (the file is damaged)")
+        yield pos + 4, length, bool(word & 0x80000000)
+        pos += 4 + length
+
+
+def _inflate(data, offset: int, length: int, compressed: bool, limit: int, name: str) -> bytes:
+    """A block's bytes, at most `limit` of them (0: all)."""
+    stored = bytes(data[offset:offset + length])
+    if not compressed:
+        return stored[:limit] if limit else stored
+    try:
+        # makensis' zlib mode writes raw deflate streams (no zlib header).
+        return zlib.decompressobj(-15).decompress(stored, limit)
+    except zlib.error:
+        raise FormatError(f"{name}: an NSIS data block does not decompress (the file is damaged)") from None
+
+
+def script_strings(data, inst: NsisInstaller, name: str) -> list[str]:
+    """The script's string table. FormatError when the header is damaged."""
+    first = next(_blocks(data, inst, name), None)
+    if first is None:
+        raise FormatError(f"{name}: the NSIS header is missing")
+    raw = _inflate(data, *first, inst.header_size + 1, name)
+    if len(raw) != inst.header_size:
+        raise FormatError(f"{name}: the NSIS header is {len(raw)} bytes, its first header says {inst.header_size}")
+    # After the flags, one (offset, count) per block; the offset is pointer-sized (packed).
+    entry = struct.Struct("<QI" if inst.wide else "<II")
+    if len(raw) < 4 + entry.size * _BLOCKS:
+        raise FormatError(f"{name}: the NSIS header is too short")
+    start = entry.unpack_from(raw, 4 + entry.size * _NB_STRINGS)[0]
+    end = entry.unpack_from(raw, 4 + entry.size * _NB_LANGTABLES)[0]
+    if not 0 < start <= end <= len(raw) or start % 2:
+        raise FormatError(f"{name}: the NSIS header's string table is out of place")
+    return raw[start:end].decode("utf-16-le", "replace").split("\0")
+
+
+def embedded_uninstaller(data, inst: NsisInstaller, name: str) -> bytes | None:
+    """The uninstaller the installer writes, as stored (signed by !uninstfinalize when the
+    build signed it): the data block holding a PE whose own NSIS header says "uninstaller"."""
+    blocks = _blocks(data, inst, name)
+    next(blocks, None)  # the script header
+    for offset, length, compressed in blocks:
+        head = _inflate(data, offset, length, compressed, _STUB_LIMIT, name)
+        if head[:2] != b"MZ":
+            continue
+        at = find_firstheader(head)
+        if at is not None and at + _FIRSTHEADER.size <= len(head) and _FIRSTHEADER.unpack_from(head, at)[0] & _FH_FLAGS_UNINSTALL:
+            return _inflate(data, offset, length, compressed, 0, name)
+    return None
+
+
+def version_strings(data, end: int, keys=("ProductName", "CompanyName", "ProductVersion")) -> dict[str, str]:
+    """Values of the stub's version resource (VIAddVersionKey), looked up before `end` (the
+    first header: the stub's resources come before NSIS' data). A String entry is wLength,
+    wValueLength (characters, NUL included), wType, the key in UTF-16 with its NUL, padding to
+    4 bytes, then the value."""
+    out = {}
+    for key in keys:
+        needle = (key + "\0").encode("utf-16-le")
+        pos = data.find(needle, 6, end)
+        if pos < 0 or pos % 2:
+            continue
+        _length, chars, kind = struct.unpack_from("<HHH", data, pos - 6)
+        start = pos + len(needle)
+        start += (pos - 6 - start) % 4  # aligned like the entry itself
+        if kind != 1 or not chars or start + 2 * chars > end:
+            continue
+        out[key] = bytes(data[start:start + 2 * chars]).decode("utf-16-le", "replace").rstrip("\0")
+    return out
+
+
+def enrollment_from_strings(strings: list[str], name: str) -> Enrollment | None:
+    """The enrollment the script writes, from its marked pieces; None when it has none (a
+    release, which reads its enrollment from its signature slot at install time)."""
+    found: dict[str, dict[int, str]] = {}
+    counts: dict[str, int] = {}
+    for text in strings:
+        m = _MARKER_RE.match(text)
+        if not m:
+            continue
+        field_name, index, count, piece = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if field_name not in REGISTRY_VALUES or index >= count or counts.setdefault(field_name, count) != count:
+            raise EnrollmentError(f"{name}: the baked enrollment's {field_name} pieces are inconsistent", "rebuild the installer")
+        found.setdefault(field_name, {})[index] = piece
+    if not found:
+        return None
+    values = {}
+    for field_name in REGISTRY_VALUES:
+        pieces = found.get(field_name, {})
+        if len(pieces) != counts.get(field_name, -1):
+            raise EnrollmentError(f"{name}: the baked enrollment lacks (part of) {field_name}", "rebuild the installer")
+        values[field_name] = "".join(pieces[i] for i in range(len(pieces)))
+    return Enrollment(
+        account_id=values["account_id"],
+        group_id=values["group_id"],
+        token=Secret(values["enrollment_token"]),
+        console_url=values["console_url"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The format
+
+
+def _stage(folder: Path, relpaths: list[str], dest: Path, mtime: int) -> int:
+    """Copy the payload to `dest`, every mtime set to `mtime` (File stores it and the installer
+    sets it on the installed file); returns the bytes copied."""
+    total = 0
+    for rel in relpaths:
+        src, dst = folder / rel, dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        os.utime(dst, (mtime, mtime))
+        total += dst.stat().st_size
+    return total
+
+
+class ExeFormat:
+    name = "exe"
+    platform = "windows"
+    suffix = ".exe"
+
+    def build(self, request: BuildRequest) -> Built:
+        product, version, enrollment, signers = request.product, request.version, request.enrollment, request.signers
+        key = None if signers.unsigned else signers.authenticode
+        if key is None and not signers.unsigned:
+            raise UsageError("the EXE needs an Authenticode signing key", "give --sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11, or --no-sign")
+        if enrollment is not None:
+            log.register_secret(enrollment.token.reveal())
+            # makensis quotes a bad line in its error; a line holds one piece of the token.
+            for piece in split_pieces(enrollment.token.reveal()):
+                log.register_secret(piece)
+        work = request.work
+        folder = request.payload_dir(self.platform)
+        relpaths = payload_files(folder, product)
+        staged = work / STAGE_NAME
+        script = work / SCRIPT_NAME
+        sign_script = work / SIGN_SCRIPT_NAME
+        unsigned = work / UNSIGNED_NAME
+        final = work / SIGNED_NAME
+        for stale in (unsigned, final):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        try:
+            payload_bytes = _stage(folder, relpaths, staged, request.source_date_epoch)
+            sign_command = None
+            if key is not None:
+                render.write_private(sign_script, _sign_script(key))
+                sign_script.chmod(0o700)
+                sign_command = f'"./{SIGN_SCRIPT_NAME}"'
+            text = render_script(product, version, enrollment, relpaths, payload_bytes=payload_bytes, sign_command=sign_command)
+            render.write_private(script, text)
+            makensis_seconds = nsis.compile_script(
+                script,
+                # The password or PIN, for osslsigncode inside !uninstfinalize.
+                stdin=key.stdin() if key is not None else None,
+            )
+        finally:
+            script.unlink(missing_ok=True)  # holds the token in clear
+            sign_script.unlink(missing_ok=True)
+            shutil.rmtree(staged, ignore_errors=True)
+        if not unsigned.is_file():
+            raise ToolFailedError(f"makensis reported success but wrote no {UNSIGNED_NAME}", "run with -v for its output")
+        details = {"makensis_seconds": round(makensis_seconds, 3), "uninstaller_signed": key is not None}
+        if key is None:
+            os.replace(unsigned, final)
+            return Built(path=final, signer=None, details=details)
+        start = time.perf_counter()
+        try:
+            authenticode.sign(key, unsigned, final)
+        finally:
+            unsigned.unlink(missing_ok=True)
+        details["sign_seconds"] = round(time.perf_counter() - start, 3)
+        return Built(path=final, signer=authenticode.signer_subject(key), details=details)
+
+    def verify(self, path: Path, ca: Path | None) -> dict:
+        path = Path(path)
+        report, problems, uninstaller = self._read(path)
+        signature = authenticode.verify(path, ca)
+        report["signature"] = signature.as_dict()
+        if not signature.ok:
+            problems.insert(0, f"signature: {signature.detail}")
+        if uninstaller is None:
+            problems.append("the uninstaller is not signed")
+        else:
+            # Written onto the machine byte for byte: checked as the file Windows will run.
+            with tempfile.TemporaryDirectory(prefix="builder-uninstaller-") as tmp:
+                copy = Path(tmp) / UNINSTALLER_NAME
+                copy.write_bytes(uninstaller)
+                check = authenticode.verify(copy, ca)
+            report["uninstaller"] = {"size": len(uninstaller), "signature": check.as_dict()}
+            if not check.ok:
+                problems.append(f"uninstaller signature: {check.detail}")
+        report["ok"] = not problems
+        report["detail"] = "; ".join(problems) or "signatures ok, structure ok"
+        return report
+
+    def inspect(self, path: Path) -> dict:
+        report, _, uninstaller = self._read(Path(path))
+        if uninstaller is not None:
+            report["uninstaller"] = {"size": len(uninstaller), "signature": None}
+        return report
+
+    def _read(self, path: Path) -> tuple[dict, list[str], bytes | None]:
+        """The report, its problems and the whole (signed) uninstaller if there is one.
+        FormatError when the file is not a whole NSIS installer; damage inside it is a problem
+        in the report, so that verify can say "not ok" about a changed byte."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise FormatError(f"{path}: cannot read it ({exc.strerror})", "check the path") from None
+        name = str(path)
+        inst = locate(data, name)
+        problems: list[str] = []
+        enrollment = uninstaller = None
+        if inst.is_uninstaller:
+            problems.append("this is an NSIS uninstaller, not an installer")
+        try:
+            enrollment = enrollment_from_strings(script_strings(data, inst, name), name)
+            uninstaller = embedded_uninstaller(data, inst, name)
+        except (FormatError, EnrollmentError) as exc:  # an EnrollmentError names the field, never the value
+            problems.append(exc.message.removeprefix(f"{name}: "))
+        info = version_strings(data, inst.firstheader_offset)
+        report = {
+            "format": self.name,
+            "path": name,
+            "ok": not problems,
+            "detail": "; ".join(problems) or "structure ok",
+            "product": {"name": info.get("ProductName"), "manufacturer": info.get("CompanyName"),
+                        "version": info.get("ProductVersion")},
+            # None for a release: its enrollment is stamped into its signature slot per group.
+            "enrollment": enrollment.public() if enrollment else None,
+            "signature": None,
+        }
+        return report, problems, uninstaller

@@ -1,0 +1,178 @@
+"""The macOS flat package: a product archive as `productbuild` makes it, written on Linux.
+
+    Distribution                 templates/macos/distribution.dist.j2
+    agent.pkg/Bom                builder.binfmt.bom, from the same tree scan as the Payload
+    agent.pkg/Payload            gzip odc cpio: the agent folder and the LaunchDaemon plist
+    agent.pkg/Scripts            gzip odc cpio: ./postinstall (templates/macos/postinstall.sh.j2)
+    agent.pkg/PackageInfo        templates/macos/packageinfo.xml.j2
+
+Steps: stage the payload under its install path (work/root), sign the agent's code there with
+the Developer ID Application identity, write the members, the xar (builder.binfmt.xar), sign
+it with the Developer ID Installer identity, notarize when credentials are given. Ownership
+root:wheel and every time SOURCE_DATE_EPOCH, signing times included: the same inputs give the
+same unsigned pkg, byte for byte. The signed pkg differs between runs only in its CMS
+<x-signature>: apple-platform-py ignores the signing time given for flat packages and writes
+the clock's (it honours it for the agent's code signature and for DMGs).
+
+For the stamp stage, `macos_common.rebake` turns a release pkg into a group's (unsigned) pkg
+by replacing Scripts only; `sign_pkg` signs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from builder import log
+from builder.binfmt import xar
+from builder.binfmt.bom import build_bom_entries
+from builder.errors import FormatError, UsageError
+from builder.formats import macos_common as common
+from builder.formats.base import AppleKey, BuildRequest, Built
+from builder.formats.macos_common import rebake  # noqa: F401 (the stamp stage's entry point)
+
+UNSIGNED_NAME = "agent.unsigned.pkg"
+SIGNED_NAME = "agent.pkg"
+ROOT_NAME = "root"
+
+
+def _apple():
+    from builder.signing import apple  # loads apple-platform's native library: only when signing
+
+    return apple
+
+
+def require_keys(request: BuildRequest, payload: common.MacPayload | None, what: str) -> tuple[AppleKey | None, AppleKey | None]:
+    """(application key, installer key) for a signed build, or UsageError naming what is missing."""
+    signers = request.signers
+    if signers.unsigned:
+        return None, None
+    if signers.apple_installer is None:
+        raise UsageError(f"the {what} needs a Developer ID Installer identity to sign the pkg",
+                         "give --mac-sign-pkcs12 with a 'Developer ID Installer' .p12, or --no-sign")
+    if signers.apple_application is None and (payload is None or payload.code):
+        need = "the DMG" if payload is None else f"the agent's code ({', '.join(payload.code)})"
+        raise UsageError(f"{need} needs a Developer ID Application identity",
+                         "give --mac-sign-pkcs12 with a 'Developer ID Application' .p12, or --no-sign")
+    return signers.apple_application, signers.apple_installer
+
+
+def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path, app_key: AppleKey | None) -> dict:
+    """Everything up to the pkg signature: stage, sign the code, write the members and the xar."""
+    product, epoch, enrollment = request.product, request.source_date_epoch, request.enrollment
+    if enrollment is not None:
+        log.register_secret(enrollment.token.reveal())
+    work = request.work
+    root = work / ROOT_NAME
+    payload_file = work / "Payload"
+    try:
+        with log.step("pkg: stage the payload"):
+            layout = common.stage_root(payload, product, root)
+        if app_key is not None and payload.code:
+            when = common.signing_time(epoch, app_key)
+            apple = _apple()
+            for rel in payload.code:
+                apple.sign_code(app_key, root / layout.install_dir.lstrip("/") / rel, signing_time=when)
+        with log.step("pkg: Payload and Bom"):
+            entries = common.payload_entries(root, epoch)
+            stats = common.write_payload(entries, payload_file)
+            bom = build_bom_entries(entries)
+        script = common.render_postinstall(product, enrollment)
+        scripts = common.scripts_archive(script, epoch)
+        members = {
+            common.DISTRIBUTION: common.render_distribution(product, request.version, stats).encode(),
+            common.BOM: bom,
+            common.PAYLOAD: payload_file,
+            common.SCRIPTS: scripts,
+            common.PACKAGE_INFO: common.render_package_info(product, request.version, stats).encode(),
+        }
+        with log.step("pkg: xar"):
+            partial = out.with_name(f".{out.name}.partial")
+            with open(partial, "wb") as fh:
+                xar.write_xar(fh, [(m, members[m]) for m in common.MEMBERS], epoch=epoch)
+            os.replace(partial, out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        payload_file.unlink(missing_ok=True)
+    return {
+        "agent": layout.agent_path,
+        "payload_files": stats.number_of_files,
+        "install_kbytes": stats.install_kbytes,
+        "code_signed": list(payload.code) if app_key is not None else [],
+    }
+
+
+def sign_pkg(key: AppleKey, src: Path, dst: Path, epoch: int) -> None:
+    """productsign `src` into `dst`, the CMS signing time fixed (see macos_common.signing_time)."""
+    _apple().sign_flat_package(key, src, dst, signing_time=common.signing_time(epoch, key))
+
+
+def notarize(path: Path, request: BuildRequest) -> tuple[bool, str]:
+    """(notarized, reason). Without credentials apple.notarize says "not notarized" once per run."""
+    if request.signers.unsigned:
+        return False, "unsigned build: not notarized"
+    result = _apple().notarize(path, request.signers.notary)
+    return result.notarized, result.reason
+
+
+class PkgFormat:
+    name = "pkg"
+    platform = "macos"
+    suffix = ".pkg"
+
+    def build(self, request: BuildRequest) -> Built:
+        path, signer, details = self.build_signed(request)
+        notarized, reason = notarize(path, request)
+        return Built(path=path, signer=signer, notarized=notarized, details={**details, "notarization": reason})
+
+    def build_signed(self, request: BuildRequest) -> tuple[Path, str | None, dict]:
+        """The signed (not notarized) pkg in request.work: (path, signer, details). The DMG uses it."""
+        payload = common.check_payload(request.payload_dir("macos"))
+        app_key, installer_key = require_keys(request, payload, "pkg")
+        unsigned = request.work / UNSIGNED_NAME
+        final = request.work / SIGNED_NAME
+        for stale in (unsigned, final):
+            stale.unlink(missing_ok=True)
+        details = build_unsigned(request, payload, unsigned, app_key)
+        if installer_key is None:
+            os.replace(unsigned, final)
+            return final, None, details
+        try:
+            sign_pkg(installer_key, unsigned, final, request.source_date_epoch)
+        finally:
+            unsigned.unlink(missing_ok=True)
+        return final, common.identity_info(installer_key).subject, details
+
+    def verify(self, path: Path, ca: Path | None) -> dict:
+        report = self.inspect(path)
+        signature = _apple().verify_flat_package(Path(path), ca)
+        report["signature"] = signature
+        if not signature.get("ok"):
+            report["ok"] = False
+            report["detail"] = f"signature: {signature.get('detail')}" + ("" if report["detail"] == "structure ok" else f"; {report['detail']}")
+        return report
+
+    def inspect(self, path: Path) -> dict:
+        path = Path(path)
+        if not path.is_file():
+            raise FormatError(f"{path}: no such file", "check the path")
+        contents = common.read_pkg(path, str(path))
+        return contents_report(self.name, path, contents)
+
+
+def contents_report(format_name: str, path: Path, contents: common.PkgContents) -> dict:
+    enrollment = contents.enrollment
+    return {
+        "format": format_name,
+        "path": str(path),
+        "ok": not contents.problems,
+        "detail": "; ".join(contents.problems) or "structure ok",
+        "identifier": contents.identifier,
+        "version": contents.version,
+        "payload_files": contents.payload_entries,
+        "enrollment": enrollment.public() if enrollment else None,
+        "enrollment_source": ("baked into the postinstall" if enrollment
+                              else "none baked in (a release reads the sidecar file beside the pkg at install time)"),
+        "signature": None,
+    }

@@ -1,0 +1,131 @@
+"""`builder stamp`: one group's installer from a release, in milliseconds where the format allows.
+
+- exe, msi-tagged: the enrollment goes into the release's reserved slot inside the Authenticode
+  PKCS#7; no re-signing. The output is base[0:off] + slot + base[off+len:], offered as byte
+  ranges (`stamp_ranges`) so storage and the service can stream or server-side-copy it.
+- msi (baked, for GPO/Intune, which run an MSI with no arguments and may copy it away from any
+  sidecar): Property defaults rewritten in the release MSI, new PackageCode, re-signed once.
+- pkg: re-baked (Scripts member only) and re-signed. dmg: the release's signed pkg plus the
+  group's enrollment file beside it.
+Outputs are deterministic: the same release and enrollment give the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import build, formats, log
+from builder.binfmt import slot as slotfmt
+from builder.binfmt import tag
+from builder.enrollment import Enrollment
+from builder.errors import OutputError, SlotError, UsageError
+from builder.formats.base import Signers
+from builder.release import Release, ReleaseFile
+
+# Stamp formats, and the release file each one starts from.
+STAMP_FORMATS = {"exe": "exe", "msi": "msi", "msi-tagged": "msi", "pkg": "pkg", "dmg": "dmg"}
+SUFFIX = {"exe": ".exe", "msi": ".msi", "msi-tagged": ".msi", "pkg": ".pkg", "dmg": ".dmg"}
+SLOTTED = ("exe", "msi-tagged")
+
+_FICLONE = 0x40049409  # ioctl: share the base's blocks (btrfs, XFS); ext4 refuses, then we copy
+
+
+@dataclass(frozen=True)
+class Stamped:
+    format: str
+    path: Path
+    size: int
+    sha256: str
+    signer: str | None
+    resigned: bool
+    bytes_written: int
+
+    def as_dict(self) -> dict:
+        return {"format": self.format, "path": str(self.path), "size": self.size, "sha256": self.sha256,
+                "signer": self.signer, "resigned": self.resigned, "bytes_written": self.bytes_written}
+
+
+def stamp_ranges(base: ReleaseFile, enrollment: Enrollment) -> list[tag.Piece]:
+    """The stamped file as pieces of the base plus the new slot bytes. No I/O."""
+    info = base.slot
+    if info is None:
+        raise SlotError(f"release file {base.path.name} has no enrollment slot", "re-run `builder release`")
+    size, extents = info["size"], [tuple(e) for e in info["extents"]]
+    new = slotfmt.encode_slot(enrollment.to_json_bytes(), size)
+    if info.get("checksum_neutral"):
+        new = tag.checksum_neutral(new, slotfmt.empty_slot(size), extents[0][0])
+    return tag.stamp_pieces(base.entry["size"], extents, new)
+
+
+def write_pieces(base: Path, pieces: list[tag.Piece], dst: Path) -> int:
+    """Write the file `pieces` describe to `dst` (a new file): the base copied in the kernel
+    (or reflinked), then only the literal pieces written. Returns the bytes written by us."""
+    written = 0
+    with open(base, "rb") as src, open(dst, "xb") as out:
+        try:
+            fcntl.ioctl(out.fileno(), _FICLONE, src.fileno())
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+                raise
+            _copy_range(src, out, os.fstat(src.fileno()).st_size)
+        pos = 0
+        for piece in pieces:
+            if piece[0] == "bytes":
+                os.pwrite(out.fileno(), piece[1], pos)
+                written += len(piece[1])
+                pos += len(piece[1])
+            else:
+                pos += piece[2]
+    return written
+
+
+def _copy_range(src, out, size: int) -> None:
+    """In-kernel copy; a plain read/write loop where the kernel or filesystem refuses it."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(src.fileno(), out.fileno(), size - done, done, done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        src.seek(done)
+        out.seek(done)
+        shutil.copyfileobj(src, out, 1 << 20)
+
+
+def stamp(release: Release, fmt: str, enrollment: Enrollment, signers: Signers, out: Path) -> Stamped:
+    """Stamp `enrollment` into the release's `fmt` installer, written to `out` (atomically)."""
+    if fmt not in STAMP_FORMATS:
+        raise UsageError(f"unknown stamp format {fmt!r}", f"choose from {', '.join(STAMP_FORMATS)}")
+    if out.suffix.lower() != SUFFIX[fmt]:
+        raise UsageError(f"--out {out}: a {fmt} installer must end in {SUFFIX[fmt]}", "rename the output")
+    base = release.file(STAMP_FORMATS[fmt])
+    log.register_secret(enrollment.token.reveal())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
+    partial = out.with_name(f".{out.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        if fmt in SLOTTED:
+            with log.step(f"{fmt}: stamp the enrollment slot"):
+                written = write_pieces(base.path, stamp_ranges(base, enrollment), partial)
+            signer, resigned = base.entry.get("signer"), False
+        else:
+            with log.step(f"{fmt}: bake and sign"):
+                built = formats.get(base.format).stamp(base, release, enrollment, signers, partial, mode=fmt)
+            written, signer, resigned = partial.stat().st_size, built.signer, not signers.unsigned
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return Stamped(fmt, out, out.stat().st_size, build.sha256_file(out), signer, resigned, written)

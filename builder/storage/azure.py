@@ -1,0 +1,75 @@
+"""The Azure Blob store (`az://container/prefix`), all through obstore.
+
+Create-if-absent is Put Blob with `If-None-Match: *` (obstore `mode="create"`), one request
+with the object in memory once. Stamps take the generic path (built in memory once, then
+created): Azure's server-side range copy (Put Block From URL) is not exposed by obstore.
+Presigned URLs are service SAS URLs signed with the account key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import obstore
+from obstore import exceptions as obx
+from obstore.store import AzureStore
+
+from builder.errors import UsageError
+from builder.storage.s3 import obstore_client_options
+from builder.storage.settings import StorageSettings
+from builder.storage.store import PutResult, Store
+
+_CONTAINER_RE = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
+
+
+class AzureContainerStore(Store):
+    kind = "az"
+
+    def __init__(self, container: str, prefix: str, settings: StorageSettings):
+        creds = settings.azure_credentials()
+        config: dict = {}
+        endpoint = None
+        if creds is not None:
+            config = {"account_name": creds.account_name, "account_key": creds.account_key.reveal()}
+            endpoint = creds.endpoint
+            if endpoint:
+                config["endpoint"] = endpoint
+        client, retry = obstore_client_options(settings, endpoint)
+        account = creds.account_name if creds else "?"
+        url = f"az://{container}/{prefix}".rstrip("/") + f" (account {account}" + (f" at {endpoint})" if endpoint else ")")
+        super().__init__(url, settings, prefix, AzureStore(container, config=config, client_options=client, retry_config=retry))
+        self.container = container
+
+    @classmethod
+    def from_url(cls, url: str, settings: StorageSettings) -> "AzureContainerStore":
+        parts = urlsplit(url)
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise UsageError("an az:// storage URL carries only the container and a prefix",
+                             "put credentials in AZURE_STORAGE_CONNECTION_STRING")
+        if not _CONTAINER_RE.fullmatch(parts.hostname or ""):
+            raise UsageError(f"{url!r} does not name a valid Azure container", "use az://container-name/optional/prefix")
+        return cls(parts.hostname, parts.path.strip("/"), settings)
+
+    def put_if_absent(self, key: str, data: bytes | bytearray | memoryview | Path) -> PutResult:
+        full = self._full(key)
+        if isinstance(data, Path):
+            with self._errors("read", str(data)):
+                data = data.read_bytes()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError("put_if_absent takes bytes or a pathlib.Path")
+        view = memoryview(data)
+        with self._errors("put", key):
+            try:
+                obstore.put(self._obs, full, view, mode="create")
+                created = True
+            except obx.AlreadyExistsError:
+                created = False
+        return PutResult(created, key, hashlib.sha256(view).hexdigest(), view.nbytes)
+
+    def presigned_url(self, key: str, expires_s: int, *, now: float | None = None) -> str:
+        if now is not None:
+            raise ValueError("Azure SAS URLs start now; `now` is for local signed links")
+        return self._sign_with_obstore(key, expires_s)

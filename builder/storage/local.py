@@ -1,0 +1,145 @@
+"""The local-disk store (`file:///path`), the embedded default.
+
+Writes never go through obstore here: each object is written to a staging file under
+`<root>/.tmp/`, fsynced, then hard-linked to its key. `os.link` fails if the name exists, so
+create-if-absent is atomic and a writer that loses the race sees FileExistsError, never a
+half-written file. Reads (get, ranges, head, list, streaming) use obstore's LocalStore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+from urllib.parse import unquote, urlsplit
+
+from obstore.store import LocalStore
+
+from builder.errors import UsageError
+from builder.storage import pieces as pc
+from builder.storage.errors import ObjectNotFoundError
+from builder.storage.settings import StorageSettings
+from builder.storage.store import PutResult, StampResult, Store
+
+COPY_CHUNK = 1024 * 1024
+STAGING = ".tmp"
+
+
+class LocalDiskStore(Store):
+    kind = "file"
+
+    def __init__(self, root: Path, settings: StorageSettings):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / STAGING).mkdir(exist_ok=True)
+        super().__init__(root.as_uri(), settings, "", LocalStore(prefix=root))
+        self.root = root
+
+    @classmethod
+    def from_url(cls, url: str, settings: StorageSettings) -> "LocalDiskStore":
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment or not parts.path.startswith("/"):
+            raise UsageError(f"storage URL {url!r} is not a local folder URL", "use file:///absolute/path")
+        return cls(Path(unquote(parts.path)), settings)
+
+    def local_path(self, key: str) -> Path:
+        """Where `key` lives on disk (for a service that sends files itself)."""
+        return self.root / self._full(key)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _create(self, key: str, write: Callable[[BinaryIO, "hashlib._Hash"], int]) -> tuple[bool, str, int]:
+        """Write through `write` into a staging file, then link it to `key` unless it exists."""
+        target = self.local_path(key)
+        with self._errors("put", key):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root / STAGING, prefix="put-")
+            try:
+                digest = hashlib.sha256()
+                with os.fdopen(fd, "wb") as f:
+                    size = write(f, digest)
+                    f.flush()
+                    os.fchmod(f.fileno(), 0o644)
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, target)
+                    created = True
+                except FileExistsError:
+                    created = False
+            finally:
+                os.unlink(tmp)
+            if created:
+                dir_fd = os.open(target.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        return created, digest.hexdigest(), size
+
+    def put_if_absent(self, key: str, data: bytes | bytearray | memoryview | Path) -> PutResult:
+        self._full(key)
+        if isinstance(data, Path):
+            source = data
+
+            def write(f: BinaryIO, digest) -> int:
+                size = 0
+                with open(source, "rb") as src:
+                    while chunk := src.read(COPY_CHUNK):
+                        digest.update(chunk)
+                        f.write(chunk)
+                        size += len(chunk)
+                return size
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            view = memoryview(data)
+
+            def write(f: BinaryIO, digest) -> int:
+                digest.update(view)
+                f.write(view)
+                return view.nbytes
+        else:
+            raise TypeError("put_if_absent takes bytes or a pathlib.Path")
+        created, sha, size = self._create(key, write)
+        return PutResult(created, key, sha, size)
+
+    def put_pieces_if_absent(self, key: str, base_key: str, pieces: Sequence) -> StampResult:
+        """Copy the base's ranges and the literal pieces into a staging file, then link it."""
+        self._full(key)
+        try:
+            info = self.head(key)
+            return StampResult(False, key, info.size, None)
+        except ObjectNotFoundError:
+            pass
+        base, segs = self._segments(base_key, pieces)
+        base_path = self.local_path(base_key)
+        read = 0
+
+        def write(f: BinaryIO, digest) -> int:
+            nonlocal read
+            with open(base_path, "rb") as src:
+                for seg in segs:
+                    if not seg.is_base:
+                        digest.update(seg.data)
+                        f.write(seg.data)
+                        continue
+                    src.seek(seg.src)
+                    left = seg.end - seg.start
+                    while left:
+                        chunk = src.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise OSError(f"{base_key} is shorter than its stamp's pieces")
+                        digest.update(chunk)
+                        f.write(chunk)
+                        left -= len(chunk)
+                        read += len(chunk)
+            return pc.output_size(segs)
+
+        created, sha, size = self._create(key, write)
+        return StampResult(created, key, size, sha if created else None,
+                           bytes_uploaded=size if created else 0, bytes_downloaded=read, parts=1)
+
+    def presigned_url(self, key: str, expires_s: int, *, now: float | None = None) -> str:
+        if not 1 <= expires_s <= 7 * 24 * 3600:
+            raise ValueError("expires_s must be between 1 second and 7 days")
+        return self.signed_link(key, int(time.time() if now is None else now) + expires_s)

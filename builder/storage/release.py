@@ -1,0 +1,102 @@
+"""Publish a release folder: every file as a content-addressed object, then the index LAST.
+
+Layout under `prefix`:
+    objects/<sha256[:2]>/<sha256><suffix>   each file's bytes, named by their SHA-256
+    releases/<version>/manifest.json        {"version", "files": {name: {key, sha256, size}}}
+
+The index is created only after every object it names is present, with create-if-absent, so
+a reader that finds it finds every file. Publishing the same folder again is a no-op (the index
+bytes are deterministic: sorted, no timestamps); a different folder under the same version is
+refused with ReleaseConflictError and changes nothing the index names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from builder import log
+from builder.errors import PayloadError, StorageError
+from builder.storage.errors import ReleaseConflictError
+from builder.storage.keys import content_key, join_key, validate_key, validate_prefix
+from builder.storage.store import Store
+
+INDEX_FORMAT = "builder-release-index/1"
+RELEASE_MANIFEST = "manifest.json"
+_SUFFIX_RE = re.compile(r"\.[A-Za-z0-9]{1,16}")
+
+
+def manifest_key(prefix: str, version: str) -> str:
+    validate_key(version, "release version")
+    if "/" in version:
+        raise StorageError(f"release version {version!r} must be a single path segment")
+    return join_key(validate_prefix(prefix), "releases", version, "manifest.json")
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _release_files(local_dir: Path) -> list[tuple[str, Path]]:
+    if not (local_dir / RELEASE_MANIFEST).is_file():
+        raise PayloadError(f"{local_dir} has no {RELEASE_MANIFEST}: the release is incomplete",
+                           "build the release again; its manifest is written last")
+    files = []
+    for path in sorted(local_dir.rglob("*")):
+        if path.is_symlink():
+            raise PayloadError(f"{path} is a symbolic link", "a release folder holds regular files only")
+        if path.is_file():
+            name = path.relative_to(local_dir).as_posix()
+            validate_key(name, f"release file name {name!r}")
+            files.append((name, path))
+    return files
+
+
+def publish_release(local_dir: Path, store: Store, prefix: str, *, version: str | None = None) -> str:
+    """Upload `local_dir` (a release: signed base installers + manifest.json) under `prefix` and
+    return the index's key. `version` defaults to the folder's name."""
+    local_dir = Path(local_dir)
+    version = version or local_dir.name
+    mkey = manifest_key(prefix, version)
+    objects = join_key(validate_prefix(prefix), "objects")
+
+    entries = {}
+    for name, path in _release_files(local_dir):
+        sha, size = _sha256_file(path)
+        suffix = path.suffix if _SUFFIX_RE.fullmatch(path.suffix) else ""
+        entries[name] = {"key": content_key(objects, sha, suffix), "sha256": sha, "size": size}
+    index = (json.dumps({"format": INDEX_FORMAT, "version": version, "files": entries},
+                        indent=2, sort_keys=True) + "\n").encode()
+
+    def same_or_conflict(existing: bytes) -> str:
+        if existing == index:
+            log.debug(f"release {version} is already published as {mkey}")
+            return mkey
+        raise ReleaseConflictError(
+            f"release {version} is already published at {store.url} with other content",
+            "a published release never changes: publish the new build under a new version")
+
+    if store.exists(mkey):
+        return same_or_conflict(store.get(mkey))
+
+    for name, entry in entries.items():
+        result = store.put_if_absent(entry["key"], local_dir / name)
+        if result.sha256 != entry["sha256"] or result.size != entry["size"]:
+            raise StorageError(f"{local_dir / name} changed while it was published", "publish again")
+        if not result.created:
+            # Content-addressed: present means same bytes; the size check catches a truncated copy.
+            if store.head(entry["key"]).size != entry["size"]:
+                raise StorageError(f"storage {store.url}: object {entry['key']} has the wrong size",
+                                   "it was not written by this tool; remove it and publish again")
+        log.debug(f"release {version}: {name} -> {entry['key']} ({'uploaded' if result.created else 'present'})")
+
+    if not store.put_if_absent(mkey, index).created:
+        return same_or_conflict(store.get(mkey))
+    return mkey

@@ -1,0 +1,536 @@
+"""Apple signing from Linux with the development identities: flat pkg, Mach-O, .app, DMG.
+
+Signatures are checked three ways: builder's own verifier, apple-platform's readers, and the
+openssl CLI on bytes pulled out of the signed xar (independent of both). No network is used:
+development identities get no timestamp, and notarization failures are provoked locally.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import plistlib
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import apple_platform as ap
+import pyapplebom
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from builder.binfmt import bom, cpio, udif, xar
+from builder.enrollment import Secret
+from builder.errors import FormatError, NotarizationError, SigningError
+from builder.formats.base import AppleKey
+from builder.signing import apple, devca
+
+PASSWORD = Secret("development")
+CHAIN_NOT_CHECKED = "chain not checked: no --ca given"
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def app_key(dev_keys) -> AppleKey:
+    return AppleKey(pkcs12=dev_keys.mac_app_pkcs12, password=PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def installer_key(dev_keys) -> AppleKey:
+    return AppleKey(pkcs12=dev_keys.mac_installer_pkcs12, password=PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory) -> Path:
+    """A second development CA that issued none of the signing certificates."""
+    return devca.create(tmp_path_factory.mktemp("other-ca")).ca_cert
+
+
+def _p12(path: Path, key, cert, cas=()) -> Path:
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"test", key, cert, list(cas), serialization.BestAvailableEncryption(b"development")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tls_p12(dev_keys, tmp_path_factory) -> Path:
+    """A PKCS#12 of the development TLS certificate (serverAuth only)."""
+    from cryptography import x509
+
+    key = serialization.load_pem_private_key(dev_keys.no_eku_key.read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(dev_keys.no_eku_cert.read_bytes())
+    return _p12(tmp_path_factory.mktemp("tls") / "tls.p12", key, cert)
+
+
+def _unsigned_pkg(folder: Path) -> Path:
+    """A small distribution pkg: Distribution + agent.pkg/{PackageInfo,Bom,Payload}, real BOM and cpio."""
+    root = folder / "payload-root"
+    (root / "Library/Agent").mkdir(parents=True)
+    (root / "Library/Agent/agent").write_bytes(b"\x7fagent binary stand-in\n" * 40)
+    (root / "Library/Agent/agent").chmod(0o755)
+    (root / "Library/Agent/enroll.json").write_text("{}\n")
+    cpio_bytes = io.BytesIO()
+    stats = cpio.write_cpio(root, cpio_bytes, mtime=0)
+    payload = gzip.compress(cpio_bytes.getvalue(), mtime=0)
+    package_info = (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        '<pkg-info format-version="2" identifier="com.example.agent" version="1.0" '
+        'install-location="/" auth="root">'
+        f'<payload numberOfFiles="{stats.number_of_files}" installKBytes="{stats.install_kbytes}"/>'
+        "</pkg-info>\n").encode()
+    distribution = (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        '<installer-gui-script minSpecVersion="2"><title>Agent</title>'
+        '<domains enable_anywhere="false" enable_currentUserHome="false" enable_localSystem="true"/>'
+        '<choices-outline><line choice="default"><line choice="com.example.agent"/></line></choices-outline>'
+        '<choice id="default"/><choice id="com.example.agent" visible="false">'
+        '<pkg-ref id="com.example.agent"/></choice>'
+        '<pkg-ref id="com.example.agent" version="1.0" onConclusion="none">#agent.pkg</pkg-ref>'
+        "</installer-gui-script>\n").encode()
+    members = [
+        ("Distribution", distribution),
+        ("agent.pkg/PackageInfo", package_info),
+        ("agent.pkg/Bom", bom.build_bom(root, mtime=0)),
+        ("agent.pkg/Payload", payload),
+    ]
+    out = folder / "unsigned.pkg"
+    out.write_bytes(xar.build_xar(members, epoch=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def signed_pkg(tmp_path_factory, installer_key) -> Path:
+    folder = tmp_path_factory.mktemp("pkg")
+    src = _unsigned_pkg(folder)
+    dst = folder / "agent.pkg"
+    apple.sign_flat_package(installer_key, src, dst)
+    return dst
+
+
+def _macho(path: Path, arch: str = "x86_64") -> Path:
+    path.write_bytes(ap.macho.create_synthetic(arch))
+    path.chmod(0o755)
+    return path
+
+
+def _app(folder: Path, main_exe: bytes | None = None) -> Path:
+    bundle = folder / "Agent.app"
+    (bundle / "Contents/MacOS").mkdir(parents=True)
+    (bundle / "Contents/Resources").mkdir()
+    (bundle / "Contents/Info.plist").write_bytes(plistlib.dumps({
+        "CFBundleIdentifier": "com.example.agent", "CFBundleExecutable": "agent",
+        "CFBundleName": "Agent", "CFBundlePackageType": "APPL", "CFBundleVersion": "1.0"}))
+    exe = bundle / "Contents/MacOS/agent"
+    if main_exe is None:
+        _macho(exe, "aarch64")
+    else:
+        exe.write_bytes(main_exe)
+        exe.chmod(0o755)
+    _macho(bundle / "Contents/MacOS/helper", "x86_64")
+    (bundle / "Contents/Resources/enroll.json").write_text('{"group": "g"}\n')
+    return bundle
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _no_leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------------
+# Identities
+
+
+def test_classify_identities_in_any_order(app_key, installer_key):
+    assert apple.classify_identities([installer_key, app_key]) == (app_key, installer_key)
+    assert apple.classify_identities([installer_key]) == (None, installer_key)
+    assert apple.classify_identities([app_key]) == (app_key, None)
+
+
+def test_wrong_password_names_the_file_and_the_variable(dev_keys, tmp_path, installer_key):
+    bad = AppleKey(pkcs12=dev_keys.mac_installer_pkcs12, password=Secret("not-the-password"))
+    with pytest.raises(SigningError) as info:
+        apple.classify_identities([bad])
+    assert str(info.value) == (f"wrong password for --mac-sign-pkcs12 {dev_keys.mac_installer_pkcs12}: "
+                               "check BUILDER_MAC_SIGN_PASSWORD")
+    assert "not-the-password" not in str(info.value)
+    src = _unsigned_pkg(tmp_path)
+    with pytest.raises(SigningError, match="wrong password"):
+        apple.sign_flat_package(bad, src, tmp_path / "out.pkg")
+    assert not (tmp_path / "out.pkg").exists()
+
+
+def test_a_file_that_is_not_pkcs12_is_named(dev_keys):
+    with pytest.raises(SigningError) as info:
+        apple.classify_identities([AppleKey(pkcs12=dev_keys.ca_cert, password=PASSWORD)])
+    assert f"--mac-sign-pkcs12 {dev_keys.ca_cert} is not a PKCS#12" in str(info.value)
+
+
+def test_a_tls_certificate_is_not_a_developer_id(tls_p12, dev_keys):
+    for path in (tls_p12, dev_keys.sign_pkcs12):  # TLS, and a plain (Windows) code-signing cert
+        with pytest.raises(SigningError) as info:
+            apple.classify_identities([AppleKey(pkcs12=path, password=PASSWORD)])
+        message = str(info.value)
+        assert str(path) in message and "not a Developer ID identity" in message
+        assert "'Developer ID Application'" in message and "'Developer ID Installer'" in message
+
+
+def test_two_installer_identities_say_what_was_expected(dev_keys, tmp_path, installer_key):
+    copy = shutil.copy(dev_keys.mac_installer_pkcs12, tmp_path / "second.p12")
+    with pytest.raises(SigningError) as info:
+        apple.classify_identities([installer_key, AppleKey(pkcs12=Path(copy), password=PASSWORD)])
+    assert "both 'Developer ID Installer' identities" in str(info.value)
+    assert "expected to be a 'Developer ID Application' identity" in str(info.value)
+
+
+def test_the_wrong_kind_signs_nothing(tmp_path, app_key, installer_key):
+    src = _unsigned_pkg(tmp_path)
+    with pytest.raises(SigningError, match="needs a 'Developer ID Installer' identity"):
+        apple.sign_flat_package(app_key, src, tmp_path / "out.pkg")
+    assert not (tmp_path / "out.pkg").exists()
+    tool = _macho(tmp_path / "tool")
+    before = tool.read_bytes()
+    with pytest.raises(SigningError, match="needs a 'Developer ID Application' identity"):
+        apple.sign_code(installer_key, tool)
+    assert tool.read_bytes() == before
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_an_unreachable_timestamp_server_is_a_signing_error(tmp_path, installer_key):
+    src = _unsigned_pkg(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(SigningError, match=r"timestamp server http://127\.0\.0\.1:9/ts did not answer"):
+        apple.sign_flat_package(installer_key, src, tmp_path / "out.pkg", timestamp_url="http://127.0.0.1:9/ts")
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "out.pkg").exists() and _no_leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Flat package
+
+
+def _signature_parts(pkg: Path, folder: Path) -> dict[str, Path]:
+    """Signature, CMS, TOC checksum and leaf certificate of a signed xar, as files for openssl."""
+    with xar.read_xar(pkg) as archive:
+        parts = {
+            "sig": archive.signature_bytes("signature"),
+            "cms": archive.signature_bytes("x-signature"),
+            "checksum": archive.stored_toc_checksum,
+            "leaf": archive.signature.certificates_der[0],
+        }
+    out = {}
+    for name, data in parts.items():
+        out[name] = folder / f"{name}.bin"
+        out[name].write_bytes(data)
+    pub = subprocess.run(["openssl", "x509", "-inform", "DER", "-in", out["leaf"], "-pubkey", "-noout"],
+                         check=True, capture_output=True).stdout
+    out["pub"] = folder / "pub.pem"
+    out["pub"].write_bytes(pub)
+    return out
+
+
+def _openssl(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(["openssl", *map(str, args)], capture_output=True, text=False)
+
+
+def test_openssl_verifies_the_pkg_signature_independently(signed_pkg, tmp_path, dev_keys, other_ca):
+    parts = _signature_parts(signed_pkg, tmp_path)
+    checksum = parts["checksum"].read_bytes()
+    # What is signed: the 20-byte TOC checksum, hashed again with SHA-256 (rcodesign's convention).
+    assert _openssl("dgst", "-sha256", "-verify", parts["pub"], "-signature", parts["sig"],
+                    parts["checksum"]).returncode == 0
+    assert _openssl("dgst", "-sha1", "-verify", parts["pub"], "-signature", parts["sig"],
+                    parts["checksum"]).returncode != 0
+    # The raw RSA block: a PKCS#1 DigestInfo naming SHA-256, holding SHA-256(checksum).
+    recovered = tmp_path / "recovered.der"
+    assert _openssl("pkeyutl", "-verifyrecover", "-pubin", "-inkey", parts["pub"], "-in", parts["sig"],
+                    "-out", recovered).returncode == 0
+    asn1 = _openssl("asn1parse", "-inform", "DER", "-in", recovered).stdout.decode()
+    assert ":sha256" in asn1
+    assert hashlib.sha256(checksum).hexdigest().upper() in asn1
+    # A different checksum does not verify.
+    wrong = tmp_path / "wrong.bin"
+    wrong.write_bytes(bytes([checksum[0] ^ 1]) + checksum[1:])
+    assert _openssl("dgst", "-sha256", "-verify", parts["pub"], "-signature", parts["sig"], wrong).returncode != 0
+    # The CMS <x-signature> is a detached signature of the same checksum, chaining to our CA.
+    # -purpose any: openssl's default S/MIME purpose rejects the Installer-only EKU.
+    cms = ["cms", "-verify", "-inform", "DER", "-in", parts["cms"], "-binary", "-purpose", "any", "-out", "/dev/null"]
+    assert _openssl(*cms, "-content", parts["checksum"], "-CAfile", dev_keys.ca_cert).returncode == 0
+    assert _openssl(*cms, "-content", wrong, "-CAfile", dev_keys.ca_cert).returncode != 0
+    assert _openssl(*cms, "-content", parts["checksum"], "-CAfile", other_ca).returncode != 0
+    # And the TOC checksum really is SHA-1 of the compressed TOC.
+    with xar.read_xar(signed_pkg) as archive:
+        assert hashlib.sha1(archive.toc_compressed).digest() == checksum
+
+
+def test_verify_flat_package(signed_pkg, dev_keys):
+    result = apple.verify_flat_package(signed_pkg, dev_keys.ca_cert)
+    assert result["ok"], result["detail"]
+    assert result["signer"] == "Developer ID Installer: Builder Dev (DEVTEAM01)"
+    assert result["trusted"] is True
+    assert [s.split("CN=")[1] for s in result["chain"]] == [
+        "Developer ID Installer: Builder Dev (DEVTEAM01)", "Builder Development Root CA (DEVELOPMENT)"]
+    assert "rcodesign" in result["scheme"] and "CMS signature" in result["checked"]
+
+
+def test_verify_flat_package_without_ca_does_not_claim_trust(signed_pkg):
+    result = apple.verify_flat_package(signed_pkg, None)
+    assert result["ok"] and result["trusted"] is None
+    assert CHAIN_NOT_CHECKED in result["detail"]
+
+
+def test_verify_flat_package_with_another_ca_fails(signed_pkg, other_ca):
+    result = apple.verify_flat_package(signed_pkg, other_ca)
+    assert not result["ok"] and result["trusted"] is False
+    assert "not issued by a certificate in" in result["detail"]
+
+
+def test_a_changed_member_byte_fails_verification(signed_pkg, tmp_path, dev_keys):
+    changed = tmp_path / "changed.pkg"
+    shutil.copy(signed_pkg, changed)
+    with xar.read_xar(changed) as archive:
+        payload = archive.member("agent.pkg/Payload")
+        offset = archive.heap_start + payload.offset + payload.length // 2
+    _flip(changed, offset)
+    result = apple.verify_flat_package(changed, dev_keys.ca_cert)
+    assert not result["ok"]
+    assert "'agent.pkg/Payload': archived-checksum mismatch" in result["detail"]
+
+
+def test_a_changed_toc_fails_verification(signed_pkg, tmp_path, dev_keys):
+    changed = tmp_path / "changed.pkg"
+    shutil.copy(signed_pkg, changed)
+    _flip(changed, xar.HEADER_SIZE + 40)  # inside the compressed TOC
+    result = apple.verify_flat_package(changed, dev_keys.ca_cert)
+    assert not result["ok"]
+    assert "TOC" in result["detail"]
+
+
+def test_a_changed_signature_fails_verification(signed_pkg, tmp_path, dev_keys):
+    changed = tmp_path / "changed.pkg"
+    shutil.copy(signed_pkg, changed)
+    with xar.read_xar(changed) as archive:
+        offset = archive.heap_start + archive.signature.offset + 7
+    _flip(changed, offset)
+    result = apple.verify_flat_package(changed, dev_keys.ca_cert)
+    assert not result["ok"] and "RSA signature does not verify" in result["detail"]
+
+
+def test_a_cms_signature_from_another_pkg_fails_verification(signed_pkg, tmp_path, installer_key, dev_keys):
+    """A validly signed CMS over some other package's checksum: only its message digest gives it away."""
+    (tmp_path / "other.pkg").write_bytes(xar.build_xar([("Distribution", b"<other/>")], epoch=0))
+    apple.sign_flat_package(installer_key, tmp_path / "other.pkg", tmp_path / "other-signed.pkg")
+    with xar.read_xar(tmp_path / "other-signed.pkg") as other:
+        foreign = other.signature_bytes("x-signature")
+    changed = tmp_path / "changed.pkg"
+    shutil.copy(signed_pkg, changed)
+    with xar.read_xar(changed) as archive:
+        assert archive.x_signature.size == len(foreign)
+        offset = archive.heap_start + archive.x_signature.offset
+    data = bytearray(changed.read_bytes())
+    data[offset:offset + len(foreign)] = foreign
+    changed.write_bytes(bytes(data))
+    result = apple.verify_flat_package(changed, dev_keys.ca_cert)
+    assert not result["ok"] and "CMS message digest does not match" in result["detail"]
+
+
+def test_an_unsigned_pkg_is_not_ok(tmp_path, dev_keys):
+    result = apple.verify_flat_package(_unsigned_pkg(tmp_path), dev_keys.ca_cert)
+    assert not result["ok"] and "not signed" in result["detail"]
+    with pytest.raises(FormatError, match="not a flat package"):
+        apple.verify_flat_package(dev_keys.ca_cert, dev_keys.ca_cert)
+
+
+def test_the_signed_pkg_still_reads_everywhere(signed_pkg):
+    names = ["Distribution", "agent.pkg", "agent.pkg/PackageInfo", "agent.pkg/Bom", "agent.pkg/Payload"]
+    listing = subprocess.run(["7z", "l", signed_pkg], check=True, capture_output=True, text=True).stdout
+    for name in names:
+        assert name in listing
+    bsdtar = subprocess.run(["bsdtar", "-tf", signed_pkg], check=True, capture_output=True, text=True).stdout
+    assert bsdtar.split() == names
+    info = ap.packaging.pkg_info(signed_pkg)
+    assert [c["package_info"]["identifier"] for c in info["components"]] == ["com.example.agent"]
+    bom_bytes = ap.packaging.pkg_extract_member(signed_pkg, "agent.pkg/Bom")
+    parsed = pyapplebom.parse_bom_bytes(bom_bytes)
+    assert "./Library/Agent/enroll.json" in str(parsed)
+    assert ap.path_type(signed_pkg) == "xar"
+
+
+# --------------------------------------------------------------------------------------------
+# Mach-O and .app
+
+
+def test_sign_and_verify_a_macho_in_place(tmp_path, app_key, dev_keys, other_ca):
+    tool = _macho(tmp_path / "tool")
+    unsigned = tool.read_bytes()
+    apple.sign_code(app_key, tool, identifier="com.example.tool")
+    assert tool.read_bytes() != unsigned and tool.stat().st_mode & 0o111
+    assert ap.verify_macho(tool) == []
+    result = apple.verify_code(tool, dev_keys.ca_cert)
+    assert result["ok"], result["detail"]
+    assert result["identifier"] == "com.example.tool" and result["hardened_runtime"] is True
+    assert result["signer"] == "Developer ID Application: Builder Dev (DEVTEAM01)"
+    assert not apple.verify_code(tool, other_ca)["ok"]
+    assert CHAIN_NOT_CHECKED in apple.verify_code(tool, None)["detail"]
+    _flip(tool, 200)  # inside __TEXT: covered by page 0's hash
+    changed = apple.verify_code(tool, dev_keys.ca_cert)
+    assert not changed["ok"] and "page 0" in changed["detail"]
+
+
+def test_an_unsigned_macho_is_not_ok(tmp_path, dev_keys):
+    result = apple.verify_code(_macho(tmp_path / "tool"), dev_keys.ca_cert)
+    assert not result["ok"] and "not signed" in result["detail"]
+
+
+def test_sign_and_verify_an_app_bundle(tmp_path, app_key, dev_keys):
+    bundle = _app(tmp_path)
+    apple.sign_code(app_key, bundle)
+    assert (bundle / "Contents/_CodeSignature/CodeResources").is_file()
+    assert _no_leftovers(tmp_path) == []
+    result = apple.verify_code(bundle, dev_keys.ca_cert)
+    assert result["ok"], result["detail"]
+    assert result["identifier"] == "com.example.agent"
+    assert any(c.startswith("resource seal") for c in result["checked"])
+    # Every executable got the hardened runtime, the nested one included.
+    helper = apple.verify_code(bundle / "Contents/MacOS/helper", dev_keys.ca_cert)
+    assert helper["ok"] and helper["hardened_runtime"] is True
+
+    (bundle / "Contents/Resources/enroll.json").write_text('{"group": "other"}\n')
+    assert "enroll.json changed after signing" in apple.verify_code(bundle, dev_keys.ca_cert)["detail"]
+
+
+def test_an_added_file_breaks_the_seal(tmp_path, app_key, dev_keys):
+    bundle = _app(tmp_path)
+    apple.sign_code(app_key, bundle)
+    (bundle / "Contents/Resources/extra.txt").write_text("x")
+    result = apple.verify_code(bundle, dev_keys.ca_cert)
+    assert not result["ok"] and "Resources/extra.txt is not sealed" in result["detail"]
+
+
+def test_a_script_in_macos_is_refused_not_dropped(tmp_path, app_key, dev_keys):
+    """rcodesign signs only Mach-O: it leaves a script in Contents/MacOS out of the seal (and
+    drops it when signing into a new folder). sign_code refuses; the bundle stays as it was."""
+    bundle = _app(tmp_path)
+    (bundle / "Contents/MacOS/run.sh").write_text("#!/bin/sh\n")
+    with pytest.raises(SigningError, match="MacOS/run.sh is not sealed"):
+        apple.sign_code(app_key, bundle)
+    assert (bundle / "Contents/MacOS/run.sh").is_file()
+    assert not (bundle / "Contents/_CodeSignature").exists()
+    assert _no_leftovers(tmp_path) == []
+    # Signed some other way, the verifier catches the same hole.
+    (bundle / "Contents/MacOS/run.sh").rename(tmp_path / "run.sh")
+    apple.sign_code(app_key, bundle)
+    shutil.move(tmp_path / "run.sh", bundle / "Contents/MacOS/run.sh")
+    result = apple.verify_code(bundle, dev_keys.ca_cert)
+    assert not result["ok"] and "MacOS/run.sh is not sealed" in result["detail"]
+
+
+def test_an_app_whose_main_executable_is_a_script_is_refused_untouched(tmp_path, app_key):
+    bundle = _app(tmp_path, main_exe=b"#!/bin/sh\necho agent\n")
+    before = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*"))
+    with pytest.raises(SigningError, match="Invalid magic"):
+        apple.sign_code(app_key, bundle)
+    assert sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*")) == before
+    assert _no_leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# DMG
+
+
+@pytest.fixture(scope="module")
+def unsigned_dmg(tmp_path_factory, signed_pkg) -> Path:
+    from builder.tools import xorriso
+
+    folder = tmp_path_factory.mktemp("dmg")
+    (folder / "src").mkdir()
+    shutil.copy(signed_pkg, folder / "src" / "Agent.pkg")
+    xorriso.hfsplus_image(folder / "src", folder / "raw.img", "Agent", 0)
+    udif.write(folder / "raw.img", folder / "unsigned.dmg")
+    return folder / "unsigned.dmg"
+
+
+def test_sign_and_verify_a_dmg(unsigned_dmg, tmp_path, app_key, installer_key, dev_keys, other_ca):
+    dst = tmp_path / "Agent.dmg"
+    with pytest.raises(SigningError, match="needs a 'Developer ID Application' identity"):
+        apple.sign_dmg(installer_key, unsigned_dmg, dst)
+    assert not dst.exists()
+    apple.sign_dmg(app_key, unsigned_dmg, dst)
+    result = apple.verify_dmg(dst, dev_keys.ca_cert)
+    assert result["ok"], result["detail"]
+    assert result["signer"] == "Developer ID Application: Builder Dev (DEVTEAM01)"
+    assert ap.packaging.dmg_info(dst)["has_code_signature"]
+    # Still a UDIF image whose disk is unchanged: the signature sits before the koly trailer.
+    raw = unsigned_dmg.parent / "raw.img"
+    assert udif.unpack(dst) == raw.read_bytes()
+    assert "5.hfs" in subprocess.run(["7z", "l", dst], check=True, capture_output=True, text=True).stdout
+    assert not apple.verify_dmg(dst, other_ca)["ok"]
+    assert not apple.verify_dmg(unsigned_dmg, dev_keys.ca_cert)["ok"]
+    _flip(dst, 10)  # inside the first zlib chunk
+    changed = apple.verify_dmg(dst, dev_keys.ca_cert)
+    assert not changed["ok"] and "changed after signing" in changed["detail"]
+
+
+# --------------------------------------------------------------------------------------------
+# Notarization (no network here: the failures are provoked locally)
+
+
+def test_without_credentials_not_notarized_and_warned_once(signed_pkg, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(apple.log, "warning", warnings.append)
+    monkeypatch.setattr(apple, "_warned", set())
+    first = apple.notarize(signed_pkg, None)
+    second = apple.notarize(signed_pkg, None)
+    assert first == second
+    assert first.notarized is False and first.reason == "no App Store Connect credentials"
+    assert first.as_dict()["notarized"] is False
+    assert len(warnings) == 1 and "no App Store Connect credentials" in warnings[0]
+
+
+def _credentials(tmp_path: Path, key) -> apple.NotaryCredentials:
+    path = tmp_path / "AuthKey_TESTKEY42.p8"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return apple.NotaryCredentials(issuer_id="00000000-0000-0000-0000-000000000000", key_id="TESTKEY42",
+                                   private_key=path)
+
+
+def test_a_key_that_is_not_an_app_store_connect_key_fails_before_any_network(signed_pkg, tmp_path):
+    credentials = _credentials(tmp_path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    with pytest.raises(NotarizationError, match="is not an EC"):
+        apple.notarize(signed_pkg, credentials)
+    garbage = tmp_path / "garbage.p8"
+    garbage.write_text("not a key")
+    with pytest.raises(NotarizationError, match="is not a PEM private key"):
+        apple.notarize(signed_pkg, apple.NotaryCredentials(issuer_id="i", key_id="k", private_key=garbage))
+
+
+def test_an_unreachable_notary_service_fails_fast(signed_pkg, tmp_path, monkeypatch):
+    # The notary URL is fixed in the library; an unreachable proxy makes the request fail
+    # locally, so the test never talks to Apple even on a machine with network.
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    before = signed_pkg.read_bytes()
+    credentials = _credentials(tmp_path, ec.generate_private_key(ec.SECP256R1()))
+    started = time.monotonic()
+    with pytest.raises(NotarizationError) as info:
+        apple.notarize(signed_pkg, credentials, wait_seconds=5)
+    assert time.monotonic() - started < 15
+    assert "appstoreconnect.apple.com" in str(info.value)
+    der = credentials.private_key.read_bytes()
+    assert base64.b64encode(der).decode()[:40] not in str(info.value)
+    assert signed_pkg.read_bytes() == before
