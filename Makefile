@@ -37,9 +37,11 @@ deps: $(STAMPS)/debian $(STAMPS)/venv
 
 venv: $(STAMPS)/venv
 
-# The TEST payload: a tiny Windows service in C, cross-compiled with mingw-w64 (payload/README.md).
+# The TEST payloads (payload/README.md): a tiny Windows service in C, cross-compiled with
+# mingw-w64, and a macOS Agent.app around a hand-written universal Mach-O.
 payload-test: $(STAMPS)/debian
 	$(MAKE) -s -C payload/testagent
+	python3 payload/testagent-macos/make_payload.py
 
 # The reference agent, built by PyInstaller for this host (Windows and macOS binaries are
 # built the same way on those systems).
@@ -52,13 +54,15 @@ dev-keys: $(STAMPS)/venv
 
 demo: deps payload-test dev-keys
 	@rm -rf $(DEMO_OUT)
-	DEMO_TOKEN=demo-enrollment-token-$$(date +%s) $(PY) -m builder build \
-		--format msi --format exe \
+	DEMO_TOKEN=demo-enrollment-token-$$(date +%s) BUILDER_MAC_SIGN_PASSWORD=development $(PY) -m builder build \
+		--format msi --format exe --format pkg --format dmg \
 		--version 1.0.0 --account-id demo-account --group-id demo-group \
 		--token-env DEMO_TOKEN --console-url https://console.example.com \
 		--payload payload/build --out $(DEMO_OUT) \
-		--sign-cert $(DEMO_KEYS)/codesign.pem --sign-key $(DEMO_KEYS)/codesign.key --ca $(DEMO_KEYS)/ca.pem
-	@for f in $(DEMO_OUT)/*.msi $(DEMO_OUT)/*.exe; do $(PY) -m builder verify --ca $(DEMO_KEYS)/ca.pem "$$f" || exit 1; done
+		--sign-cert $(DEMO_KEYS)/codesign.pem --sign-key $(DEMO_KEYS)/codesign.key --ca $(DEMO_KEYS)/ca.pem \
+		--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-application.p12 \
+		--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-installer.p12
+	$(PY) -m builder verify --ca $(DEMO_KEYS)/ca.pem $(DEMO_OUT)/*.msi $(DEMO_OUT)/*.exe $(DEMO_OUT)/*.pkg $(DEMO_OUT)/*.dmg
 
 test: deps payload-test
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -27,8 +27,9 @@ from builder.errors import OutputError, SlotError, UsageError
 from builder.formats.base import Signers
 from builder.release import Release, ReleaseFile
 
-# Stamp formats, and the release file each one starts from.
-STAMP_FORMATS = {"exe": "exe", "msi": "msi", "msi-tagged": "msi", "pkg": "pkg", "dmg": "dmg"}
+# Stamp formats, and the release file each one starts from (a group's dmg carries the
+# release's signed pkg, not the release's dmg).
+STAMP_FORMATS = {"exe": "exe", "msi": "msi", "msi-tagged": "msi", "pkg": "pkg", "dmg": "pkg"}
 SUFFIX = {"exe": ".exe", "msi": ".msi", "msi-tagged": ".msi", "pkg": ".pkg", "dmg": ".dmg"}
 SLOTTED = ("exe", "msi-tagged")
 
@@ -122,7 +123,7 @@ def stamp(release: Release, fmt: str, enrollment: Enrollment, signers: Signers, 
             signer, resigned = base.entry.get("signer"), False
         else:
             with log.step(f"{fmt}: bake and sign"):
-                built = formats.get(base.format).stamp(base, release, enrollment, signers, partial, mode=fmt)
+                built = formats.get(fmt).stamp(release, enrollment, signers, partial)
             written, signer, resigned = partial.stat().st_size, built.signer, not signers.unsigned
         os.replace(partial, out)
     except BaseException:

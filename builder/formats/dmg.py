@@ -285,6 +285,22 @@ class DmgFormat:
         return Built(path=final, signer=signer, notarized=notarized,
                      details={**details, "pkg_signer": pkg_signer, "agent": pkg_details["agent"], "notarization": reason})
 
+    def stamp(self, release, enrollment: Enrollment, signers, out: Path) -> Built:
+        """A group's dmg: the release's signed pkg, unchanged, plus the group's enrollment
+        beside it, which the pkg's postinstall reads through $1."""
+        base, product = release.file("pkg"), release.product()
+        key = None if signers.unsigned else signers.apple_application
+        if key is None and not signers.unsigned:
+            raise UsageError("a group's dmg is signed: give a Developer ID Application identity", "--mac-sign-pkcs12 FILE")
+        make_dmg(base.path, out, product, release.manifest["source_date_epoch"], key=key,
+                 sidecar=enrollment.to_json_bytes(), work=out.parent)
+        notarized = False
+        if key is not None:
+            from builder.signing import apple
+
+            notarized = apple.notarize(out, signers.notary).notarized
+        return Built(path=out, signer=common.identity_info(key).subject if key else None, notarized=notarized)
+
     def verify(self, path: Path, ca: Path | None) -> dict:
         return self._read(Path(path), ca, check_signatures=True)
 

@@ -33,6 +33,7 @@ from builder.config import Product
 from builder.enrollment import Enrollment, Secret
 from builder.errors import ConfigError, EnrollmentError, FormatError, PayloadError, ToolFailedError, UsageError
 from builder.formats.base import BuildRequest, Built, SigningKey
+from builder.formats import slotted
 from builder.signing import authenticode
 from builder.tools import nsis, runner
 
@@ -474,8 +475,14 @@ class ExeFormat:
             authenticode.sign(key, unsigned, final)
         finally:
             unsigned.unlink(missing_ok=True)
+        if enrollment is None:
+            # A release: an empty slot in the signature, filled per group by `builder stamp`.
+            slotted.add_slot(final, "exe", product.slot_size)
         details["sign_seconds"] = round(time.perf_counter() - start, 3)
         return Built(path=final, signer=authenticode.signer_subject(key), details=details)
+
+    def release_entry(self, path: Path, product: Product) -> dict:
+        return slotted.release_entry(path, "exe")
 
     def verify(self, path: Path, ca: Path | None) -> dict:
         path = Path(path)
@@ -519,9 +526,13 @@ class ExeFormat:
         enrollment = uninstaller = None
         if inst.is_uninstaller:
             problems.append("this is an NSIS uninstaller, not an installer")
+        stamped = "script"
         try:
             enrollment = enrollment_from_strings(script_strings(data, inst, name), name)
             uninstaller = embedded_uninstaller(data, inst, name)
+            if enrollment is None:
+                enrollment, has_slot = slotted.stamped_enrollment(data, "exe", name)
+                stamped = "slot" if has_slot else None
         except (FormatError, EnrollmentError) as exc:  # an EnrollmentError names the field, never the value
             problems.append(exc.message.removeprefix(f"{name}: "))
         info = version_strings(data, inst.firstheader_offset)
@@ -532,8 +543,10 @@ class ExeFormat:
             "detail": "; ".join(problems) or "structure ok",
             "product": {"name": info.get("ProductName"), "manufacturer": info.get("CompanyName"),
                         "version": info.get("ProductVersion")},
-            # None for a release: its enrollment is stamped into its signature slot per group.
+            # Baked into the script by `build`, or in the signature's slot by `stamp`; None for
+            # a release, whose slot is still empty.
             "enrollment": enrollment.public() if enrollment else None,
+            "enrollment_source": stamped if enrollment else None,
             "signature": None,
         }
         return report, problems, uninstaller

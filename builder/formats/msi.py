@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -24,6 +25,7 @@ from builder.config import TEMPLATES_DIR, Product
 from builder.enrollment import Enrollment, Secret
 from builder.errors import EnrollmentError, FormatError, PayloadError, ToolFailedError, UsageError
 from builder.formats.base import BuildRequest, Built
+from builder.formats import slotted
 from builder.signing import authenticode
 from builder.tools import msitools
 
@@ -49,6 +51,8 @@ CUSTOM_ACTION_TYPES = {
     "AgentForget": _EXE_FILE | _CONTINUE | _IN_SCRIPT | _NO_IMPERSONATE,
     "AgentForgetOnRollback": _EXE_FILE | _CONTINUE | _ROLLBACK | _IN_SCRIPT | _NO_IMPERSONATE,
 }
+# Only in a release's MSI (no enrollment baked in): reads the signature slot at install time.
+ENROLL_FROM_INSTALLER = ("AgentEnrollFromInstaller", _EXE_FILE | _IN_SCRIPT | _NO_IMPERSONATE)
 REQUIRED_TABLES = ("Property", "File", "Component", "ServiceInstall", "CustomAction", "InstallExecuteSequence", "Upgrade")
 
 
@@ -167,7 +171,8 @@ def _dir_chain(parts: list[str], prefix: str, last_id: str) -> list[dict]:
 def agent_arguments(product: Product, command: str) -> str:
     """The agent's command line after the executable: no secret, only where to find one."""
     config = f"[CommonAppDataFolder]{product.windows_install_folder}\\{CONFIG_NAME}"
-    return f'{command} --registry-key "{product.registry_key}" --config "{config}"'
+    installer = ' --installer "[OriginalDatabase]"' if command == "enroll-from-installer" else ""
+    return f'{command}{installer} --registry-key "{product.registry_key}" --config "{config}"'
 
 
 def render_wxs(
@@ -204,6 +209,7 @@ def render_wxs(
         all_files=files,
         agent_file_id=AGENT_FILE_ID,
         agent_args=lambda command: wix_text(agent_arguments(product, command)),
+        agent_args_installer=wix_text(agent_arguments(product, "enroll-from-installer")),
         registry_guid=product.component_guid(":registry"),
         data_guid=product.component_guid(":data-folder"),
     )
@@ -235,7 +241,7 @@ def _post_build(msi: Path, product: Product, version: str, package_code: str, ep
         "INSERT INTO Upgrade (UpgradeCode, VersionMin, VersionMax, Language, Attributes, Remove, ActionProperty) "
         f"VALUES ('{upgrade_code}', '', '{version}', '', {UPGRADE_ATTRIBUTES}, '', '{UPGRADE_PROPERTY}')",
         f"UPDATE Property SET Value = '{';'.join(SECURE_PROPERTIES)}' WHERE Property = 'SecureCustomProperties'",
-        *(f"UPDATE CustomAction SET Type = {t} WHERE Action = '{a}'" for a, t in CUSTOM_ACTION_TYPES.items()),
+        *(f"UPDATE CustomAction SET Type = {t} WHERE Action = '{a}'" for a, t in (*CUSTOM_ACTION_TYPES.items(), ENROLL_FROM_INSTALLER)),
     )
     # wixl's package code is random and its times are the build's: both fixed from the inputs.
     stamp = _summary_time(epoch)
@@ -283,7 +289,44 @@ class MsiFormat:
             authenticode.sign(signers.authenticode, unsigned, final)
         finally:
             unsigned.unlink(missing_ok=True)  # no half-edited or unsigned copy is left beside the result
+        if enrollment is None:
+            # A release: an empty slot in the signature, for `builder stamp --format msi-tagged`.
+            slotted.add_slot(final, "msi", product.slot_size)
         return Built(path=final, signer=authenticode.signer_subject(signers.authenticode), details=details)
+
+    def release_entry(self, path: Path, product: Product) -> dict:
+        return slotted.release_entry(path, "msi")
+
+    def stamp(self, release, enrollment: Enrollment, signers, out: Path) -> Built:
+        """The baked per-group MSI (GPO, Intune): the release MSI with the enrollment as Property
+        defaults, a new ProductCode (a same-version group swap is a major upgrade, not a repair)
+        and PackageCode, then signed once. No wixl rebuild."""
+        if not signers.unsigned and signers.authenticode is None:
+            raise UsageError("a baked MSI is signed again: give an Authenticode signing key",
+                             "--sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11; or stamp --format msi-tagged")
+        base, product = release.file("msi"), release.product()
+        log.register_secret(enrollment.token.reveal())
+        digest = hashlib.sha256(f"{base.entry['sha256']}\0".encode() + enrollment.to_json_bytes()).hexdigest()
+        product_code, package_code = _codes(digest, product)
+        with tempfile.TemporaryDirectory(prefix="builder-msi-", dir=out.parent) as tmp:
+            unsigned = Path(tmp) / "agent.msi"
+            if release.manifest.get("signed"):
+                # The release's signature (and its slot) goes: the edits below would void it anyway.
+                authenticode.remove_signature(base.path, unsigned)
+            else:
+                shutil.copyfile(base.path, unsigned)
+            values = {"ACCOUNT_ID": enrollment.account_id, "GROUP_ID": enrollment.group_id,
+                      "CONSOLE_URL": enrollment.console_url, TOKEN_PROPERTY: enrollment.token.reveal(),
+                      "ProductCode": "{" + product_code + "}"}
+            msitools.set_properties(unsigned, values)
+            stamp_time = _summary_time(release.manifest["source_date_epoch"])
+            msitools.set_summary(unsigned, {9: "{" + package_code + "}", 12: stamp_time, 13: stamp_time})
+            if signers.unsigned:
+                os.replace(unsigned, out)
+                return Built(path=out, signer=None)
+            authenticode.sign(signers.authenticode, unsigned, out)
+        return Built(path=out, signer=authenticode.signer_subject(signers.authenticode),
+                     details={"product_code": "{" + product_code + "}", "package_code": "{" + package_code + "}"})
 
     def verify(self, path: Path, ca: Path | None) -> dict:
         report = self.inspect(path)
@@ -304,8 +347,17 @@ class MsiFormat:
         summary = {int(r["PropertyId"]): r["Value"] for r in tables.get("_SummaryInformation", []) if r.get("PropertyId", "").isdigit()}
 
         enrollment, enrollment_error = _read_enrollment(props)
+        source = "properties" if enrollment else None
         if enrollment_error:
             problems.append(enrollment_error)
+        has_slot = False
+        if enrollment is None and not enrollment_error:
+            try:
+                enrollment, has_slot = slotted.stamped_enrollment(path.read_bytes(), "msi", str(path))
+            except EnrollmentError as exc:
+                problems.append(f"the enrollment in the signature slot is invalid: {exc.message}")
+                has_slot = True
+            source = "slot" if enrollment else None
         if TOKEN_PROPERTY not in props.get("MsiHiddenProperties", "").split(";"):
             problems.append(f"MsiHiddenProperties does not list {TOKEN_PROPERTY}: the token would be logged")
         secure = props.get("SecureCustomProperties", "").split(";")
@@ -318,6 +370,8 @@ class MsiFormat:
         services = [r.get("Name") for r in tables.get("ServiceInstall", [])]
         actions = {r["Action"]: r.get("Sequence") for r in tables.get("InstallExecuteSequence", []) if "Action" in r}
         ca_types = {r["Action"]: r.get("Type") for r in tables.get("CustomAction", []) if "Action" in r}
+        if has_slot and ENROLL_FROM_INSTALLER[0] not in actions:
+            problems.append(f"a slot but no {ENROLL_FROM_INSTALLER[0]} action: the enrollment would never be read")
         for action, want in CUSTOM_ACTION_TYPES.items():
             if action not in actions:
                 problems.append(f"custom action {action} is not scheduled")
@@ -339,6 +393,7 @@ class MsiFormat:
                 "created": summary.get(12),
             },
             "enrollment": enrollment.public() if enrollment else None,
+            "enrollment_source": source,
             "services": services,
             "custom_actions": {a: actions[a] for a in CUSTOM_ACTION_TYPES if a in actions},
             "files": len(tables.get("File", [])),

@@ -30,7 +30,7 @@ from builder.binfmt.bom import build_bom_entries
 from builder.errors import FormatError, UsageError
 from builder.formats import macos_common as common
 from builder.formats.base import AppleKey, BuildRequest, Built
-from builder.formats.macos_common import rebake  # noqa: F401 (the stamp stage's entry point)
+from builder.enrollment import Enrollment
 
 UNSIGNED_NAME = "agent.unsigned.pkg"
 SIGNED_NAME = "agent.pkg"
@@ -143,6 +143,27 @@ class PkgFormat:
         finally:
             unsigned.unlink(missing_ok=True)
         return final, common.identity_info(installer_key).subject, details
+
+    def stamp(self, release, enrollment: Enrollment, signers, out: Path) -> Built:
+        """A group's pkg from the release's: Scripts re-baked, then signed and notarized again."""
+        base, product = release.file("pkg"), release.product()
+        epoch = release.manifest["source_date_epoch"]
+        key = None if signers.unsigned else signers.apple_installer
+        if key is None and not signers.unsigned:
+            raise UsageError("a group's pkg is signed again: give a Developer ID Installer identity", "--mac-sign-pkcs12 FILE")
+        unsigned = out.with_name(f".{out.name}.unsigned")
+        unsigned.write_bytes(common.rebake(base.path, enrollment, product, epoch))
+        try:
+            if key is None:
+                os.replace(unsigned, out)
+            else:
+                sign_pkg(key, unsigned, out, epoch)
+        finally:
+            unsigned.unlink(missing_ok=True)
+        notarized = False
+        if key is not None:
+            notarized = _apple().notarize(out, signers.notary).notarized
+        return Built(path=out, signer=common.identity_info(key).subject if key else None, notarized=notarized)
 
     def verify(self, path: Path, ca: Path | None) -> dict:
         report = self.inspect(path)

@@ -33,6 +33,7 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import json
 import os
 import plistlib
@@ -42,9 +43,10 @@ import shutil
 import stat
 import struct
 import tempfile
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from asn1crypto import cms as asn1_cms
 from asn1crypto import core as asn1_core
@@ -144,18 +146,59 @@ def _is_pkcs12(data: bytes) -> bool:
         return False
 
 
+# Opening a PKCS#12 costs ~0.2 s (its key derivation) and a build signs several times with the
+# same file. Keyed by the file's version and an HMAC of the password under a key made per process,
+# so the cache holds no digest of a password that could be tried offline; failures are not kept.
+_IDENTITY_CACHE_SIZE = 8
+_identity_cache: dict[tuple, Identity] = {}
+_identity_cache_lock = threading.Lock()
+_IDENTITY_CACHE_KEY = secrets.token_bytes(32)
+
+
+def _file_version(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def open_identity(key: AppleKey) -> Identity:
     """Open `key` with its password and classify it; SigningError naming the file when it fails."""
     path = Path(key.pkcs12)
     label = f"--mac-sign-pkcs12 {path}"
+    password = key.password.reveal() if key.password is not None else ""
     try:
-        data = path.read_bytes()
+        version = _file_version(path.stat())
     except OSError as exc:
         raise SigningError(f"{label}: cannot read it ({exc.strerror})", "check the path") from None
+    cache_key = (os.path.abspath(path), version,
+                 hmac.digest(_IDENTITY_CACHE_KEY, password.encode(), "sha256"))
+    with _identity_cache_lock:
+        cached = _identity_cache.get(cache_key)
+    if cached is not None:
+        identity = replace(cached, key=key)
+    else:
+        try:
+            data = path.read_bytes()
+            unchanged = _file_version(path.stat()) == version
+        except OSError as exc:
+            raise SigningError(f"{label}: cannot read it ({exc.strerror})", "check the path") from None
+        identity = _load_identity(key, data, password, label)
+        if unchanged:  # a file rewritten while it was read is opened again next time
+            with _identity_cache_lock:
+                if len(_identity_cache) >= _IDENTITY_CACHE_SIZE:
+                    _identity_cache.pop(next(iter(_identity_cache)))
+                _identity_cache[cache_key] = identity
+    cert = identity.certificate
+    now = dt.datetime.now(dt.timezone.utc)  # checked on every call: a long-lived worker outlives a certificate
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise SigningError(f"{label}: '{_common_name(cert)}' is valid only from "
+                           f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}",
+                           "renew the certificate in your Apple Developer account")
+    return identity
+
+
+def _load_identity(key: AppleKey, data: bytes, password: str, label: str) -> Identity:
     if not _is_pkcs12(data):
         raise SigningError(f"{label} is not a PKCS#12 (.p12) file",
                            "export the Developer ID certificate with its private key as .p12")
-    password = key.password.reveal() if key.password is not None else ""
     candidates = [password.encode()] if password else [b"", None]
     for candidate in candidates:
         try:
@@ -180,11 +223,6 @@ def open_identity(key: AppleKey) -> Identity:
             f"{label} holds '{_common_name(cert)}', which is not a Developer ID identity",
             f"expected a '{APPLICATION}' (EKU {OID_DEVID_APPLICATION.dotted_string}) or "
             f"'{INSTALLER}' (EKU {OID_DEVID_INSTALLER.dotted_string}) certificate with its key")
-    now = dt.datetime.now(dt.timezone.utc)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise SigningError(f"{label}: '{_common_name(cert)}' is valid only from "
-                           f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}",
-                           "renew the certificate in your Apple Developer account")
     chain = tuple(c for c in extra if c.fingerprint(hashes.SHA256()) != cert.fingerprint(hashes.SHA256()))
     return Identity(key=key, kind=kind, certificate=cert, chain=chain, private_key=private_key)
 
@@ -302,15 +340,17 @@ def _library_sign(identity: Identity, src: Path, out: Path | None, what: str, *,
 
 
 def _sign_to(identity: Identity, src: Path, dst: Path, what: str, *, timestamp_url, signing_time,
-             **extra) -> None:
+             finish: Callable[[Path], None] | None = None, **extra) -> None:
     """Sign `src` into `dst` through a private folder beside it: `dst` appears complete or not
     at all, and whatever the library leaves behind on failure (it writes `<output>.tmp`) goes
-    with the folder."""
+    with the folder. `finish` edits the signed file before it becomes `dst`."""
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.signing-", dir=dst.parent))
     try:
         out = work / dst.name
         _library_sign(identity, src, out, what, timestamp_url=timestamp_url,
                       signing_time=signing_time, **extra)
+        if finish is not None:
+            finish(out)
         os.replace(out, dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -332,14 +372,135 @@ def sign_flat_package(key: AppleKey, src: Path, dst: Path, *, timestamp_url: str
     identity to `dst`. Adds the RSA <signature> and the CMS <x-signature> with the chain.
 
     `timestamp_url`: AUTO (Apple's server for an Apple-issued identity, none otherwise), a URL,
-    or None. `signing_time` fixes the CMS signing time (reproducible output).
+    or None. `signing_time` (timezone-aware; whole seconds count) fixes the CMS signing time, so
+    the same `src` and `signing_time` give the same bytes; None signs with the current time.
     """
     _require_library()
     src, dst = Path(src), Path(dst)
+    when = _whole_seconds_utc(signing_time) if signing_time is not None else None
     identity = _open_for(key, INSTALLER, f"signing {src.name}")
     _check_input(src, ("xar",), "flat package (xar)")
+    # apple-platform-py ignores signing_time for flat packages: the CMS gets the wall clock,
+    # which is then replaced (and re-signed) before the package is moved into place.
+    finish = None if when is None else (lambda out: _set_pkg_signing_time(identity, out, when, src.name))
     with log.step(f"Signing {dst.name} ({identity.subject})"):
-        _sign_to(identity, src, dst, src.name, timestamp_url=timestamp_url, signing_time=signing_time)
+        _sign_to(identity, src, dst, src.name, timestamp_url=timestamp_url, signing_time=when,
+                 finish=finish)
+
+
+def _whole_seconds_utc(when: dt.datetime) -> dt.datetime:
+    if not isinstance(when, dt.datetime) or when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError(f"signing_time must be a timezone-aware datetime, got {when!r}")
+    return when.astimezone(dt.timezone.utc).replace(microsecond=0)
+
+
+def _set_pkg_signing_time(identity: Identity, pkg: Path, when: dt.datetime, what: str) -> None:
+    """Give the CMS <x-signature> of the signed flat package `pkg` the signing time `when`, in place.
+
+    The TOC records only the offset and size of the signature bytes and the TOC checksum covers
+    only the compressed TOC, so new bytes of the same length leave the TOC, its checksum and the
+    RSA <signature> (over that checksum) valid. The result is checked with `_verify_cms` before
+    it is written.
+    """
+    with xar.read_xar(pkg) as archive:
+        if archive.x_signature is None:
+            return
+        position = archive.heap_start + archive.x_signature.offset
+        stored = archive.signature_bytes("x-signature")
+        checksum = archive.stored_toc_checksum
+    patched = cms_with_signing_time(stored, when, identity.private_key, f"signing {what}")
+    if patched == stored:
+        return
+    try:
+        checked = _verify_cms(patched, checksum, f"signing {what}: the re-signed <x-signature>")
+    except InvalidSignature as exc:
+        raise SigningError(str(exc), "report this: the package was not written") from None
+    except FormatError as exc:
+        raise SigningError(exc.message, "report this: the package was not written") from None
+    if checked.signer != identity.certificate or checked.signing_time != str(when):
+        raise SigningError(f"signing {what}: the re-signed <x-signature> names '{_common_name(checked.signer)}' "
+                           f"at {checked.signing_time}, not '{identity.subject}' at {when}",
+                           "report this: the package was not written")
+    with open(pkg, "r+b") as fh:
+        fh.seek(position)
+        fh.write(patched)
+
+
+_OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+
+
+def cms_with_signing_time(data: bytes, when: dt.datetime, private_key: object, what: str) -> bytes:
+    """`data` (a DER CMS SignedData, possibly followed by padding) with its one signer's
+    signingTime set to `when` and the signed attributes signed again with `private_key`.
+
+    The result has the same length as `data`, so it can replace it in a file that records
+    where it sits; a time whose encoding has another length is a SigningError. RSA PKCS#1 v1.5
+    is deterministic, so equal inputs give equal bytes. Returned unchanged: no signed attributes
+    or no signingTime (nothing to fix), and a signature with an RFC 3161 timestamp, whose token
+    stamps the old signature (and whose own time differs per run anyway).
+    """
+    try:
+        info = asn1_cms.ContentInfo.load(data)
+        der = info.dump()  # the parsed value's own bytes, without the padding
+        signer_infos = list(info["content"]["signer_infos"]) if info["content_type"].native == "signed_data" else []
+        if len(signer_infos) != 1:
+            raise SigningError(f"{what}: the CMS signature is not a SignedData with one signer",
+                               "sign with apple-platform-py's flat package signer")
+        signer_info = signer_infos[0]
+        attrs = signer_info["signed_attrs"]
+        times = [a for a in attrs if a["type"].dotted == _OID_SIGNING_TIME] if len(attrs) else []
+        if not times:
+            return data
+        unsigned = signer_info["unsigned_attrs"]
+        if len(unsigned) and any(a["type"].dotted == _OID_TIMESTAMP_TOKEN for a in unsigned):
+            log.debug(f"{what}: the CMS signature has a secure timestamp; its signing time is kept")
+            return data
+        if len(times) != 1 or len(times[0]["values"]) != 1:
+            raise SigningError(f"{what}: the CMS signature has more than one signing time",
+                               "sign with apple-platform-py's flat package signer")
+        digest_name = signer_info["digest_algorithm"]["algorithm"].native
+        algorithm = signer_info["signature_algorithm"].signature_algo
+        old_attrs = attrs.dump()
+        old_attr = times[0].dump()
+        old_time = times[0]["values"][0].dump()
+        old_signature = signer_info["signature"].native
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SigningError(f"{what}: the CMS signature does not parse ({exc})",
+                           "sign with apple-platform-py's flat package signer") from None
+    # RFC 5652: UTCTime for 1950 to 2049, GeneralizedTime otherwise.
+    choice = "utc_time" if 1950 <= when.year <= 2049 else "generalized_time"
+    new_time = asn1_cms.Time({choice: when}).dump()
+    if len(new_time) != len(old_time):
+        raise SigningError(f"{what}: signing time {when:%Y-%m-%dT%H:%M:%SZ} needs {len(new_time)} bytes "
+                           f"of DER, the signature has room for {len(old_time)}",
+                           "use a signing time between 1950 and 2049 (SOURCE_DATE_EPOCH)")
+    if new_time == old_time:
+        return data
+    if not isinstance(private_key, rsa.RSAPrivateKey) or algorithm != "rsassa_pkcs1v15":
+        raise SigningError(f"{what}: a fixed signing time needs an RSA PKCS#1 v1.5 signature, "
+                           f"this one is {algorithm}", "use an RSA Developer ID identity")
+    if digest_name not in _HASH_BY_NAME:
+        raise SigningError(f"{what}: CMS digest algorithm {digest_name} is not supported",
+                           "sign with apple-platform-py's flat package signer")
+    # The value is the last thing in its attribute; only its bytes change, no length does.
+    if not old_attr.endswith(old_time) or old_attrs.count(old_attr) != 1:
+        raise SigningError(f"{what}: the CMS signing time is not where it was expected",
+                           "sign with apple-platform-py's flat package signer")
+    new_attrs = old_attrs.replace(old_attr, old_attr[:-len(old_time)] + new_time)
+    # What is signed is the attributes as a SET OF (tag 0x31), not as the [0] IMPLICIT field.
+    signature = private_key.sign(b"1" + new_attrs[1:], padding.PKCS1v15(), _HASH_BY_NAME[digest_name]())
+    if len(signature) != len(old_signature):
+        raise SigningError(f"{what}: the new CMS signature is {len(signature)} bytes, the old one "
+                           f"{len(old_signature)}", "use the identity the package was signed with")
+    at_attrs, at_signature = der.find(old_attrs), der.find(old_signature)
+    if (der.count(old_attrs) != 1 or der.count(old_signature) != 1
+            or at_attrs + len(old_attrs) > at_signature):  # SignerInfo: signedAttrs, ..., signature
+        raise SigningError(f"{what}: the CMS signed attributes are not where they were expected",
+                           "sign with apple-platform-py's flat package signer")
+    patched = bytearray(data)
+    patched[at_attrs:at_attrs + len(new_attrs)] = new_attrs
+    patched[at_signature:at_signature + len(signature)] = signature
+    return bytes(patched)
 
 
 def sign_dmg(key: AppleKey, src: Path, dst: Path, *, timestamp_url: str | None = AUTO,

@@ -71,12 +71,14 @@ class SigningKey:
         return "pkcs12" if self.pkcs12 else "pkcs11" if self.pkcs11_uri else "pem"
 
     def args(self) -> list[str]:
+        # Absolute paths: NSIS runs osslsigncode for the uninstaller from its own folder.
+        absolute = lambda p: str(Path(p).resolve())  # noqa: E731
         if self.pkcs12:
-            out = ["-pkcs12", str(self.pkcs12)]
+            out = ["-pkcs12", absolute(self.pkcs12)]
         elif self.pkcs11_uri:
-            out = ["-pkcs11engine", self.pkcs11_engine, "-pkcs11module", self.pkcs11_module, "-certs", str(self.cert), "-key", self.pkcs11_uri]
+            out = ["-pkcs11engine", self.pkcs11_engine, "-pkcs11module", self.pkcs11_module, "-certs", absolute(self.cert), "-key", self.pkcs11_uri]
         else:
-            out = ["-certs", str(self.cert), "-key", str(self.key)]
+            out = ["-certs", absolute(self.cert), "-key", absolute(self.key)]
         if self.password is not None:
             out += ["-readpass", "-"]
         out += ["-h", "sha256"]
@@ -87,7 +89,7 @@ class SigningKey:
         if self.timestamp_url:
             out += ["-ts", self.timestamp_url]
         if self.test_tsa:
-            out += ["-TSA-certs", str(self.test_tsa.certs), "-TSA-key", str(self.test_tsa.key), "-TSA-time", str(self.test_tsa.time)]
+            out += ["-TSA-certs", absolute(self.test_tsa.certs), "-TSA-key", absolute(self.test_tsa.key), "-TSA-time", str(self.test_tsa.time)]
         return out
 
     def stdin(self) -> bytes | None:
@@ -201,3 +203,12 @@ def add_enrollment_slot(signed: Path, dst: Path, kind: str, size: int) -> None:
     finally:
         sig.unlink(missing_ok=True)
         unsigned.unlink(missing_ok=True)
+
+
+def remove_signature(signed: Path, dst: Path) -> None:
+    """`signed` without its Authenticode signature, as the new file `dst`."""
+    result = runner.run("osslsigncode", ["remove-signature", "-in", signed, "-out", dst], check=False)
+    if result.returncode != 0 or not dst.is_file():
+        dst.unlink(missing_ok=True)
+        raise SigningError(f"{signed.name}: its signature could not be removed: {runner.last_line(result.text())}",
+                           "check that it is a signed PE or MSI")

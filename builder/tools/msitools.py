@@ -133,3 +133,23 @@ def parse_idt(data: bytes) -> tuple[str, list[dict[str, str]]]:
         cells += [""] * (len(columns) - len(cells))
         rows.append(dict(zip(columns, cells)))
     return table, rows
+
+
+def set_properties(msi: Path, updates: dict[str, str]) -> None:
+    """Set (insert or update) Property rows in place. Values may be secrets: they travel through
+    an IDT file in a private folder, never through msibuild's command line or the log."""
+    with tempfile.TemporaryDirectory(prefix="msiprop-") as tmp:  # mode 0700
+        result = runner.run("msidump", ["-t", "-d", tmp, msi], env=_UTC, check=False)
+        idt = Path(tmp) / "Property.idt"
+        if result.returncode != 0 or not idt.is_file():
+            raise FormatError(f"{msi}: its Property table cannot be read", "the file is truncated, damaged or not an .msi")
+        lines = idt.read_bytes().decode("utf-8").replace("\r\n", "\n").rstrip("\n").split("\n")
+        header, rows = lines[:3], {}
+        for line in lines[3:]:
+            name, _, value = line.partition("\t")
+            rows[name] = value
+        for name, value in updates.items():
+            rows[name] = _idt_escape(value)
+        body = header + [f"{name}\t{value}" for name, value in rows.items()]
+        idt.write_bytes(("\r\n".join(body) + "\r\n").encode("utf-8"))
+        runner.run("msibuild", [msi, "-i", idt], env=_UTC)
