@@ -326,3 +326,119 @@ def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, con
     else:
         log.info(f"{result.path}: {result.size:,} bytes, sha256 {result.sha256}, "
                  f"{'re-signed' if result.resigned else 'signature kept'}, {result.bytes_written:,} bytes written")
+
+
+# --- storage and service --------------------------------------------------------------------
+
+def _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
+                     mac_sign_pkcs12, no_sign, ca) -> Signers:
+    """Keys for the formats a service re-signs (baked msi, pkg, dmg); none needed for exe/msi-tagged."""
+    if not any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12]) and not no_sign:
+        return Signers(verify_ca=ca)
+    return resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
+                           pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
+                           mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=load_product())
+
+
+@main.command("publish")
+@click.argument("release_dir", type=click.Path(path_type=Path))
+@click.option("--to", "storage_url", required=True, help="file:///path, s3://bucket/prefix or az://container/prefix")
+@handle_errors
+def publish_cmd(release_dir, storage_url):
+    """Upload a release folder: objects first, its index last; never overwrites."""
+    from builder.release import Release
+    from builder.service.setup import RELEASES_PREFIX
+    from builder.storage import StorageSettings, open_store, publish_release
+
+    rel = Release.open(release_dir, verify=False)
+    store = open_store(storage_url, StorageSettings.from_env(os.environ))
+    with log.step(f"publish release {rel.version} to {store.url}"):
+        key = publish_release(release_dir, store, RELEASES_PREFIX, version=rel.version)
+    log.info(f"release {rel.version}: {key}")
+
+
+def service_options(fn):
+    fn = click.option("--storage", "storage_url", required=True, help="file:///path, s3://bucket/prefix or az://container/prefix")(fn)
+    fn = click.option("--state", "state_dir", type=click.Path(path_type=Path), default=Path(".builder-service"), show_default=True,
+                      help="Cache of releases and the audit log (SQLite).")(fn)
+    fn = click.option("--redis", "redis_url", help="redis://host:port/db: hand stamping to `builder worker` processes.")(fn)
+    return fn
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@service_options
+@signing_options
+@handle_errors
+def serve_cmd(host, port, storage_url, state_dir, redis_url, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module,
+              timestamp_url, test_tsa, mac_sign_pkcs12, no_sign, ca):
+    """Serve group installers over HTTP (API keys from BUILDER_API_KEYS or BUILDER_API_KEYS_FILE)."""
+    import uvicorn
+
+    from builder.service.app import ServiceSettings, create_app
+    from builder.service.setup import ServiceOptions, api_keys_from, link_secret_of, make_issuer
+
+    signers = _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
+                               mac_sign_pkcs12, no_sign, ca)
+    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
+    settings = ServiceSettings(api_keys=api_keys_from(), link_secret=link_secret_of(issuer))
+    uvicorn.run(create_app(issuer, settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+@main.command("worker")
+@service_options
+@signing_options
+@click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
+@handle_errors
+def worker_cmd(storage_url, state_dir, redis_url, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module,
+               timestamp_url, test_tsa, mac_sign_pkcs12, no_sign, ca, burst):
+    """Do stamping jobs from Redis (BUILDER_QUEUE_KEY must match the service's)."""
+    from builder.service import jobs
+    from builder.service.setup import ServiceOptions, make_issuer
+
+    if not redis_url:
+        raise UsageError("builder worker needs --redis URL", "the same Redis the service uses")
+    signers = _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
+                               mac_sign_pkcs12, no_sign, ca)
+    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
+    jobs.WORKER_ISSUER, jobs.WORKER_FERNET = issuer, issuer.queue.fernet
+    issuer.queue.worker().work(burst=burst, with_scheduler=True)
+
+
+@main.command("issue")
+@click.option("--format", "fmt", required=True, type=click.Choice(["exe", "msi", "msi-tagged", "pkg", "dmg"]))
+@click.option("--release", "release", default="latest", show_default=True)
+@enrollment_options
+@click.option("--base-url", default="http://127.0.0.1:8080", show_default=True, help="Where `builder serve` answers (for the link).")
+@service_options
+@signing_options
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console_url, base_url, storage_url, state_dir,
+              redis_url, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
+              mac_sign_pkcs12, no_sign, ca, as_json):
+    """Issue one group's installer through the service's own code path, without HTTP."""
+    from builder.service.setup import ServiceOptions, link_secret_of, make_issuer
+    from builder.storage.links import sign_link
+
+    signers = _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
+                               mac_sign_pkcs12, no_sign, ca)
+    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
+    token = read_token(token_file, token_env)
+    log.register_secret(token.reveal())
+    version = issuer.resolve(release)
+    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token,
+                            console_url=console_url or issuer.default_console_url(version))
+    installer_id, rec = issuer.request("cli", release=version, fmt=fmt, enrollment=enrollment, wait_s=600)
+    issuer.close()
+    if issuer.store.kind == "file":
+        url = base_url.rstrip("/") + sign_link(link_secret_of(issuer), installer_id, int(time.time()) + 3600, route="/v1/download")
+    else:
+        url = issuer.store.presigned_url(rec.key, 3600)
+    doc = {"id": installer_id, "status": "ready", "sha256": rec.sha256, "size": rec.size, "key": rec.key, "url": url}
+    if as_json:
+        emit_json(doc)
+    else:
+        log.info(f"installer {installer_id}: {rec.key} ({rec.size:,} bytes, sha256 {rec.sha256})")
+        log.info(f"download link (valid 1 h, served by `builder serve`): {url}")

@@ -214,7 +214,7 @@ class S3BucketStore(Store):
             stored = self.head(key).etag
         except StorageError:
             return True  # the backend said created; a failed check does not say otherwise
-        if stored is None or stored.strip('W/"') == etag.strip('W/"'):
+        if stored is None or _bare(stored) == _bare(etag):
             return True
         log.debug(f"storage {self.url}: {key} was replaced right after our conditional complete "
                   "(the backend does not enforce If-None-Match atomically); using the stored object")
@@ -305,3 +305,6 @@ class S3BucketStore(Store):
             raise ValueError("S3 presigned URLs start now; `now` is for local signed links")
         return self._sign_with_obstore(key, expires_s)
 
+
+def _bare(etag: str) -> str:
+    return etag.removeprefix("W/").strip('"')

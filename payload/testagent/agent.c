@@ -843,7 +843,9 @@ static void WINAPI svc_main(DWORD argc, LPWSTR *argv)
     }
     svc_report(SERVICE_RUNNING, 0, 0);
     WaitForSingleObject(svc.stop, INFINITE);
-    write_status("stopped", &svc.e, 0);
+    /* An uninstall runs `forget` once the service is stopping; a status written after it would
+     * be left behind, so a stopped agent whose config is already gone writes none. */
+    if (GetFileAttributesW(svc.config) != INVALID_FILE_ATTRIBUTES) write_status("stopped", &svc.e, 0);
     enrollment_free(&svc.e);
     svc_report(SERVICE_STOPPED, 0, 0);
 }

@@ -8,9 +8,11 @@ development identities get no timestamp, and notarization failures are provoked 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import gzip
 import hashlib
 import io
+import os
 import plistlib
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ from pathlib import Path
 import apple_platform as ap
 import pyapplebom
 import pytest
+from asn1crypto import cms as asn1_cms
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -366,6 +369,109 @@ def test_the_signed_pkg_still_reads_everywhere(signed_pkg):
     parsed = pyapplebom.parse_bom_bytes(bom_bytes)
     assert "./Library/Agent/enroll.json" in str(parsed)
     assert ap.path_type(signed_pkg) == "xar"
+
+
+# --------------------------------------------------------------------------------------------
+# Reproducible flat package signatures
+
+
+def _within_validity(key: AppleKey, hours: int) -> dt.datetime:
+    """A whole-second time inside the development certificate's validity (made this session)."""
+    start = apple.open_identity(key).certificate.not_valid_before_utc.replace(microsecond=0)
+    return start + dt.timedelta(hours=hours)
+
+
+def _cms_signing_time(pkg: Path) -> dt.datetime:
+    with xar.read_xar(pkg) as archive:
+        signer = asn1_cms.ContentInfo.load(archive.signature_bytes("x-signature"))["content"]["signer_infos"][0]
+    return next(a["values"][0].native for a in signer["signed_attrs"] if a["type"].native == "signing_time")
+
+
+def test_a_fixed_signing_time_gives_identical_signed_pkgs(tmp_path, installer_key, dev_keys):
+    src = _unsigned_pkg(tmp_path)
+    when, later = _within_validity(installer_key, 1), _within_validity(installer_key, 2)
+    first, second, other = tmp_path / "first.pkg", tmp_path / "second.pkg", tmp_path / "other.pkg"
+    apple.sign_flat_package(installer_key, src, first, signing_time=when)
+    time.sleep(1.1)  # the library writes the wall clock: a second later it differs
+    apple.sign_flat_package(installer_key, src, second, signing_time=when)
+    apple.sign_flat_package(installer_key, src, other, signing_time=later)
+    assert first.read_bytes() == second.read_bytes()
+    assert _cms_signing_time(first) == when and _cms_signing_time(other) == later
+
+    a, b = first.read_bytes(), other.read_bytes()
+    assert len(a) == len(b) and a != b
+    with xar.read_xar(first) as x, xar.read_xar(other) as y:
+        # The TOC (which records where the signatures sit), its checksum and the RSA signature of
+        # that checksum are all unchanged: only the CMS bytes are new.
+        assert x.toc_compressed == y.toc_compressed and x.stored_toc_checksum == y.stored_toc_checksum
+        assert x.signature_bytes("signature") == y.signature_bytes("signature")
+        start = x.heap_start + x.x_signature.offset
+        end = start + x.x_signature.size
+    differing = [i for i in range(len(a)) if a[i] != b[i]]
+    assert start <= differing[0] and differing[-1] < end
+
+    for pkg in (first, other):
+        result = apple.verify_flat_package(pkg, dev_keys.ca_cert)
+        assert result["ok"] and result["trusted"] is True, result["detail"]
+        (tmp_path / pkg.stem).mkdir()
+        parts = _signature_parts(pkg, tmp_path / pkg.stem)
+        verified = _openssl("cms", "-verify", "-binary", "-purpose", "any", "-content", parts["checksum"],
+                            "-inform", "DER", "-in", parts["cms"], "-CAfile", dev_keys.ca_cert, "-out", "/dev/null")
+        assert verified.returncode == 0, verified.stderr
+
+
+def test_a_signing_time_that_changes_the_cms_length_signs_nothing(tmp_path, installer_key):
+    src = _unsigned_pkg(tmp_path)
+    dst = tmp_path / "out.pkg"
+    # 2051 is a GeneralizedTime (17 bytes with tag and length); the wall-clock UTCTime is 15.
+    when = dt.datetime(2051, 1, 1, tzinfo=dt.timezone.utc)
+    with pytest.raises(SigningError, match="2051-01-01T00:00:00Z needs 17 bytes of DER, the signature has room for 15"):
+        apple.sign_flat_package(installer_key, src, dst, signing_time=when)
+    assert not dst.exists() and _no_leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="timezone-aware"):
+        apple.sign_flat_package(installer_key, src, dst, signing_time=dt.datetime(2030, 1, 1))
+    assert not dst.exists() and _no_leftovers(tmp_path) == []
+
+
+def test_a_timestamped_cms_keeps_its_signing_time(signed_pkg, installer_key):
+    """A secure timestamp stamps the signature itself: re-signing would break it, so it is left."""
+    with xar.read_xar(signed_pkg) as archive:
+        info = asn1_cms.ContentInfo.load(archive.signature_bytes("x-signature"))
+    info["content"]["signer_infos"][0]["unsigned_attrs"] = [{
+        "type": "signature_time_stamp_token",
+        "values": [asn1_cms.ContentInfo({"content_type": "data", "content": b"token"})]}]
+    stamped = info.dump(force=True)
+    key = apple.open_identity(installer_key).private_key
+    when = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    assert apple.cms_with_signing_time(stamped, when, key, "test") == stamped
+    info["content"]["signer_infos"][0]["unsigned_attrs"] = None
+    plain = info.dump(force=True)
+    assert apple.cms_with_signing_time(plain, when, key, "test") != plain
+
+
+def test_identities_are_opened_once_per_file_version(installer_key, tmp_path, monkeypatch):
+    copy = Path(shutil.copy(installer_key.pkcs12, tmp_path / "installer.p12"))
+    loads = []
+    real = apple._load_identity
+
+    def counting(*args):
+        loads.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(apple, "_identity_cache", {})
+    monkeypatch.setattr(apple, "_load_identity", counting)
+    key, same = AppleKey(pkcs12=copy, password=PASSWORD), AppleKey(pkcs12=copy, password=Secret("development"))
+    apple.open_identity(key)
+    assert apple.open_identity(same).key is same and len(loads) == 1
+    with pytest.raises(SigningError, match="wrong password"):  # the password is part of the cache key
+        apple.open_identity(AppleKey(pkcs12=copy, password=Secret("not-the-password")))
+    assert len(loads) == 2
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a replaced file is opened again
+    apple.open_identity(key)
+    assert len(loads) == 3
+    assert all(PASSWORD.reveal().encode() not in part for k in apple._identity_cache
+               for part in (k[-1], repr(k).encode()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -201,3 +201,13 @@ def test_linux_writer_refuses_settings_it_cannot_honour(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="symlinks"):
         dmgformat._check_linux_settings(loaded, settings)
 
+
+
+def test_signed_builds_are_byte_identical(mac_payload, mac_signers, dev_keys, tmp_path):
+    """Same inputs and SOURCE_DATE_EPOCH, same signed dmg, the signed pkg inside it included."""
+    a = build_dmg(mac_payload, tmp_path / "a", HOSTILE[1], mac_signers)
+    time.sleep(1.1)  # a different second, so a wall-clock time anywhere would show
+    b = build_dmg(mac_payload, tmp_path / "b", HOSTILE[1], mac_signers)
+    assert sha(a.read_bytes()) == sha(b.read_bytes())
+    report = DmgFormat().verify(a, dev_keys.ca_cert)
+    assert report["ok"] and report["pkg_signature"]["ok"], report["detail"]

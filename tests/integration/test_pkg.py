@@ -600,3 +600,14 @@ def test_parallel_gzip_reads_back_with_gzip_and_ignores_thread_count(tmp_path):
     unpacked = subprocess.run(["gzip", "-dc", str(tmp_path / "x.gz")], check=True, capture_output=True).stdout
     assert unpacked == data
     assert subprocess.run(["gzip", "-t", str(tmp_path / "x.gz")]).returncode == 0
+
+
+def test_signed_builds_are_byte_identical(mac_payload, mac_signers, dev_keys, tmp_path):
+    """Same inputs and SOURCE_DATE_EPOCH, same signed pkg: the CMS signing time is the epoch
+    (clamped into the certificate's validity), not the wall clock."""
+    a = build_pkg(mac_payload, tmp_path / "a", HOSTILE[0], mac_signers)
+    time.sleep(1.1)  # a different second, so a wall-clock time anywhere would show
+    b = build_pkg(mac_payload, tmp_path / "b", HOSTILE[0], mac_signers)
+    assert sha(a.read_bytes()) == sha(b.read_bytes())
+    report = PkgFormat().verify(a, dev_keys.ca_cert)
+    assert report["ok"] and report["signature"]["trusted"] is True, report["detail"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import random
 import secrets
 import socket
@@ -233,6 +232,32 @@ def test_s3_stamp_race_has_one_winner(make_store, s3server, base_bytes):
     assert sum(r.created for r in results) == 1
     got = store.get("g.exe")
     assert any(got == stamp(base_bytes, s)[1] for s in slots)
+    uploads = s3server.client().list_multipart_uploads(Bucket=s3server.bucket, Prefix=store.prefix)
+    assert not uploads.get("Uploads")
+
+
+def test_s3_conditional_complete_never_overwrites(make_store, s3server, base_bytes, monkeypatch):
+    """The object appears after the existence check (a race): the upload's conditional
+    CompleteMultipartUpload must refuse to replace it."""
+    store = make_store("s3")
+    store.put_if_absent("big.bin", b"original")
+    monkeypatch.setattr(store, "exists", lambda key: False)
+    result = store.put_if_absent("big.bin", base_bytes[:17 * MIB])
+    assert not result.created and store.get("big.bin") == b"original"
+
+    store.put_if_absent("base.exe", base_bytes[:12 * MIB])
+    store.put_if_absent("g.exe", b"first stamp")
+    real_head = store.head
+
+    def head(key):
+        if key == "g.exe":
+            raise ObjectNotFoundError("not yet", key=key)
+        return real_head(key)
+
+    monkeypatch.setattr(store, "head", head)
+    pieces, _ = stamp(base_bytes[:12 * MIB], secrets.token_bytes(SLOT_SIZE), 12 * MIB - 20000)
+    assert not store.put_pieces_if_absent("g.exe", "base.exe", pieces).created
+    assert store.get("g.exe") == b"first stamp"
     uploads = s3server.client().list_multipart_uploads(Bucket=s3server.bucket, Prefix=store.prefix)
     assert not uploads.get("Uploads")
 

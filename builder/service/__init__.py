@@ -1,0 +1,1 @@
+"""The installer service: HTTP app, issuing logic, Redis workers."""

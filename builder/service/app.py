@@ -1,0 +1,293 @@
+"""The HTTP service behind the console's "download installer" button (FastAPI).
+
+Every route but /healthz needs a bearer API key. Bad input is a 4xx with a one-line message,
+never a 500; storage trouble is a 503 with Retry-After. Tokens arrive in request bodies only
+and leave the process only inside installers: they are not logged, audited or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from builder import __version__, log
+from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret
+from builder.errors import BuilderError, EnrollmentError, FormatError, SigningError, StorageError, UsageError
+from builder.service.issuer import FORMATS, Issuer, Record, Revoked, UnknownRelease, token_fingerprint
+from builder.storage import LinkStatus
+from builder.storage.errors import InvalidKeyError, StorageUnavailableError
+from builder.storage.links import check_link, sign_link
+
+MAX_BODY_BYTES = 64 * 1024
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    # sha256(key) -> caller name: the keys themselves are not kept.
+    api_keys: dict[str, str]
+    link_secret: bytes
+    link_ttl_s: int = 3600
+    wait_s: float = 20.0
+    download_route: str = "/v1/download"
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def parse_api_keys(text: str) -> dict[str, str]:
+        """Entries separated by commas or newlines: `name:key` or just `key` (named by its hash)."""
+        out = {}
+        for raw in re.split(r"[,\n]", text):
+            raw = raw.strip()
+            if not raw or raw.startswith("#"):
+                continue
+            name, sep, key = raw.partition(":")
+            if not sep:
+                name, key = "", raw
+            if len(key) < 16:
+                raise UsageError("an API key is shorter than 16 characters", "use long random keys (openssl rand -hex 32)")
+            log.register_secret(key)
+            digest = hashlib.sha256(key.encode()).hexdigest()
+            out[digest] = name or f"key-{digest[:8]}"
+        if not out:
+            raise UsageError("no API keys configured", "set BUILDER_API_KEYS or BUILDER_API_KEYS_FILE")
+        return out
+
+
+class InstallerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    account_id: str = Field(min_length=1, max_length=128)
+    group_id: str = Field(min_length=1, max_length=128)
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_BYTES, json_schema_extra={"writeOnly": True})
+    format: Literal[FORMATS]  # type: ignore[valid-type]
+    release: str = Field(default="latest", max_length=32)
+    console_url: str | None = Field(default=None, max_length=2048)
+
+
+class RevocationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    account_id: str = Field(min_length=1, max_length=128)
+    group_id: str = Field(min_length=1, max_length=128)
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_BYTES)
+
+
+class InstallerResponse(BaseModel):
+    id: str
+    status: Literal["ready", "pending"]
+    sha256: str | None = None
+    url: str | None = None
+    format: str | None = None
+    release: str | None = None
+    size: int | None = None
+
+
+class Problem(BaseModel):
+    error: str
+
+
+_ERRORS = {404: {"model": Problem}, 400: {"model": Problem}, 401: {"model": Problem}, 403: {"model": Problem},
+           410: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}}
+
+
+def _problem(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": log.redact(message)}, status_code=status, headers=headers)
+
+
+class _BodyLimit:
+    """Refuse request bodies over MAX_BODY_BYTES before they are read into memory."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            response = _problem(413, f"request body over {MAX_BODY_BYTES} bytes")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _problem(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
+    app = FastAPI(title="builder installer service", version=__version__,
+                  description="Issues group-specific, signed agent installers for the console's download button.")
+    app.add_middleware(_BodyLimit)
+    registry = CollectorRegistry()
+    requests_total = Counter("builder_http_requests_total", "HTTP requests", ["route", "status"], registry=registry)
+    issue_seconds = Histogram("builder_issue_seconds", "Time to answer POST /v1/installers", ["format", "status"],
+                              registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    issued_total = Counter("builder_installers_total", "Installers requested", ["format", "outcome"], registry=registry)
+    bearer = HTTPBearer(auto_error=False)
+
+    def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise HTTPException(401, "missing bearer API key", headers={"WWW-Authenticate": "Bearer"})
+        digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
+        for known, name in settings.api_keys.items():
+            if hmac.compare_digest(known, digest):
+                return name
+        raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):
+        return _problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(BuilderError)
+    async def builder_error(_request, exc: BuilderError):
+        return _problem(_status_of(exc), str(exc), headers=_headers_of(exc))
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        # Pydantic's message may quote the input (a token): name the field and the rule only.
+        return _problem(422, f"{where}: {first.get('type', 'invalid')}: {first.get('msg', 'invalid value').split(',')[0]}")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        requests_total.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    def url_for(request: Request, rec: Record) -> str:
+        if issuer.store.kind == "file":
+            exp = int(time.time()) + settings.link_ttl_s
+            path = sign_link(settings.link_secret, rec.id, exp, route=settings.download_route)
+            return str(request.base_url).rstrip("/") + path
+        return issuer.store.presigned_url(rec.key, settings.link_ttl_s)
+
+    def answer(request: Request, installer_id: str, rec: Record | None) -> JSONResponse:
+        if rec is None:
+            return JSONResponse(InstallerResponse(id=installer_id, status="pending").model_dump(), status_code=202)
+        body = InstallerResponse(id=installer_id, status="ready", sha256=rec.sha256, url=url_for(request, rec),
+                                 format=rec.format, release=rec.release, size=rec.size)
+        return JSONResponse(body.model_dump())
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response, responses=_ERRORS)
+    def metrics(_who: str = Depends(caller)) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/installers", response_model=InstallerResponse, responses={**_ERRORS, 202: {"model": InstallerResponse}},
+              tags=["installers"])
+    def create_installer(body: InstallerRequest, request: Request, who: str = Depends(caller)):
+        start = time.perf_counter()
+        status = "error"
+        try:
+            token = Secret(body.token)
+            log.register_secret(body.token)
+            version = issuer.resolve(body.release)
+            enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
+                                    console_url=body.console_url or issuer.default_console_url(version))
+            installer_id, rec = issuer.request(who, release=version, fmt=body.format, enrollment=enrollment,
+                                               wait_s=settings.wait_s)
+            status = "ready" if rec else "pending"
+            issued_total.labels(body.format, status).inc()
+            return answer(request, installer_id, rec)
+        finally:
+            issue_seconds.labels(body.format, status).observe(time.perf_counter() - start)
+
+    @app.get("/v1/installers/{installer_id}", response_model=InstallerResponse, responses={**_ERRORS, 202: {"model": InstallerResponse}},
+             tags=["installers"])
+    def get_installer(installer_id: str, request: Request, who: str = Depends(caller)):
+        if not _ID_RE.match(installer_id):
+            raise HTTPException(404, "no such installer id")
+        rec = issuer.record(installer_id)
+        if rec is None:
+            if issuer.is_pending(installer_id):
+                return answer(request, installer_id, None)
+            raise HTTPException(404, "no such installer id")
+        if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):
+            issuer.audit.record(who, "refused-revoked", installer_id=rec.id, release=rec.release, fmt=rec.format,
+                                account_id=rec.account_id, group_id=rec.group_id, token_fp=rec.token_fingerprint)
+            raise HTTPException(410, "this installer carries a revoked enrollment token")
+        issuer.audit.record(who, "issue-url", installer_id=rec.id, release=rec.release, fmt=rec.format,
+                            account_id=rec.account_id, group_id=rec.group_id, token_fp=rec.token_fingerprint, sha256=rec.sha256)
+        return answer(request, installer_id, rec)
+
+    @app.get("/v1/releases", tags=["releases"], responses=_ERRORS)
+    def releases(_who: str = Depends(caller)) -> dict:
+        versions = issuer.release_versions()
+        return {"releases": versions, "latest": versions[-1] if versions else None}
+
+    @app.post("/v1/revocations", tags=["tokens"], responses=_ERRORS)
+    def revoke(body: RevocationRequest, who: str = Depends(caller)) -> dict:
+        log.register_secret(body.token)
+        fp = issuer.revoke(who, body.account_id, body.group_id, Secret(body.token))
+        return {"revoked": True, "token_fingerprint": "sha256:" + fp[:16]}
+
+    @app.get(settings.download_route + "/{installer_id}", tags=["installers"], response_class=FileResponse, responses=_ERRORS)
+    def download(installer_id: str, exp: str = "", sig: str = ""):
+        """The local store's download route: an HMAC-signed, expiring link per installer."""
+        status = check_link(settings.link_secret, installer_id, exp, sig, time.time())
+        if status is not LinkStatus.OK:
+            raise HTTPException(status.http_status, "download link expired" if status is LinkStatus.EXPIRED else "invalid download link")
+        rec = issuer.record(installer_id) if _ID_RE.match(installer_id) else None
+        if rec is None or issuer.store.kind != "file":
+            raise HTTPException(404, "no such installer")
+        if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):
+            raise HTTPException(410, "this installer carries a revoked enrollment token")
+        path = issuer.store.local_path(rec.key)
+        return FileResponse(path, media_type="application/octet-stream", filename=issuer.download_name(rec))
+
+    return app
+
+
+def _status_of(exc: BuilderError) -> int:
+    if isinstance(exc, StorageUnavailableError):
+        return 503
+    if isinstance(exc, (EnrollmentError, InvalidKeyError)):
+        return 422
+    if isinstance(exc, UsageError):
+        return 400
+    if isinstance(exc, UnknownRelease):
+        return 404
+    if isinstance(exc, Revoked):
+        return 403
+    if isinstance(exc, (SigningError, FormatError)):
+        return 500  # the release or the signing setup is broken: nothing was published
+    if isinstance(exc, StorageError):
+        return 502
+    return 500
+
+
+def _headers_of(exc: BuilderError) -> dict | None:
+    if isinstance(exc, StorageUnavailableError):
+        return {"Retry-After": str(int(getattr(exc, "retry_after", 5) or 5))}
+    return None

@@ -1,0 +1,345 @@
+"""Issuing group installers: what the HTTP service and the workers do, without HTTP.
+
+A request (release, format, account, group, token) has a deterministic id; the installer it
+yields is stored once, content-addressed, and described by a record written after it:
+
+    installers/<sha256[:2]>/<sha256><suffix>   the stamped installer (never overwritten)
+    records/<id>.json                          id -> installer, written last, create-if-absent
+    revocations/<group hash>/<token fp>.json   tokens that may no longer be handed out
+
+Everything shared between service instances and workers lives in storage, so any number of
+them agree; storage's create-if-absent is the final guard against double work. The audit log
+(SQLite, append-only) is per service host and never holds a token, only its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import log, stamp
+from builder.enrollment import Enrollment, Secret
+from builder.errors import BuilderError, FormatError, StorageError, UsageError
+from builder.formats.base import Signers
+from builder.release import Release
+from builder.storage import ObjectNotFoundError, Store, content_key
+from builder.storage.release import INDEX_FORMAT
+
+FORMATS = tuple(stamp.STAMP_FORMATS)
+_VERSION_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")
+
+
+class UnknownRelease(BuilderError):
+    exit_code = 12
+
+
+class Revoked(BuilderError):
+    exit_code = 12
+
+
+def token_fingerprint(token: Secret) -> str:
+    """The full SHA-256 of the token: the id under which it is revoked and audited."""
+    return hashlib.sha256(token.reveal().encode()).hexdigest()
+
+
+def request_id(release: str, fmt: str, enrollment: Enrollment) -> str:
+    material = "\0".join([release, fmt, enrollment.account_id, enrollment.group_id, enrollment.console_url,
+                          token_fingerprint(enrollment.token)])
+    return hashlib.sha256(b"builder-installer-v1\0" + material.encode()).hexdigest()[:32]
+
+
+def _group_hash(account_id: str, group_id: str) -> str:
+    # Ids may hold ":" and "@", which storage keys do not allow: a hash names the group's folder.
+    return hashlib.sha256(f"{account_id}\0{group_id}".encode()).hexdigest()[:32]
+
+
+def _version_key(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("."))
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    release: str
+    format: str
+    key: str
+    sha256: str
+    size: int
+    account_id: str
+    group_id: str
+    token_fingerprint: str
+
+    def as_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+
+class Audit:
+    """Append-only SQLite table: who was issued which installer, with which token fingerprint."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS audit (ts REAL NOT NULL, caller TEXT NOT NULL, action TEXT NOT NULL,"
+                " installer_id TEXT, release TEXT, format TEXT, account_id TEXT, group_id TEXT,"
+                " token_fingerprint TEXT, sha256 TEXT, detail TEXT)")
+            # Append-only: the database itself refuses changes to what was recorded.
+            self._db.execute("CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit"
+                             " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
+            self._db.execute("CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit"
+                             " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
+
+    def record(self, caller: str, action: str, *, installer_id=None, release=None, fmt=None, account_id=None,
+               group_id=None, token_fp=None, sha256=None, detail=None) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                             (time.time(), caller, action, installer_id, release, fmt, account_id, group_id,
+                              token_fp, sha256, detail))
+
+    def rows(self) -> list[dict]:
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM audit ORDER BY rowid")
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+class Issuer:
+    """Turns requests into stored installers. Thread-safe; one per process."""
+
+    def __init__(self, store: Store, *, signers: Signers, cache_dir: Path, audit: Audit,
+                 releases_prefix: str = "dist", ca: Path | None = None, workers: int = 2):
+        self.store = store
+        self.signers = signers
+        self.cache_dir = cache_dir
+        self.audit = audit
+        self.prefix = releases_prefix
+        self.ca = ca
+        self._releases: dict[str, tuple[Release, dict]] = {}
+        self._release_lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}
+        self._inflight_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stamp")
+        self.queue = None  # set by builder.service.jobs when Redis workers do the stamping
+
+    # -- releases ------------------------------------------------------------------------------
+
+    def release_versions(self) -> list[str]:
+        seen = set()
+        for obj in self.store.list(f"{self.prefix}/releases"):
+            parts = obj.key.split("/")
+            if parts[-1] == "manifest.json" and _VERSION_RE.match(parts[-2]):
+                seen.add(parts[-2])
+        return sorted(seen, key=_version_key)
+
+    def resolve(self, release: str) -> str:
+        if release == "latest":
+            versions = self.release_versions()
+            if not versions:
+                raise UnknownRelease("no release is published yet", "publish one with `builder publish`")
+            return versions[-1]
+        if not _VERSION_RE.match(release):
+            raise UnknownRelease(f"release {release!r} is not a version or 'latest'", "for example 1.2.3")
+        return release
+
+    def open_release(self, version: str) -> tuple[Release, dict]:
+        """The release, downloaded once into the cache and verified once, and its storage index."""
+        with self._release_lock:
+            if version in self._releases:
+                return self._releases[version]
+            index_key = f"{self.prefix}/releases/{version}/manifest.json"
+            try:
+                index = json.loads(self.store.get(index_key))
+            except ObjectNotFoundError:
+                raise UnknownRelease(f"release {version} is not published", "GET /v1/releases lists what is") from None
+            if index.get("format") != INDEX_FORMAT:
+                raise FormatError(f"release {version}: index {index_key} is not a release index")
+            folder = self.cache_dir / "releases" / version
+            if not (folder / "manifest.json").is_file():
+                staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.cache_dir))
+                for name, entry in index["files"].items():
+                    data = self.store.get(entry["key"])
+                    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                        shutil.rmtree(staging)
+                        raise StorageError(f"release {version}: object {entry['key']} does not match its sha256")
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    (staging / name).write_bytes(data)
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(staging, folder)
+                except OSError:  # another process won the race: use its copy
+                    shutil.rmtree(staging, ignore_errors=True)
+            rel = Release.open(folder, ca=self.ca)
+            self._releases[version] = (rel, index)
+            return rel, index
+
+    def default_console_url(self, version: str) -> str:
+        return self.open_release(version)[0].product().console_url
+
+    def download_name(self, rec: "Record") -> str:
+        """An ASCII file name for the browser: product, version, group."""
+        product = self.open_release(rec.release)[0].product()
+        safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in rec.group_id)
+        return f"{product.service_name}-{rec.release}-{safe}{stamp.SUFFIX[rec.format]}"
+
+    # -- records and revocations --------------------------------------------------------------
+
+    def record(self, installer_id: str) -> Record | None:
+        try:
+            return Record(**json.loads(self.store.get(f"records/{installer_id}.json")))
+        except ObjectNotFoundError:
+            return None
+
+    def _revocation_key(self, account_id: str, group_id: str, token_fp: str) -> str:
+        return f"revocations/{_group_hash(account_id, group_id)}/{token_fp}.json"
+
+    def is_revoked(self, account_id: str, group_id: str, token_fp: str) -> bool:
+        return self.store.exists(self._revocation_key(account_id, group_id, token_fp))
+
+    def revoke(self, caller: str, account_id: str, group_id: str, token: Secret) -> str:
+        fp = token_fingerprint(token)
+        doc = json.dumps({"account_id": account_id, "group_id": group_id, "token_fingerprint": fp,
+                          "revoked_at": int(time.time()), "by": caller}).encode()
+        self.store.put_if_absent(self._revocation_key(account_id, group_id, fp), doc)
+        self.audit.record(caller, "revoke", account_id=account_id, group_id=group_id, token_fp=fp)
+        return fp
+
+    # -- issuing ------------------------------------------------------------------------------
+
+    def request(self, caller: str, *, release: str, fmt: str, enrollment: Enrollment, wait_s: float) -> tuple[str, Record | None]:
+        """(id, record once ready). The same request twice gives the same id and installer;
+        concurrent identical requests share one piece of work."""
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown format {fmt!r}", f"choose from {', '.join(FORMATS)}")
+        log.register_secret(enrollment.token.reveal())
+        version = self.resolve(release)
+        fp = token_fingerprint(enrollment.token)
+        if self.is_revoked(enrollment.account_id, enrollment.group_id, fp):
+            self.audit.record(caller, "refused-revoked", release=version, fmt=fmt, account_id=enrollment.account_id,
+                              group_id=enrollment.group_id, token_fp=fp)
+            raise Revoked("this group's enrollment token was revoked", "request an installer with the group's current token")
+        self.open_release(version)  # 404 now rather than a failed job later
+        installer_id = request_id(version, fmt, enrollment)
+        rec = self.record(installer_id)
+        if rec is None:
+            rec = self._run(installer_id, version, fmt, enrollment, wait_s)
+        self.audit.record(caller, "issue" if rec else "queued", installer_id=installer_id, release=version, fmt=fmt,
+                          account_id=enrollment.account_id, group_id=enrollment.group_id, token_fp=fp,
+                          sha256=rec.sha256 if rec else None)
+        return installer_id, rec
+
+    def _run(self, installer_id: str, version: str, fmt: str, enrollment: Enrollment, wait_s: float) -> Record | None:
+        if self.queue is not None:
+            self.queue.submit(installer_id, version, fmt, enrollment)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                rec = self.record(installer_id)
+                if rec is not None:
+                    return rec
+                time.sleep(0.01)
+            return None
+        with self._inflight_lock:
+            fut = self._inflight.get(installer_id)
+            if fut is None:
+                fut = self._pool.submit(self.produce, installer_id, version, fmt, enrollment)
+                self._inflight[installer_id] = fut
+                fut.add_done_callback(lambda _f: self._forget(installer_id))
+        try:
+            return fut.result(timeout=wait_s)
+        except TimeoutError:
+            return None
+
+    def is_pending(self, installer_id: str) -> bool:
+        with self._inflight_lock:
+            if installer_id in self._inflight:
+                return True
+        return self.queue is not None and self.queue.is_pending(installer_id)
+
+    def _forget(self, installer_id: str) -> None:
+        with self._inflight_lock:
+            self._inflight.pop(installer_id, None)
+
+    def produce(self, installer_id: str, version: str, fmt: str, enrollment: Enrollment) -> Record:
+        """Stamp, store (create-if-absent), then write the record. Safe to run twice anywhere."""
+        rec = self.record(installer_id)
+        if rec is not None:
+            return rec
+        rel, index = self.open_release(version)
+        base = rel.file(stamp.STAMP_FORMATS[fmt])
+        suffix = stamp.SUFFIX[fmt]
+        if fmt in stamp.SLOTTED:
+            pieces = stamp.stamp_ranges(base, enrollment)
+            sha = _pieces_sha256(base.path, pieces)
+            key = content_key("installers", sha, suffix)
+            base_key = index["files"][base.path.name]["key"]
+            if not self.store.exists(key):
+                self.store.put_pieces_if_absent(key, base_key, pieces)
+            size = base.entry["size"]
+        else:
+            with tempfile.TemporaryDirectory(prefix="builder-issue-", dir=self.cache_dir) as tmp:
+                out = Path(tmp) / f"installer{suffix}"
+                result = stamp.stamp(rel, fmt, enrollment, self.signers, out)
+                sha, size = result.sha256, result.size
+                key = content_key("installers", sha, suffix)
+                self.store.put_if_absent(key, out)
+        rec = Record(installer_id, version, fmt, key, sha, size, enrollment.account_id, enrollment.group_id,
+                     token_fingerprint(enrollment.token))
+        self.store.put_if_absent(f"records/{installer_id}.json", rec.as_json())
+        return self.record(installer_id) or rec
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_prefix_hashes: dict[tuple[str, int], "hashlib._Hash"] = {}
+_prefix_lock = threading.Lock()
+
+
+def _pieces_sha256(base: Path, pieces) -> str:
+    """SHA-256 of the stamped file without writing it. The slot sits near the end of the base,
+    so the hash state of the unchanged prefix (base[0:off]) is computed once per release and
+    copied: a stamp then hashes only the slot and the few bytes after it."""
+    pieces = list(pieces)
+    h = None
+    if pieces and pieces[0][0] == "base" and pieces[0][1] == 0:
+        cache_key = (str(base), pieces[0][2])
+        with _prefix_lock:
+            cached = _prefix_hashes.get(cache_key)
+        if cached is None:
+            cached = hashlib.sha256()
+            _hash_range(base, 0, pieces[0][2], cached)
+            with _prefix_lock:
+                _prefix_hashes[cache_key] = cached
+        h = cached.copy()
+        pieces = pieces[1:]
+    h = h or hashlib.sha256()
+    for piece in pieces:
+        if piece[0] == "bytes":
+            h.update(piece[1])
+        else:
+            _hash_range(base, piece[1], piece[2], h)
+    return h.hexdigest()
+
+
+def _hash_range(base: Path, start: int, length: int, h) -> None:
+    with open(base, "rb") as fh:
+        fh.seek(start)
+        left = length
+        while left:
+            chunk = fh.read(min(left, 1 << 20))
+            if not chunk:
+                raise FormatError(f"{base}: shorter than the release says")
+            h.update(chunk)
+            left -= len(chunk)

@@ -1,0 +1,67 @@
+"""Building the issuer, the app and the workers from resolved options: shared by `builder
+serve`, `builder worker` and `builder issue` (the demo's code path), so all three agree."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder import log
+from builder.errors import UsageError
+from builder.formats.base import Signers
+from builder.service.issuer import Audit, Issuer
+from builder.storage import StorageSettings, open_store
+
+RELEASES_PREFIX = "dist"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceOptions:
+    storage_url: str
+    state_dir: Path
+    signers: Signers
+    ca: Path | None = None
+    redis_url: str | None = None
+
+
+def make_issuer(opts: ServiceOptions, environ=os.environ) -> Issuer:
+    settings = StorageSettings.from_env(environ)
+    store = open_store(opts.storage_url, settings)
+    opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cache = opts.state_dir / "cache"
+    cache.mkdir(exist_ok=True)
+    issuer = Issuer(store, signers=opts.signers, cache_dir=cache, audit=Audit(opts.state_dir / "audit.sqlite"),
+                    releases_prefix=RELEASES_PREFIX, ca=opts.ca)
+    if opts.redis_url:
+        from builder.service import jobs
+
+        issuer.queue = jobs.RedisQueue(opts.redis_url, jobs.fernet_from(environ.get("BUILDER_QUEUE_KEY")))
+    return issuer
+
+
+def api_keys_from(environ=os.environ) -> dict[str, str]:
+    from builder.service.app import ServiceSettings
+
+    if environ.get("BUILDER_API_KEYS_FILE"):
+        path = Path(environ["BUILDER_API_KEYS_FILE"])
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise UsageError(f"BUILDER_API_KEYS_FILE={path}: cannot read it ({exc.strerror})") from None
+    else:
+        text = environ.get("BUILDER_API_KEYS", "")
+    return ServiceSettings.parse_api_keys(text)
+
+
+def link_secret_of(issuer: Issuer) -> bytes:
+    """The HMAC key for local download links: BUILDER_STORAGE_HMAC_KEY, or one made for this
+    process (links then stop working when it restarts, and differ between instances)."""
+    key = issuer.store.settings.hmac_key
+    if key is not None:
+        return key.reveal().encode()
+    if issuer.store.kind == "file":
+        log.warning("BUILDER_STORAGE_HMAC_KEY is not set: download links are signed with a key made for this "
+                    "process and stop working when it restarts")
+    return secrets.token_bytes(32)
