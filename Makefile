@@ -52,17 +52,27 @@ payload: $(STAMPS)/venv
 dev-keys: $(STAMPS)/venv
 	$(PY) -m builder dev-keys $(DEMO_KEYS)
 
+DEMO_SIGN = --sign-cert $(DEMO_KEYS)/codesign.pem --sign-key $(DEMO_KEYS)/codesign.key --ca $(DEMO_KEYS)/ca.pem \
+	--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-application.p12 \
+	--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-installer.p12
+
 demo: deps payload-test dev-keys
 	@rm -rf $(DEMO_OUT)
 	DEMO_TOKEN=demo-enrollment-token-$$(date +%s) BUILDER_MAC_SIGN_PASSWORD=development $(PY) -m builder build \
 		--format msi --format exe --format pkg --format dmg \
 		--version 1.0.0 --account-id demo-account --group-id demo-group \
 		--token-env DEMO_TOKEN --console-url https://console.example.com \
-		--payload payload/build --out $(DEMO_OUT) \
-		--sign-cert $(DEMO_KEYS)/codesign.pem --sign-key $(DEMO_KEYS)/codesign.key --ca $(DEMO_KEYS)/ca.pem \
-		--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-application.p12 \
-		--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-installer.p12
+		--payload payload/build --out $(DEMO_OUT) $(DEMO_SIGN)
 	$(PY) -m builder verify --ca $(DEMO_KEYS)/ca.pem $(DEMO_OUT)/*.msi $(DEMO_OUT)/*.exe $(DEMO_OUT)/*.pkg $(DEMO_OUT)/*.dmg
+	@echo "== release: every format signed once, with an empty enrollment slot"
+	BUILDER_MAC_SIGN_PASSWORD=development $(PY) -m builder release --version 1.0.0 --payload payload/build \
+		--out $(DEMO_OUT)/release $(DEMO_SIGN)
+	@echo "== publish the release to the local store, then issue one group's installer the way the service does"
+	$(PY) -m builder publish $(DEMO_OUT)/release --to file://$(CURDIR)/$(DEMO_OUT)/store
+	DEMO_TOKEN=demo-group-token-$$(date +%s) $(PY) -m builder issue --format exe --account-id demo-account \
+		--group-id demo-group-2 --token-env DEMO_TOKEN --storage file://$(CURDIR)/$(DEMO_OUT)/store \
+		--state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem
+	@echo "Serve it with: BUILDER_API_KEYS=... BUILDER_STORAGE_HMAC_KEY=... .venv/bin/builder serve --storage file://$(CURDIR)/$(DEMO_OUT)/store (see README.md)"
 
 test: deps payload-test
 	$(PY) -m pytest -q -p no:cacheprovider tests
