@@ -209,7 +209,7 @@ class _Source:
             self._file.close()
 
 
-def _incompressible(data: bytes) -> bool:
+def incompressible(data: bytes) -> bool:
     """True when four 16 KiB samples spread over `data` do not shrink by 3% at zlib level 1.
 
     A DMG mostly holds already-compressed files (a signed pkg with a gzip Payload); zlib on
@@ -230,7 +230,7 @@ def _incompressible(data: bytes) -> bool:
 def _pack_chunk(data: bytes, level: int) -> tuple[int, bytes]:
     if data == _ZEROS[:len(data)]:
         return ZERO_FILL, b""
-    if _incompressible(data):
+    if incompressible(data):
         return RAW, data
     packed = zlib.compress(data, level)
     if len(packed) >= len(data):

@@ -31,9 +31,10 @@ from builder import log, render
 from builder.binfmt import pe
 from builder.config import Product
 from builder.enrollment import Enrollment, Secret
-from builder.errors import ConfigError, EnrollmentError, FormatError, PayloadError, ToolFailedError, UsageError
+from builder.errors import ConfigError, EnrollmentError, FormatError, ToolFailedError, UsageError
 from builder.formats.base import BuildRequest, Built, SigningKey
 from builder.formats import slotted
+from builder.formats.windows_payload import payload_files
 from builder.signing import authenticode
 from builder.tools import nsis, runner
 
@@ -58,7 +59,6 @@ MARKER_PREFIX = "builder-enrollment/1:"
 _MARKER_RE = re.compile(r"^builder-enrollment/1:([a-z_]+):(\d+)/(\d+):(.*)$", re.DOTALL)
 # Payload file and folder names end up in NSIS File/Delete lines: kept to a set that needs no
 # escaping at compile time (File takes its path as is; `$` there would be read as a variable).
-_PAYLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-()+]*$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,24 +112,6 @@ def enrollment_context(enrollment: Enrollment) -> list[dict]:
 class _Dir:
     windows_suffix: str  # "" for the install folder itself, else "\\sub\\dir"
     files: list[dict] = field(default_factory=list)
-
-
-def payload_files(folder: Path, product: Product) -> list[str]:
-    """Relative POSIX paths of the files to install, sorted; the MSI's rule: dot-files (build
-    stamps, .DS_Store) are not part of the agent."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith("."):
-                found.append((Path(root) / name).relative_to(folder).as_posix())
-    if product.agent_exe not in found:
-        raise PayloadError(f"{folder}: {product.agent_exe} is missing", "build the Windows agent (make payload)")
-    for rel in found:
-        bad = [part for part in PurePosixPath(rel).parts if not _PAYLOAD_NAME_RE.match(part)]
-        if bad:
-            raise PayloadError(f"{folder / rel}: the name {bad[0]!r} has a character outside {_PAYLOAD_NAME_RE.pattern}", "rename it in the payload")
-    return sorted(found)
 
 
 def _dirs(relpaths: list[str], staged_as: str) -> list[_Dir]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from builder import render
+from builder.binfmt import udif
 from builder.binfmt import xar
 from builder.binfmt.cpio import PayloadStats, TreeEntry, iter_cpio, read_cpio, scan_tree, write_cpio_entries
 from builder.config import Product
@@ -281,28 +282,10 @@ def baked_enrollment(script: str, name: str) -> Enrollment | None:
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
 PAYLOAD_LEVEL = 6  # gzip's default; incompressible chunks are stored instead (see below)
 CHUNK = 1 << 20
-_SAMPLE = 16 * 1024
-
-
-def _incompressible(data: bytes) -> bool:
-    """Four 16 KiB samples do not shrink by 3% at level 1: an already-compressed file (a signed
-    Mach-O with compressed resources, a PyInstaller archive). Deflating those costs ~1 s per
-    30 MB to save nothing; stored blocks cost a copy. Depends only on the bytes."""
-    if len(data) < 4 * _SAMPLE:
-        return False
-    step = len(data) // 4
-    sampled = packed = 0
-    for start in range(0, 4 * step, step):
-        sample = data[start:start + _SAMPLE]
-        sampled += len(sample)
-        packed += len(zlib.compress(sample, 1))
-    return packed * 100 >= sampled * 97
-
-
 def _deflate_chunk(data: bytes, level: int) -> bytes:
     """Raw deflate blocks for `data`, ending on a byte boundary, not final: chunks made
     independently concatenate into one valid stream (as pigz does, without a shared window)."""
-    compressor = zlib.compressobj(0 if _incompressible(data) else level, zlib.DEFLATED, -15, 9)
+    compressor = zlib.compressobj(0 if udif.incompressible(data) else level, zlib.DEFLATED, -15, 9)
     return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
 
 

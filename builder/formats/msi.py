@@ -23,9 +23,10 @@ from builder import log, render
 from builder.binfmt.cfb import SIGNATURE as CFB_MAGIC
 from builder.config import TEMPLATES_DIR, Product
 from builder.enrollment import Enrollment, Secret
-from builder.errors import EnrollmentError, FormatError, PayloadError, ToolFailedError, UsageError
+from builder.errors import EnrollmentError, FormatError, ToolFailedError, UsageError
 from builder.formats.base import BuildRequest, Built
 from builder.formats import slotted
+from builder.formats.windows_payload import payload_files
 from builder.signing import authenticode
 from builder.tools import msitools
 
@@ -90,20 +91,6 @@ def wix_text(value: str) -> str:
 def _short_id(prefix: str, relpath: str) -> str:
     """A valid MSI identifier ([A-Za-z_][A-Za-z0-9_.]*, <= 72 chars), stable for a path."""
     return prefix + hashlib.sha256(relpath.encode()).hexdigest()[:32]
-
-
-def _payload_files(folder: Path, product: Product) -> list[str]:
-    """Relative POSIX paths of every file to install, sorted. Dot-files (build stamps,
-    .DS_Store, .gitkeep) are not part of the agent and are left out."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith("."):
-                found.append((Path(root) / name).relative_to(folder).as_posix())
-    if product.agent_exe not in found:
-        raise PayloadError(f"{folder}: {product.agent_exe} is missing", "build the Windows agent (make payload)")
-    return sorted(found)
 
 
 def _stage_payload(folder: Path, relpaths: list[str], dest: Path, mtime: int) -> dict[str, str]:
@@ -261,7 +248,7 @@ class MsiFormat:
         if enrollment is not None:
             log.register_secret(enrollment.token.reveal())
         folder = request.payload_dir(self.platform)
-        relpaths = _payload_files(folder, product)
+        relpaths = payload_files(folder, product)
         staged = request.work / "files"
         if staged.exists():
             shutil.rmtree(staged)

@@ -12,7 +12,6 @@ import hmac
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from builder import __version__, log
 from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret
 from builder.errors import BuilderError, EnrollmentError, FormatError, SigningError, StorageError, UsageError
-from builder.service.issuer import FORMATS, Issuer, Record, Revoked, UnknownRelease, token_fingerprint
+from builder.service.issuer import FORMATS, Issuer, Record, Revoked, UnknownRelease
 from builder.storage import LinkStatus
 from builder.storage.errors import InvalidKeyError, StorageUnavailableError
 from builder.storage.links import check_link, sign_link

@@ -199,10 +199,10 @@ def test_payload_walk_skips_dot_files_and_requires_the_agent(tmp_path):
     (tmp_path / "lib" / ".cache").mkdir(parents=True)
     for rel in ("agent.exe", "lib/x.dll", ".agent-version", "lib/.DS_Store", "lib/.cache/y"):
         (tmp_path / rel).write_bytes(b"x")
-    assert msi._payload_files(tmp_path, load_product()) == ["agent.exe", "lib/x.dll"]
+    assert msi.payload_files(tmp_path, load_product()) == ["agent.exe", "lib/x.dll"]
     (tmp_path / "agent.exe").unlink()
     with pytest.raises(PayloadError, match="agent.exe"):
-        msi._payload_files(tmp_path, load_product())
+        msi.payload_files(tmp_path, load_product())
 
 
 def test_codes_are_stable_and_follow_every_input():
