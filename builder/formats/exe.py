@@ -181,12 +181,12 @@ def render_script(
     )
 
 
-def _sign_script(key: SigningKey) -> str:
+def _sign_script(key: SigningKey, signing_time: int) -> str:
     """A POSIX sh script for !uninstfinalize: sign "$1" in place. Paths only, no secret: a
     password is read by osslsigncode from its standard input (`-readpass -`), which it inherits
     from makensis."""
     osslsigncode = runner.TOOLS["osslsigncode"].path()
-    sign = shlex.join([osslsigncode, "sign", *key.args()])
+    sign = shlex.join([osslsigncode, "sign", *key.args(signing_time)])
     return (
         "#!/bin/sh\n"
         "# Run by makensis (!uninstfinalize) with the uninstaller's path; osslsigncode never overwrites.\n"
@@ -432,7 +432,7 @@ class ExeFormat:
             payload_bytes = _stage(folder, relpaths, staged, request.source_date_epoch)
             sign_command = None
             if key is not None:
-                render.write_private(sign_script, _sign_script(key))
+                render.write_private(sign_script, _sign_script(key, request.source_date_epoch))
                 sign_script.chmod(0o700)
                 sign_command = f'"./{SIGN_SCRIPT_NAME}"'
             text = render_script(product, version, enrollment, relpaths, payload_bytes=payload_bytes, sign_command=sign_command)
@@ -454,7 +454,7 @@ class ExeFormat:
             return Built(path=final, signer=None, details=details)
         start = time.perf_counter()
         try:
-            authenticode.sign(key, unsigned, final)
+            authenticode.sign(key, unsigned, final, signing_time=request.source_date_epoch)
         finally:
             unsigned.unlink(missing_ok=True)
         if enrollment is None:

@@ -273,7 +273,7 @@ class MsiFormat:
             if signers.unsigned:
                 os.replace(unsigned, final)
                 return Built(path=final, signer=None, details=details)
-            authenticode.sign(signers.authenticode, unsigned, final)
+            authenticode.sign(signers.authenticode, unsigned, final, signing_time=request.source_date_epoch)
         finally:
             unsigned.unlink(missing_ok=True)  # no half-edited or unsigned copy is left beside the result
         if enrollment is None:
@@ -311,7 +311,7 @@ class MsiFormat:
             if signers.unsigned:
                 os.replace(unsigned, out)
                 return Built(path=out, signer=None)
-            authenticode.sign(signers.authenticode, unsigned, out)
+            authenticode.sign(signers.authenticode, unsigned, out, signing_time=release.manifest["source_date_epoch"])
         return Built(path=out, signer=authenticode.signer_subject(signers.authenticode),
                      details={"product_code": "{" + product_code + "}", "package_code": "{" + package_code + "}"})
 

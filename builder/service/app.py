@@ -20,8 +20,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from builder import __version__, log
+from builder import enrollment as enrollment_rules
 from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret
 from builder.errors import BuilderError, EnrollmentError, FormatError, SigningError, StorageError, UsageError
 from builder.service.issuer import FORMATS, Issuer, Record, Revoked, UnknownRelease
@@ -64,14 +66,22 @@ class ServiceSettings:
         return out
 
 
+# The enrollment's rules, stated in the OpenAPI document for the console's developers. Only
+# documented here: builder.enrollment checks them, with messages that say what is allowed.
+_ID_DOC = {"pattern": enrollment_rules._ID_RE.pattern}
+_TOKEN_DOC = {"pattern": enrollment_rules._TOKEN_RE.pattern, "writeOnly": True}
+_RELEASE_DOC = {"pattern": r"^(latest|[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,5})$"}
+_URL_DOC = {"pattern": "^https://" + enrollment_rules._URL_CHARS_RE.pattern.removeprefix("^")}
+
+
 class InstallerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    account_id: str = Field(min_length=1, max_length=128)
-    group_id: str = Field(min_length=1, max_length=128)
-    token: str = Field(min_length=1, max_length=MAX_TOKEN_BYTES, json_schema_extra={"writeOnly": True})
+    account_id: str = Field(min_length=1, max_length=128, json_schema_extra=_ID_DOC)
+    group_id: str = Field(min_length=1, max_length=128, json_schema_extra=_ID_DOC)
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_BYTES, json_schema_extra=_TOKEN_DOC)
     format: Literal[FORMATS]  # type: ignore[valid-type]
-    release: str = Field(default="latest", max_length=32)
-    console_url: str | None = Field(default=None, max_length=2048)
+    release: str = Field(default="latest", max_length=32, json_schema_extra=_RELEASE_DOC)
+    console_url: str | None = Field(default=None, max_length=2048, json_schema_extra=_URL_DOC)
 
 
 class RevocationRequest(BaseModel):
@@ -116,20 +126,32 @@ class _BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             response = _problem(413, f"request body over {MAX_BODY_BYTES} bytes")
             return await response(scope, receive, send)
-        seen = 0
+        seen, too_large, started = 0, False, False
 
         async def limited():
-            nonlocal seen
+            nonlocal seen, too_large
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > MAX_BODY_BYTES:
+                    too_large = True
                     raise _TooLarge()
             return message
 
+        async def guarded_send(message):
+            nonlocal started
+            # FastAPI turns an exception met while reading the body into its own 400: a body
+            # cut short (chunked, no Content-Length) gets the 413 below instead.
+            if too_large and not started:
+                return
+            started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded_send)
         except _TooLarge:
+            pass
+        if too_large and not started:
             await _problem(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
 
 
@@ -157,8 +179,9 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
                 return name
         raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request, exc: HTTPException):
+    # Starlette's own (404 for an unknown path, 405, 400 for an unreadable body) as well as ours.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
         return _problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(BuilderError)

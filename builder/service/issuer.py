@@ -230,7 +230,10 @@ class Issuer:
             self.audit.record(caller, "refused-revoked", release=version, fmt=fmt, account_id=enrollment.account_id,
                               group_id=enrollment.group_id, token_fp=fp)
             raise Revoked("this group's enrollment token was revoked", "request an installer with the group's current token")
-        self.open_release(version)  # 404 now rather than a failed job later
+        rel, _index = self.open_release(version)  # 404 now rather than a failed job later
+        if stamp.STAMP_FORMATS[fmt] not in rel.manifest["files"]:
+            raise UnknownRelease(f"release {version} has no {fmt} installer",
+                                 f"it has: {', '.join(rel.manifest['files'])}")
         installer_id = request_id(version, fmt, enrollment)
         rec = self.record(installer_id)
         if rec is None:

@@ -9,6 +9,7 @@ never in Redis in clear. Whatever runs twice anyway, storage's create-if-absent 
 from __future__ import annotations
 
 import json
+import time
 
 import redis
 from cryptography.fernet import Fernet, InvalidToken
@@ -19,9 +20,13 @@ from rq.job import Job
 from builder import log
 from builder.enrollment import Enrollment
 from builder.errors import UsageError
+from builder.storage.errors import StorageUnavailableError
 
 QUEUE_NAME = "builder-stamp"
 PENDING_STATES = {"queued", "started", "deferred", "scheduled"}
+# What the service tells clients (Retry-After) while Redis does not answer.
+QUEUE_RETRY_AFTER_S = 5
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 # Set by `builder worker` before the RQ worker forks its work-horses, which inherit it.
 WORKER_ISSUER = None
@@ -37,6 +42,46 @@ def fernet_from(key: str | None) -> Fernet:
         raise UsageError("BUILDER_QUEUE_KEY is not a Fernet key (32 url-safe base64 bytes)", "generate a new one") from None
 
 
+class QueueUnavailableError(StorageUnavailableError):
+    """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500."""
+
+
+class _Worker(Worker):
+    """RQ's forking worker, kept alive across Redis outages.
+
+    RQ ends its work loop on a Redis connection error met outside its dequeue (checking for
+    suspension, heartbeats, registry cleaning) and then raises from its teardown: a Redis
+    restart would stop `builder worker` processes at random. Here the loop starts again once
+    Redis answers; a stop request (SIGTERM, SIGINT) still ends it."""
+
+    def work(self, burst: bool = False, **kwargs) -> bool:
+        worked, pause = False, 1.0
+        while True:
+            try:
+                worked = super().work(burst=burst, **kwargs) or worked
+            except _REDIS_DOWN as exc:
+                self.log.warning("Worker %s: Redis is unreachable (%s)", self.name, type(exc).__name__)
+            if burst or self._stop_requested or self._shutdown_requested_date is not None:
+                return worked
+            self._wait_for_redis()
+            time.sleep(pause)  # a loop that keeps failing for another reason must not spin
+            pause = min(pause * 2, 30.0)
+            self.log.warning("Worker %s: starting its work loop again", self.name)
+
+    def _wait_for_redis(self) -> None:
+        while True:
+            try:
+                self.connection.ping()
+                break
+            except _REDIS_DOWN:
+                time.sleep(1)
+        for cleanup in (self.register_death, self.unsubscribe):  # what the failed teardown left
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - best effort: a fresh registration follows
+                pass
+
+
 class RedisQueue:
     def __init__(self, redis_url: str, fernet: Fernet, *, name: str = QUEUE_NAME, job_timeout: int = 600):
         self.connection = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10,
@@ -50,6 +95,18 @@ class RedisQueue:
                               "enrollment": enrollment.to_json_bytes().decode()}).encode()
         sealed = self.fernet.encrypt(payload)
         try:
+            self._enqueue(installer_id, sealed, fmt, version)
+        except _REDIS_DOWN:
+            raise self._unavailable("enqueue") from None
+
+    def _unavailable(self, op: str) -> QueueUnavailableError:
+        kw = self.connection.connection_pool.connection_kwargs  # host and port only: no password
+        return QueueUnavailableError(
+            f"the job queue (Redis at {kw.get('host')}:{kw.get('port')}) is not answering ({op}): retry later",
+            "check that Redis is up and reachable from the service", retry_after=QUEUE_RETRY_AFTER_S)
+
+    def _enqueue(self, installer_id: str, sealed: bytes, fmt: str, version: str) -> None:
+        try:
             self.queue.enqueue_call("builder.service.jobs.run_job", args=(sealed,), job_id=installer_id, unique=True,
                                     retry=Retry(max=3, interval=[1, 2, 5]), timeout=self.job_timeout,
                                     result_ttl=600, failure_ttl=86400, description=f"stamp {fmt} {version}")
@@ -58,7 +115,7 @@ class RedisQueue:
             status = job.get_status(refresh=True) if job is not None else None
             if str(getattr(status, "value", status)) in ("failed", "stopped", "canceled"):
                 job.delete()  # a finished failure may be tried again by a new request
-                self.submit(installer_id, version, fmt, enrollment)
+                self._enqueue(installer_id, sealed, fmt, version)
 
     def _job(self, installer_id: str) -> Job | None:
         try:
@@ -67,14 +124,20 @@ class RedisQueue:
             return None
 
     def is_pending(self, installer_id: str) -> bool:
-        job = self._job(installer_id)
-        if job is None:
-            return False
-        status = job.get_status(refresh=True)
+        try:
+            job = self._job(installer_id)
+            if job is None:
+                return False
+            status = job.get_status(refresh=True)
+        except _REDIS_DOWN:
+            raise self._unavailable("job status") from None
         return str(getattr(status, "value", status)) in PENDING_STATES
 
     def worker(self, name: str | None = None) -> Worker:
-        return Worker([self.queue], connection=self.connection, name=name)
+        try:
+            return _Worker([self.queue], connection=self.connection, name=name)
+        except _REDIS_DOWN:
+            raise self._unavailable("worker start") from None
 
 
 def run_job(sealed: bytes) -> dict:

@@ -70,7 +70,10 @@ class SigningKey:
     def kind(self) -> str:
         return "pkcs12" if self.pkcs12 else "pkcs11" if self.pkcs11_uri else "pem"
 
-    def args(self) -> list[str]:
+    def args(self, signing_time: int | None = None) -> list[str]:
+        """osslsigncode's options for this key. `signing_time` (Unix seconds) fixes the PKCS#7
+        signingTime, so the same inputs sign to the same bytes; it is clamped into the
+        certificate's validity (SOURCE_DATE_EPOCH may predate a new certificate)."""
         # Absolute paths: NSIS runs osslsigncode for the uninstaller from its own folder.
         absolute = lambda p: str(Path(p).resolve())  # noqa: E731
         if self.pkcs12:
@@ -90,7 +93,32 @@ class SigningKey:
             out += ["-ts", self.timestamp_url]
         if self.test_tsa:
             out += ["-TSA-certs", absolute(self.test_tsa.certs), "-TSA-key", absolute(self.test_tsa.key), "-TSA-time", str(self.test_tsa.time)]
+        if signing_time is not None:
+            out += ["-time", str(self.clamp_time(signing_time))]
         return out
+
+    def clamp_time(self, when: int) -> int:
+        cert = self.certificate()
+        if cert is None:
+            return when
+        low = int(cert.not_valid_before_utc.timestamp()) + 1
+        high = int(cert.not_valid_after_utc.timestamp()) - 1
+        return min(max(when, low), high)
+
+    def certificate(self) -> "x509.Certificate | None":
+        """The signer's certificate: from --sign-cert, or the PKCS#12's own."""
+        if self.cert:
+            return x509.load_pem_x509_certificates(Path(self.cert).read_bytes())[0]
+        if self.pkcs12:
+            from cryptography.hazmat.primitives.serialization import pkcs12
+
+            try:
+                loaded = pkcs12.load_pkcs12(Path(self.pkcs12).read_bytes(), self.password.reveal().encode() if self.password else None)
+            except ValueError:
+                raise SigningError(f"--sign-pkcs12 {self.pkcs12}: cannot be opened: wrong password or not a PKCS#12",
+                                   "check BUILDER_SIGN_PASSWORD") from None
+            return loaded.cert.certificate if loaded.cert else None
+        return None
 
     def stdin(self) -> bytes | None:
         return None if self.password is None else self.password.reveal().encode()
@@ -110,9 +138,9 @@ def check_code_signing_cert(path: Path) -> None:
         raise SigningError(f"--sign-cert {path}: the certificate lacks the codeSigning extended key usage", "use a code-signing certificate")
 
 
-def sign(key: SigningKey, src: Path, dst: Path) -> None:
+def sign(key: SigningKey, src: Path, dst: Path, *, signing_time: int | None = None) -> None:
     """Sign `src` into the new file `dst` (which must not exist)."""
-    result = runner.run("osslsigncode", ["sign", *key.args(), "-in", src, "-out", dst], stdin=key.stdin(), check=False)
+    result = runner.run("osslsigncode", ["sign", *key.args(signing_time), "-in", src, "-out", dst], stdin=key.stdin(), check=False)
     if result.returncode == 0 and dst.is_file():
         return
     dst.unlink(missing_ok=True)
@@ -167,10 +195,8 @@ def verify(path: Path, ca: Path | None = None, tsa_ca: Path | None = None) -> Ve
 
 
 def signer_subject(key: SigningKey) -> str | None:
-    if key.cert:
-        cert = x509.load_pem_x509_certificates(Path(key.cert).read_bytes())[0]
-        return cert.subject.rfc4514_string()
-    return None
+    cert = key.certificate()
+    return cert.subject.rfc4514_string() if cert is not None else None
 
 
 def add_enrollment_slot(signed: Path, dst: Path, kind: str, size: int) -> None:

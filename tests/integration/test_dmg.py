@@ -156,8 +156,7 @@ def test_unsigned_builds_are_byte_identical(mac_payload, tmp_path):
 
 
 def test_image_step_is_deterministic_when_signed(release_pkg, mac_signers, tmp_path):
-    """Same signed pkg in, same signed dmg out (apple-platform honours the DMG's signing time).
-    A full signed build differs only through the pkg's CMS signing time (see test_pkg)."""
+    """Same signed pkg in, same signed dmg out (apple-platform honours the DMG's signing time)."""
     a, b = tmp_path / "a.dmg", tmp_path / "b.dmg"
     make_dmg(release_pkg, a, PRODUCT, EPOCH, key=mac_signers.apple_application)
     time.sleep(1.1)

@@ -499,32 +499,6 @@ def test_unsigned_builds_are_byte_identical(mac_payload, tmp_path):
     assert sha(a.read_bytes()) == sha(b.read_bytes())
 
 
-def test_signed_builds_differ_at_most_in_the_cms_signing_time(mac_payload, mac_signers, tmp_path):
-    """apple-platform-py ignores `signing_time` for flat packages (it honours it for Mach-O and
-    DMGs): the <x-signature> CMS then carries the wall-clock signingTime. Everything else,
-    the code signature inside the Payload and the RSA <signature> included, must be identical."""
-    from asn1crypto import cms
-
-    a = build_pkg(mac_payload, tmp_path / "a", HOSTILE[0], mac_signers).read_bytes()
-    time.sleep(1.1)  # a different second, so a wall-clock time would show
-    b = build_pkg(mac_payload, tmp_path / "b", HOSTILE[0], mac_signers).read_bytes()
-    if a == b:
-        return
-    assert len(a) == len(b)
-    start, end = xar_parts(a)["cms_region"]
-    assert xar_parts(b)["cms_region"] == (start, end)
-    differing = [i for i in range(len(a)) if a[i] != b[i]]
-    assert differing and start <= differing[0] and differing[-1] < end, "bytes outside the CMS x-signature differ"
-
-    def attributes(der: bytes) -> dict:
-        info = cms.ContentInfo.load(der)["content"]["signer_infos"][0]
-        return {attr["type"].native: attr["values"].dump() for attr in info["signed_attrs"]}
-
-    attrs_a, attrs_b = attributes(a[start:end]), attributes(b[start:end])
-    changed = {k for k in attrs_a if attrs_a[k] != attrs_b.get(k)}
-    assert changed == {"signing_time"}
-
-
 # --------------------------------------------------------------------------------------------
 # Errors
 
