@@ -98,7 +98,10 @@ class SigningKey:
         return out
 
     def clamp_time(self, when: int) -> int:
-        cert = self.certificate()
+        try:
+            cert = self.certificate()
+        except SigningError:
+            return when  # osslsigncode reports the unreadable key itself, with its own words
         if cert is None:
             return when
         low = int(cert.not_valid_before_utc.timestamp()) + 1

@@ -86,7 +86,7 @@ def run(bench: Bench, runs: int = RUNS) -> dict:
     result["parallel_ratio"] = ratio
     result["parallel_target"] = PARALLEL_TARGET
     result["parallel_verdict"] = verdict(ratio, PARALLEL_TARGET)
-    print(f"both / slower single = {s(result['both']['total_s'])} / {s(slower)} = {ratio:.2f}"
+    print(f"both / slower single = {s(result['both']['total_s'])} / {s(slower)} = {ratio:.3f}"
           f"  (target <= {PARALLEL_TARGET}): {result['parallel_verdict']}")
     both = result["both"]
     print(f"  the parallel run kept {both['cpu_s'] / both['total_s']:.2f} of {os.cpu_count()} CPUs busy"

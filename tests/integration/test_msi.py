@@ -41,8 +41,9 @@ ACCOUNT = "acct:0042@example.com"
 GROUP_A = "grp-A_1.x:y@z"
 GROUP_B = "grp-B_2.x:y@z"
 OVERRIDE_GROUP = "override-9:x@y"
-# Payload files beyond the agent: a sub-tree and names wixl's preprocessor and XML would bend.
-EXTRA_FILES = {"lib/a&b'c $(env.PATH)$$.dll": b"dll bytes", "lib/deeper/data.bin": bytes(range(256)), "x (1).txt": b"x"}
+# Payload files beyond the agent, in a sub-tree. Payload names follow one rule for both Windows formats (builder/formats/windows_payload.py);
+# the widest names it allows. Hostile names are refused there (tests/unit/test_exe_render.py).
+EXTRA_FILES = {"lib/a+b (c) d-e_f.dll": b"dll bytes", "lib/deeper/data.bin": bytes(range(256)), "x (1).txt": b"x"}
 
 
 def enrollment(group: str, token: str) -> Enrollment:

@@ -191,7 +191,7 @@ def test_sign_script_keeps_the_password_off_its_command_line(tmp_path):
     p12 = cert.parent / "k.p12"
     p12.write_bytes(b"x")
     key = SigningKey(pkcs12=p12, password=Secret("pa$$ w0rd'\""))
-    script = exe._sign_script(key)
+    script = exe._sign_script(key, 1767225600)
     assert "pa$$ w0rd" not in script
     assert "-readpass -" in script
     assert "'" + str(p12).replace("'", "'\"'\"'") + "'" in script  # one shell word, not expanded
