@@ -297,19 +297,19 @@ class MsiFormat:
         product_code, package_code = _codes(digest, product)
         with tempfile.TemporaryDirectory(prefix="builder-msi-", dir=out.parent) as tmp:
             unsigned = Path(tmp) / "agent.msi"
-            if release.manifest.get("signed"):
-                # The release's signature (and its slot) goes: the edits below would void it anyway.
-                authenticode.remove_signature(base.path, unsigned)
-            else:
-                shutil.copyfile(base.path, unsigned)
+            # The release's signature stream stays in the copy: the edits void it, and signing
+            # replaces it (osslsigncode re-signs a signed MSI), which saves a removal pass.
+            shutil.copyfile(base.path, unsigned)
             values = {"ACCOUNT_ID": enrollment.account_id, "GROUP_ID": enrollment.group_id,
                       "CONSOLE_URL": enrollment.console_url, TOKEN_PROPERTY: enrollment.token.reveal(),
                       "ProductCode": "{" + product_code + "}"}
-            msitools.set_properties(unsigned, values)
             stamp_time = _summary_time(release.manifest["source_date_epoch"])
-            msitools.set_summary(unsigned, {9: "{" + package_code + "}", 12: stamp_time, 13: stamp_time})
+            msitools.set_properties(unsigned, values, {9: "{" + package_code + "}", 12: stamp_time, 13: stamp_time})
             if signers.unsigned:
-                os.replace(unsigned, out)
+                if release.manifest.get("signed"):
+                    authenticode.remove_signature(unsigned, out)  # no stale, invalid signature left in it
+                else:
+                    os.replace(unsigned, out)
                 return Built(path=out, signer=None)
             authenticode.sign(signers.authenticode, unsigned, out, signing_time=release.manifest["source_date_epoch"])
         return Built(path=out, signer=authenticode.signer_subject(signers.authenticode),

@@ -98,14 +98,18 @@ def summary(msi: Path) -> dict[int, str]:
 def set_summary(msi: Path, updates: dict[int, str]) -> None:
     """Change summary-information properties in place (9 = package code; 12, 13 = times as
     'YYYY/MM/DD hh:mm:ss' UTC). `msibuild -s` cannot set the times, importing the table can."""
+    with tempfile.TemporaryDirectory(prefix="msisum-") as tmp:
+        runner.run("msibuild", [msi, "-i", _summary_idt(msi, updates, Path(tmp))], env=_UTC)
+
+
+def _summary_idt(msi: Path, updates: dict[int, str], folder: Path) -> Path:
     current = summary(msi)
     current.update(updates)
     lines = ["PropertyId\tValue", "i2\tl255", "_SummaryInformation\tPropertyId"]
     lines += [f"{pid}\t{_idt_escape(value)}" for pid, value in sorted(current.items())]
-    with tempfile.TemporaryDirectory(prefix="msisum-") as tmp:
-        idt = Path(tmp) / "_SummaryInformation.idt"
-        idt.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
-        runner.run("msibuild", [msi, "-i", idt], env=_UTC)
+    idt = folder / "_SummaryInformation.idt"
+    idt.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    return idt
 
 
 # IDT text files: tab-separated, CRLF lines; a value's own tab, CR and LF are written as
@@ -135,21 +139,24 @@ def parse_idt(data: bytes) -> tuple[str, list[dict[str, str]]]:
     return table, rows
 
 
-def set_properties(msi: Path, updates: dict[str, str]) -> None:
-    """Set (insert or update) Property rows in place. Values may be secrets: they travel through
-    an IDT file in a private folder, never through msibuild's command line or the log."""
+def set_properties(msi: Path, updates: dict[str, str], summary_updates: dict[int, str] | None = None) -> None:
+    """Set (insert or update) Property rows, and summary properties, in place, in one msibuild
+    call. Values may be secrets: they travel through IDT files in a private folder, never
+    through a command line or the log (the table is read with its stdout kept out of the log)."""
+    result = runner.run("msiinfo", ["export", msi, "Property"], check=False, log_stdout=False)
+    if result.returncode != 0:
+        raise FormatError(f"{msi}: its Property table cannot be read", "the file is truncated, damaged or not an .msi")
+    lines = result.stdout.decode("utf-8").replace("\r\n", "\n").rstrip("\n").split("\n")
+    header, rows = lines[:3], {}
+    for line in lines[3:]:
+        name, _, value = line.partition("\t")
+        rows[name] = value
+    for name, value in updates.items():
+        rows[name] = _idt_escape(value)
     with tempfile.TemporaryDirectory(prefix="msiprop-") as tmp:  # mode 0700
-        result = runner.run("msidump", ["-t", "-d", tmp, msi], env=_UTC, check=False)
         idt = Path(tmp) / "Property.idt"
-        if result.returncode != 0 or not idt.is_file():
-            raise FormatError(f"{msi}: its Property table cannot be read", "the file is truncated, damaged or not an .msi")
-        lines = idt.read_bytes().decode("utf-8").replace("\r\n", "\n").rstrip("\n").split("\n")
-        header, rows = lines[:3], {}
-        for line in lines[3:]:
-            name, _, value = line.partition("\t")
-            rows[name] = value
-        for name, value in updates.items():
-            rows[name] = _idt_escape(value)
-        body = header + [f"{name}\t{value}" for name, value in rows.items()]
-        idt.write_bytes(("\r\n".join(body) + "\r\n").encode("utf-8"))
-        runner.run("msibuild", [msi, "-i", idt], env=_UTC)
+        idt.write_bytes(("\r\n".join(header + [f"{n}\t{v}" for n, v in rows.items()]) + "\r\n").encode("utf-8"))
+        imports: list[str | os.PathLike] = ["-i", idt]
+        if summary_updates:
+            imports += ["-i", _summary_idt(msi, summary_updates, Path(tmp))]
+        runner.run("msibuild", [msi, *imports], env=_UTC)

@@ -78,8 +78,11 @@ def run(
     env: dict[str, str] | None = None,
     check: bool = True,
     timeout: float = 600,
+    log_stdout: bool = True,
 ) -> Result:
-    """Run `tool` (a key of TOOLS) with `args`. Secrets go in `stdin`, never in `args`."""
+    """Run `tool` (a key of TOOLS) with `args`. Secrets go in `stdin`, never in `args`.
+    `log_stdout=False` for output that may hold a secret the redactor does not know (a table
+    read from a file someone else built): only stderr then reaches the debug log."""
     exe = TOOLS[tool].path()
     argv = [exe, *map(str, args)]
     log.debug("$ " + shlex.join([tool, *argv[1:]]))
@@ -96,7 +99,7 @@ def run(
     except subprocess.TimeoutExpired:
         raise ToolFailedError(f"{tool} did not finish within {timeout:.0f}s", "see the debug log (-v)") from None
     result = Result(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
-    output = result.text()
+    output = result.text() if log_stdout else log.redact(proc.stderr.decode("utf-8", "replace"))
     if output.strip():
         log.debug(f"{tool} output:\n{output.rstrip()}")
     if check and proc.returncode != 0:
