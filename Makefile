@@ -8,7 +8,7 @@ STAMPS := .stamps
 # Debian packages: build tools, signing, readers used by the tests, wine, Redis.
 DEBIAN_PACKAGES := wixl msitools osslsigncode nsis wine wine64 xorriso dmg2img p7zip-full \
 	cpio libarchive-tools openssl softhsm2 libengine-pkcs11-openssl gcc-mingw-w64-x86-64 \
-	make redis-server
+	make redis-server wrk
 
 DEMO_OUT := out/demo
 DEMO_KEYS := .dev-keys

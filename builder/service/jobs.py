@@ -14,7 +14,7 @@ import time
 import redis
 from cryptography.fernet import Fernet, InvalidToken
 from rq import Queue, Retry, Worker
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError, StopRequested
 from rq.job import Job
 
 from builder import log
@@ -54,6 +54,10 @@ class _Worker(Worker):
     restart would stop `builder worker` processes at random. Here the loop starts again once
     Redis answers; a stop request (SIGTERM, SIGINT) still ends it."""
 
+    # RQ doubles its wait for Redis up to 60 s: after a long outage a worker would sit idle for
+    # up to a minute while jobs queue up. A PING every few seconds costs nothing.
+    max_connection_wait_time = 5.0
+
     def work(self, burst: bool = False, **kwargs) -> bool:
         worked, pause = False, 1.0
         while True:
@@ -61,15 +65,23 @@ class _Worker(Worker):
                 worked = super().work(burst=burst, **kwargs) or worked
             except _REDIS_DOWN as exc:
                 self.log.warning("Worker %s: Redis is unreachable (%s)", self.name, type(exc).__name__)
-            if burst or self._stop_requested or self._shutdown_requested_date is not None:
+            try:
+                if burst or self._stopping():
+                    return worked
+                self._wait_for_redis()
+                time.sleep(pause)  # a loop that keeps failing for another reason must not spin
+            except StopRequested:  # SIGTERM while waiting: RQ's handler raises this when idle
                 return worked
-            self._wait_for_redis()
-            time.sleep(pause)  # a loop that keeps failing for another reason must not spin
+            if self._stopping():
+                return worked
             pause = min(pause * 2, 30.0)
             self.log.warning("Worker %s: starting its work loop again", self.name)
 
+    def _stopping(self) -> bool:
+        return self._stop_requested or self._shutdown_requested_date is not None
+
     def _wait_for_redis(self) -> None:
-        while True:
+        while not self._stopping():
             try:
                 self.connection.ping()
                 break
