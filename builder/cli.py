@@ -383,6 +383,7 @@ def serve_cmd(host, port, storage_url, state_dir, redis_url, sign_cert, sign_key
                                mac_sign_pkcs12, no_sign, ca)
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
     settings = ServiceSettings(api_keys=api_keys_from(), link_secret=link_secret_of(issuer))
+    issuer.warm()
     uvicorn.run(create_app(issuer, settings), host=host, port=port, log_level="warning", access_log=False)
 
 
@@ -403,6 +404,7 @@ def worker_cmd(storage_url, state_dir, redis_url, sign_cert, sign_key, sign_pkcs
                                mac_sign_pkcs12, no_sign, ca)
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
     jobs.WORKER_ISSUER, jobs.WORKER_FERNET = issuer, issuer.queue.fernet
+    issuer.warm(local_only=True)
     issuer.queue.worker().work(burst=burst, with_scheduler=True)
 
 

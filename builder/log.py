@@ -18,7 +18,11 @@ from rich.table import Table
 console = Console(stderr=True, highlight=False)
 logger = logging.getLogger("builder")
 
-_secrets: set[str] = set()
+# Most recent first out: a long-running service sees a token per request, and the redactor must
+# not grow without bound. A secret stays registered for at least its request's lifetime.
+MAX_SECRETS = 10_000
+_secrets: dict[str, None] = {}
+_by_length: list[str] = []
 _lock = threading.Lock()
 _quiet = False
 _timings: list[tuple[str, float]] = []
@@ -26,16 +30,22 @@ _timings: list[tuple[str, float]] = []
 
 def register_secret(value: str) -> None:
     """From now on `value` is replaced by `***` in everything this module prints."""
+    global _by_length
     if value and len(value) >= 4:
         with _lock:
-            _secrets.add(value)
+            if value in _secrets:
+                return
+            _secrets[value] = None
+            while len(_secrets) > MAX_SECRETS:
+                _secrets.pop(next(iter(_secrets)))
+            _by_length = sorted(_secrets, key=len, reverse=True)
 
 
 def redact(text: str) -> str:
-    with _lock:
-        values = sorted(_secrets, key=len, reverse=True)
+    values = _by_length  # replaced whole under the lock, never changed in place
     for value in values:
-        text = text.replace(value, "***")
+        if value in text:
+            text = text.replace(value, "***")
     return text
 
 

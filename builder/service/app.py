@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from builder import __version__, log
 from builder import enrollment as enrollment_rules
-from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret
+from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret, validate_id, validate_token
 from builder.errors import BuilderError, EnrollmentError, FormatError, SigningError, StorageError, UsageError
 from builder.service.issuer import FORMATS, Issuer, Record, Revoked, UnknownRelease
 from builder.storage import LinkStatus
@@ -159,8 +159,33 @@ class _TooLarge(Exception):
     pass
 
 
+class _Counting:
+    """Counts responses by route and status; pure ASGI (BaseHTTPMiddleware costs a task per request)."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def recording_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            self.counter.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
+
+
 def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
-    app = FastAPI(title="builder installer service", version=__version__,
+    # Every route but /healthz needs a key: the OpenAPI document is served below, behind one,
+    # and the interactive docs (which would load scripts from a CDN) are off.
+    app = FastAPI(title="builder installer service", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
                   description="Issues group-specific, signed agent installers for the console's download button.")
     app.add_middleware(_BodyLimit)
     registry = CollectorRegistry()
@@ -170,7 +195,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     issued_total = Counter("builder_installers_total", "Installers requested", ["format", "outcome"], registry=registry)
     bearer = HTTPBearer(auto_error=False)
 
-    def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+    async def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(401, "missing bearer API key", headers={"WWW-Authenticate": "Bearer"})
         digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
@@ -197,12 +222,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         # Pydantic's message may quote the input (a token): name the field and the rule only.
         return _problem(422, f"{where}: {first.get('type', 'invalid')}: {first.get('msg', 'invalid value').split(',')[0]}")
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        requests_total.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Counting, counter=requests_total)
 
     def url_for(request: Request, rec: Record) -> str:
         if issuer.store.kind == "file":
@@ -221,6 +241,10 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
         return {"status": "ok", "version": __version__}
+
+    @app.get("/openapi.json", tags=["ops"], include_in_schema=False)
+    async def openapi(_who: str = Depends(caller)) -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     @app.get("/metrics", tags=["ops"], response_class=Response, responses=_ERRORS)
     def metrics(_who: str = Depends(caller)) -> Response:
@@ -252,6 +276,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             raise HTTPException(404, "no such installer id")
         rec = issuer.record(installer_id)
         if rec is None:
+            issuer.raise_if_failed(installer_id)
             if issuer.is_pending(installer_id):
                 return answer(request, installer_id, None)
             raise HTTPException(404, "no such installer id")
@@ -270,7 +295,9 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
 
     @app.post("/v1/revocations", tags=["tokens"], responses=_ERRORS)
     def revoke(body: RevocationRequest, who: str = Depends(caller)) -> dict:
-        log.register_secret(body.token)
+        validate_id("account-id", body.account_id)
+        validate_id("group-id", body.group_id)
+        validate_token(Secret(body.token))
         fp = issuer.revoke(who, body.account_id, body.group_id, Secret(body.token))
         return {"revoked": True, "token_fingerprint": "sha256:" + fp[:16]}
 
@@ -285,6 +312,12 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             raise HTTPException(404, "no such installer")
         if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):
             raise HTTPException(410, "this installer carries a revoked enrollment token")
+        headers = {"Content-Disposition": f'attachment; filename="{issuer.download_name(rec)}"'}
+        if rec.streamed:
+            # base[0:off] + slot + base[off+len:], read from the release object: no copy stored.
+            base_key, pieces = issuer.stamp_pieces(rec)
+            return StreamingResponse(issuer.store.stream_pieces(base_key, pieces), media_type="application/octet-stream",
+                                     headers={**headers, "Content-Length": str(rec.size)})
         path = issuer.store.local_path(rec.key)
         return FileResponse(path, media_type="application/octet-stream", filename=issuer.download_name(rec))
 

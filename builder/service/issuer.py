@@ -14,6 +14,7 @@ them agree; storage's create-if-absent is the final guard against double work. T
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -32,10 +33,13 @@ from builder.enrollment import Enrollment, Secret
 from builder.errors import BuilderError, FormatError, StorageError, UsageError
 from builder.formats.base import Signers
 from builder.release import Release
-from builder.storage import ObjectNotFoundError, Store, content_key
+from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError, content_key
 from builder.storage.release import INDEX_FORMAT
 
 FORMATS = tuple(stamp.STAMP_FORMATS)
+RECORD_CACHE = 100_000
+VERIFIED_MARKER = ".verified-index.json"
+VERSIONS_TTL_S = 5.0
 _VERSION_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")
 
 
@@ -45,6 +49,12 @@ class UnknownRelease(BuilderError):
 
 class Revoked(BuilderError):
     exit_code = 12
+
+
+class StampFailed(BuilderError):
+    """A worker could not make the installer (after its retries); nothing was published."""
+
+    exit_code = 7
 
 
 def token_fingerprint(token: Secret) -> str:
@@ -78,6 +88,9 @@ class Record:
     account_id: str
     group_id: str
     token_fingerprint: str
+    # True: `key` names a stamp description (base object + slot bytes) that the download route
+    # streams as base[0:off] + slot + base[off+len:], instead of a stored copy (local storage).
+    streamed: bool = False
 
     def as_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -92,6 +105,9 @@ class Audit:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: a committed row survives a crash of this process; only a power cut
+            # can lose the last rows. FULL would fsync on every request.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS audit (ts REAL NOT NULL, caller TEXT NOT NULL, action TEXT NOT NULL,"
                 " installer_id TEXT, release TEXT, format TEXT, account_id TEXT, group_id TEXT,"
@@ -132,17 +148,26 @@ class Issuer:
         self._inflight: dict[str, Future] = {}
         self._inflight_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stamp")
+        self._records: dict[str, Record] = {}
+        self._records_lock = threading.Lock()
+        self._versions: tuple[float, list[str]] | None = None
         self.queue = None  # set by builder.service.jobs when Redis workers do the stamping
 
     # -- releases ------------------------------------------------------------------------------
 
     def release_versions(self) -> list[str]:
+        """Published versions, oldest first; listed at most once per VERSIONS_TTL_S seconds."""
+        now = time.monotonic()
+        if self._versions is not None and now - self._versions[0] < VERSIONS_TTL_S:
+            return self._versions[1]
         seen = set()
         for obj in self.store.list(f"{self.prefix}/releases"):
             parts = obj.key.split("/")
             if parts[-1] == "manifest.json" and _VERSION_RE.match(parts[-2]):
                 seen.add(parts[-2])
-        return sorted(seen, key=_version_key)
+        versions = sorted(seen, key=_version_key)
+        self._versions = (now, versions)
+        return versions
 
     def resolve(self, release: str) -> str:
         if release == "latest":
@@ -161,9 +186,10 @@ class Issuer:
                 return self._releases[version]
             index_key = f"{self.prefix}/releases/{version}/manifest.json"
             try:
-                index = json.loads(self.store.get(index_key))
+                index_bytes = self.store.get(index_key)
             except ObjectNotFoundError:
                 raise UnknownRelease(f"release {version} is not published", "GET /v1/releases lists what is") from None
+            index = json.loads(index_bytes)
             if index.get("format") != INDEX_FORMAT:
                 raise FormatError(f"release {version}: index {index_key} is not a release index")
             folder = self.cache_dir / "releases" / version
@@ -181,9 +207,49 @@ class Issuer:
                     os.replace(staging, folder)
                 except OSError:  # another process won the race: use its copy
                     shutil.rmtree(staging, ignore_errors=True)
-            rel = Release.open(folder, ca=self.ca)
-            self._releases[version] = (rel, index)
-            return rel, index
+            self._releases[version] = self._open_cached(folder, index_bytes)
+            return self._releases[version]
+
+    def _open_cached(self, folder: Path, index_bytes: bytes) -> tuple[Release, dict]:
+        """Release.open on the cached copy: with full verification (sha256 + signatures) the
+        first time, and with a size check only when this cache already verified the same index
+        (a marker any process of this host writes after verifying)."""
+        marker = folder / VERIFIED_MARKER
+        seen = marker.read_bytes() if marker.is_file() else None
+        rel = Release.open(folder, ca=self.ca, verify=seen != index_bytes)
+        if seen != index_bytes:
+            partial = folder / f".{VERIFIED_MARKER}.partial"
+            partial.write_bytes(index_bytes)
+            os.replace(partial, marker)
+        return rel, json.loads(index_bytes)
+
+    def warm(self, *, local_only: bool = False) -> None:
+        """Open releases and hash the unchanged prefix of their slot formats now, so that the
+        first stamps do not pay for it. Best effort: storage that is down now is reported when
+        a request needs it. `local_only`: only releases already in this host's cache, read
+        without touching storage: `builder worker` warms before RQ forks its work-horses, and
+        obstore's I/O runtime does not survive a fork."""
+        if local_only:
+            candidates = sorted((self.cache_dir / "releases").glob(f"*/{VERIFIED_MARKER}"))
+            opened = []
+            for marker in candidates:
+                version = marker.parent.name
+                with self._release_lock:
+                    if version not in self._releases:
+                        self._releases[version] = self._open_cached(marker.parent, marker.read_bytes())
+                opened.append(self._releases[version][0])
+        else:
+            try:
+                opened = [self.open_release(v)[0] for v in self.release_versions()]
+            except StorageError as exc:
+                log.warning(f"releases not prepared ahead: {exc}")
+                return
+        for rel in opened:
+            for fmt in stamp.SLOTTED:
+                name = stamp.STAMP_FORMATS[fmt]
+                if name in rel.manifest["files"] and rel.file(name).slot:
+                    base = rel.file(name)
+                    _pieces_sha256(base.path, [("base", 0, base.slot["extents"][0][0])])
 
     def default_console_url(self, version: str) -> str:
         return self.open_release(version)[0].product().console_url
@@ -197,10 +263,27 @@ class Issuer:
     # -- records and revocations --------------------------------------------------------------
 
     def record(self, installer_id: str) -> Record | None:
+        """The record of a finished installer. Records never change once written, so found ones
+        are kept in memory (bounded); a missing one is asked again next time."""
+        with self._records_lock:
+            rec = self._records.get(installer_id)
+        if rec is not None:
+            return rec
         try:
-            return Record(**json.loads(self.store.get(f"records/{installer_id}.json")))
+            rec = Record(**json.loads(self.store.get(f"records/{installer_id}.json")))
         except ObjectNotFoundError:
             return None
+        with self._records_lock:
+            self._records[installer_id] = rec
+            while len(self._records) > RECORD_CACHE:
+                self._records.pop(next(iter(self._records)))
+        return rec
+
+    def stamp_pieces(self, rec: Record) -> tuple[str, list]:
+        """(base object key, pieces) of a streamed installer."""
+        doc = json.loads(self.store.get(rec.key))
+        pieces = [("base", p[1], p[2]) if p[0] == "base" else ("bytes", base64.b64decode(p[1])) for p in doc["pieces"]]
+        return doc["base_key"], pieces
 
     def _revocation_key(self, account_id: str, group_id: str, token_fp: str) -> str:
         return f"revocations/{_group_hash(account_id, group_id)}/{token_fp}.json"
@@ -247,11 +330,16 @@ class Issuer:
         if self.queue is not None:
             self.queue.submit(installer_id, version, fmt, enrollment)
             deadline = time.monotonic() + wait_s
+            polls = 0
             while time.monotonic() < deadline:
                 rec = self.record(installer_id)
                 if rec is not None:
                     return rec
+                polls += 1
+                if polls % 50 == 0:
+                    self._raise_if_failed_quietly(installer_id)
                 time.sleep(0.01)
+            self._raise_if_failed_quietly(installer_id)
             return None
         with self._inflight_lock:
             fut = self._inflight.get(installer_id)
@@ -263,6 +351,20 @@ class Issuer:
             return fut.result(timeout=wait_s)
         except TimeoutError:
             return None
+
+    def raise_if_failed(self, installer_id: str) -> None:
+        if self.queue is not None:
+            why = self.queue.failure(installer_id)
+            if why is not None:
+                raise StampFailed(f"the installer could not be made: {why}", "the service's operators have the worker log; ask again later")
+
+    def _raise_if_failed_quietly(self, installer_id: str) -> None:
+        """While waiting for a job already queued: a queue that stops answering is no reason to
+        fail the request, since the record in storage is what says the installer is ready."""
+        try:
+            self.raise_if_failed(installer_id)
+        except StorageUnavailableError:
+            pass
 
     def is_pending(self, installer_id: str) -> bool:
         with self._inflight_lock:
@@ -282,14 +384,24 @@ class Issuer:
         rel, index = self.open_release(version)
         base = rel.file(stamp.STAMP_FORMATS[fmt])
         suffix = stamp.SUFFIX[fmt]
+        streamed = False
         if fmt in stamp.SLOTTED:
             pieces = stamp.stamp_ranges(base, enrollment)
             sha = _pieces_sha256(base.path, pieces)
-            key = content_key("installers", sha, suffix)
             base_key = index["files"][base.path.name]["key"]
-            if not self.store.exists(key):
-                self.store.put_pieces_if_absent(key, base_key, pieces)
             size = base.entry["size"]
+            if self.store.kind == "file":
+                # The download route streams it from the release object: a few KiB stored per
+                # group instead of a 30 MB copy (S3 and Azure need an object to presign).
+                streamed = True
+                key = content_key("stamps", sha, ".json")
+                doc = {"format": "builder-stamp/1", "base_key": base_key, "size": size, "sha256": sha,
+                       "pieces": [list(p) if p[0] == "base" else ["bytes", base64.b64encode(p[1]).decode()] for p in pieces]}
+                self.store.put_if_absent(key, json.dumps(doc, sort_keys=True).encode())
+            else:
+                key = content_key("installers", sha, suffix)
+                if not self.store.exists(key):
+                    self.store.put_pieces_if_absent(key, base_key, pieces)
         else:
             with tempfile.TemporaryDirectory(prefix="builder-issue-", dir=self.cache_dir) as tmp:
                 out = Path(tmp) / f"installer{suffix}"
@@ -298,7 +410,7 @@ class Issuer:
                 key = content_key("installers", sha, suffix)
                 self.store.put_if_absent(key, out)
         rec = Record(installer_id, version, fmt, key, sha, size, enrollment.account_id, enrollment.group_id,
-                     token_fingerprint(enrollment.token))
+                     token_fingerprint(enrollment.token), streamed)
         self.store.put_if_absent(f"records/{installer_id}.json", rec.as_json())
         return self.record(installer_id) or rec
 

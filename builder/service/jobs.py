@@ -120,7 +120,7 @@ class RedisQueue:
     def _enqueue(self, installer_id: str, sealed: bytes, fmt: str, version: str) -> None:
         try:
             self.queue.enqueue_call("builder.service.jobs.run_job", args=(sealed,), job_id=installer_id, unique=True,
-                                    retry=Retry(max=3, interval=[1, 2, 5]), timeout=self.job_timeout,
+                                    retry=Retry(max=3), timeout=self.job_timeout,
                                     result_ttl=600, failure_ttl=86400, description=f"stamp {fmt} {version}")
         except DuplicateJobError:
             job = self._job(installer_id)
@@ -144,6 +144,21 @@ class RedisQueue:
         except _REDIS_DOWN:
             raise self._unavailable("job status") from None
         return str(getattr(status, "value", status)) in PENDING_STATES
+
+    def failure(self, installer_id: str) -> str | None:
+        """Why the job for `installer_id` failed for good (retries used up), or None."""
+        try:
+            job = self._job(installer_id)
+            if job is None:
+                return None
+            status = job.get_status(refresh=True)
+            if str(getattr(status, "value", status)) != "failed":
+                return None
+            last = (job.latest_result().exc_string if job.latest_result() else "") or ""
+        except _REDIS_DOWN:
+            raise self._unavailable("job status") from None
+        lines = [ln.strip() for ln in last.splitlines() if ln.strip()]
+        return log.redact(lines[-1]) if lines else "the stamping job failed"
 
     def worker(self, name: str | None = None) -> Worker:
         try:

@@ -205,7 +205,10 @@ def test_end_to_end_on_local_storage(local, dev_keys, tmp_path):
 
         rec = local.issuer.record(doc["id"])
         assert rec.sha256 == doc["sha256"] and local.store.exists(rec.key)
-        assert rec.key.startswith("installers/") and doc["sha256"] in rec.key
+        # On local storage the slot formats are streamed from the release object (a stamp
+        # description is stored, not a 30 MB copy); a baked MSI is a stored installer.
+        assert rec.streamed == (fmt in ("exe", "msi-tagged"))
+        assert rec.key.startswith("stamps/" if rec.streamed else "installers/") and doc["sha256"] in rec.key
 
         # The download link needs no API key (a browser follows it): its HMAC is the credential.
         download = httpx.get(doc["url"], timeout=60)
@@ -219,15 +222,16 @@ def test_concurrent_identical_requests_stamp_once(local):
     token, group = new_token("race"), "group-race"
     body = {"account_id": ACCOUNT, "group_id": group, "token": token, "format": "exe"}
     store, issuer = local.store, local.issuer
-    original_put, original_request = store.put_pieces_if_absent, issuer.request
+    original_put, original_request = store.put_if_absent, issuer.request
     lock = threading.Lock()
     counts = {"puts": 0, "inside": 0, "most_inside": 0}
 
-    def slow_put(*args, **kwargs):
-        with lock:
-            counts["puts"] += 1
-        time.sleep(0.5)  # every other request arrives while the one stamp is still running
-        return original_put(*args, **kwargs)
+    def slow_put(key, *args, **kwargs):
+        if key.startswith("stamps/"):  # the stamp itself (records are written with the same call)
+            with lock:
+                counts["puts"] += 1
+            time.sleep(0.5)  # every other request arrives while the one stamp is still running
+        return original_put(key, *args, **kwargs)
 
     def counting_request(*args, **kwargs):
         with lock:
@@ -239,7 +243,7 @@ def test_concurrent_identical_requests_stamp_once(local):
             with lock:
                 counts["inside"] -= 1
 
-    before = local.keys("installers")
+    before = local.keys("stamps")
     n = 16
     barrier = threading.Barrier(n)
     answers: list = [None] * n
@@ -249,7 +253,7 @@ def test_concurrent_identical_requests_stamp_once(local):
             barrier.wait(timeout=30)
             answers[i] = client.post("/v1/installers", json=body, headers=auth())
 
-    store.put_pieces_if_absent, issuer.request = slow_put, counting_request
+    store.put_if_absent, issuer.request = slow_put, counting_request
     try:
         threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
         for t in threads:
@@ -257,13 +261,13 @@ def test_concurrent_identical_requests_stamp_once(local):
         for t in threads:
             t.join(timeout=90)
     finally:
-        store.put_pieces_if_absent, issuer.request = original_put, original_request
+        store.put_if_absent, issuer.request = original_put, original_request
 
     assert all(a is not None and a.status_code == 200 for a in answers), [a and a.status_code for a in answers]
     assert len({a.json()["id"] for a in answers}) == 1 and len({a.json()["sha256"] for a in answers}) == 1
     assert counts["most_inside"] > 1, "the requests did not overlap: the test proved nothing"
     assert counts["puts"] == 1, f"the installer was stamped {counts['puts']} times"
-    assert len(local.keys("installers") - before) == 1
+    assert len(local.keys("stamps") - before) == 1
     installer_id = answers[0].json()["id"]
     assert len(local.audit(installer_id=installer_id, action="issue")) == n
 

@@ -227,8 +227,14 @@ def post_all(cluster: Cluster, bodies: list[dict]) -> list[httpx.Response]:
     return answers
 
 
+def published(cluster) -> set:
+    """Installers stored whole (baked MSI) and stamp descriptions (exe, msi-tagged: streamed
+    from the release object on local storage)."""
+    return cluster.keys("installers") | cluster.keys("stamps")
+
+
 def test_distinct_groups_are_stamped_by_the_workers(cluster):
-    before = cluster.keys("installers")
+    before = published(cluster)
     formats = ["msi", "exe", "msi-tagged", "exe", "msi", "msi-tagged", "exe", "msi-tagged"]
     bodies = [{"account_id": ACCOUNT, "group_id": f"group-w{i}", "token": new_token(f"w{i}"), "format": fmt}
               for i, fmt in enumerate(formats)]
@@ -236,7 +242,7 @@ def test_distinct_groups_are_stamped_by_the_workers(cluster):
     assert all(a is not None and a.status_code == 200 for a in answers), [a and (a.status_code, a.text[:200]) for a in answers]
     docs = [a.json() for a in answers]
     assert all(d["status"] == "ready" for d in docs) and len({d["id"] for d in docs}) == 8
-    assert len(cluster.keys("installers") - before) == 8
+    assert len(published(cluster) - before) == 8
     done_by = set()
     for doc, body in zip(docs, bodies):
         rec = cluster.issuer.record(doc["id"])
@@ -268,7 +274,7 @@ def test_identical_concurrent_requests_enqueue_one_job(cluster):
         return job
 
     body = {"account_id": ACCOUNT, "group_id": "group-same", "token": new_token("same"), "format": "msi"}
-    before, signs = cluster.keys("installers"), shim_calls(cluster.shim_log)
+    before, signs = published(cluster), shim_calls(cluster.shim_log)
     queue.enqueue_call = counting_enqueue
     try:
         answers = post_all(cluster, [body] * 8)
@@ -279,7 +285,7 @@ def test_identical_concurrent_requests_enqueue_one_job(cluster):
     assert outcomes.count("enqueued") == 1, outcomes
     assert len(outcomes) > 1 and set(outcomes) <= {"enqueued", "DuplicateJobError"}, outcomes
     assert shim_calls(cluster.shim_log) - signs == 1, "the msi was signed more than once"
-    assert len(cluster.keys("installers") - before) == 1
+    assert len(published(cluster) - before) == 1
     assert cluster.job(answers[0].json()["id"]).get_status() == "finished"
 
 
@@ -381,7 +387,7 @@ def find_signing_horse(cluster: Cluster, timeout_s: float = 30) -> int:
 
 def test_killed_work_horse_is_retried(cluster, dev_keys, tmp_path):
     body = {"account_id": ACCOUNT, "group_id": "group-killed", "token": new_token("killed"), "format": "msi"}
-    before, signs = cluster.keys("installers"), shim_calls(cluster.shim_log)
+    before, signs = published(cluster), shim_calls(cluster.shim_log)
     answer: list = []
     caller = threading.Thread(target=lambda: answer.append(cluster.post(body)))
     caller.start()
@@ -395,7 +401,7 @@ def test_killed_work_horse_is_retried(cluster, dev_keys, tmp_path):
     job = cluster.job(doc["id"])
     assert job.get_status() == "finished" and job.retries_left == 2  # one of its three retries was used
     assert shim_calls(cluster.shim_log) - signs == 2  # the killed signing, and the retry's
-    assert len(cluster.keys("installers") - before) == 1  # the killed attempt published nothing
+    assert len(published(cluster) - before) == 1  # the killed attempt published nothing
     path = tmp_path / "killed.msi"
     path.write_bytes(httpx.get(doc["url"], timeout=60).content)
     verified = subprocess.run(["osslsigncode", "verify", "-CAfile", str(dev_keys.ca_cert), "-in", str(path)],
