@@ -396,14 +396,16 @@ def worker_cmd(storage_url, state_dir, redis_url, sign_cert, sign_key, sign_pkcs
                timestamp_url, test_tsa, mac_sign_pkcs12, no_sign, ca, burst):
     """Do stamping jobs from Redis (BUILDER_QUEUE_KEY must match the service's)."""
     from builder.service import jobs
-    from builder.service.setup import ServiceOptions, make_issuer
+    from builder.service.setup import ServiceOptions, make_issuer, prefetch_releases
 
     if not redis_url:
         raise UsageError("builder worker needs --redis URL", "the same Redis the service uses")
     signers = _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
                                mac_sign_pkcs12, no_sign, ca)
-    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
+    opts = ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url)
+    issuer = make_issuer(opts)
     jobs.WORKER_ISSUER, jobs.WORKER_FERNET = issuer, issuer.queue.fernet
+    prefetch_releases(opts)
     issuer.warm(local_only=True)
     issuer.queue.worker().work(burst=burst, with_scheduler=True)
 
