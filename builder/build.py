@@ -108,13 +108,15 @@ def build(
             start = time.perf_counter()
             with log.step(f"{fmt.name}: build and sign"):
                 built = fmt.build(request)
+            details = dict(built.details)
             if not signers.unsigned:
                 with log.step(f"{fmt.name}: verify"):
                     report = fmt.verify(built.path, signers.verify_ca)
                 if not report.get("ok"):
                     raise VerificationError(f"{fmt.name}: the signed installer does not verify: {report.get('detail', 'see builder verify')}", "check the signing certificate chain (--ca)")
+                details["timestamp"] = (report.get("signature") or {}).get("timestamp")
             return Output(fmt.name, built.path, built.path.stat().st_size, sha256_file(built.path),
-                          built.signer, built.notarized, time.perf_counter() - start, built.details)
+                          built.signer, built.notarized, time.perf_counter() - start, details)
 
         # Formats spend their time in external tools, so threads run them side by side.
         with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:

@@ -33,7 +33,8 @@ def release(*, format_names: list[str], product: Product, version: str, payload:
     files = {}
     for o in outputs:
         fmt = formats.get(o.format)
-        entry = {"file": o.path.name, "size": o.size, "sha256": o.sha256, "signer": o.signer, "notarized": o.notarized}
+        entry = {"file": o.path.name, "size": o.size, "sha256": o.sha256, "signer": o.signer,
+                 "timestamp": o.details.get("timestamp"), "notarized": o.notarized}
         entry.update(fmt.release_entry(o.path, product) if hasattr(fmt, "release_entry") else {})
         files[o.format] = entry
     manifest = {
