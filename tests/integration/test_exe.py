@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.binfmt import nsis
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
 from builder.errors import FormatError, SigningError
@@ -126,7 +127,7 @@ def test_verify_reads_back_the_baked_enrollment(built_a, dev_keys):
     leaked = ENROLL_A.token.reveal() in json.dumps(report)
     assert not leaked, "verify's report shows the token"
     assert exe.ExeFormat().inspect(built_a[0])["enrollment"] == report["enrollment"]
-    assert report["product"] == {"name": PRODUCT.name, "manufacturer": PRODUCT.vendor, "version": "1.2.3"}
+    assert (report["product"], report["version"], report["exe"]["manufacturer"]) == (PRODUCT.name, "1.2.3", PRODUCT.vendor)
 
 
 def test_payload_is_installed_as_given(built_a, test_payload, tmp_path):
@@ -144,8 +145,8 @@ def test_makensis_output_is_reproducible(test_payload, tmp_path):
 
 def test_a_changed_byte_fails_verification(built_a, dev_keys, tmp_path):
     data = bytearray(built_a[0].read_bytes())
-    inst = exe.locate(bytes(data), "setup.exe")
-    blocks = list(exe._blocks(bytes(data), inst, "setup.exe"))
+    inst = nsis.locate(bytes(data), "setup.exe")
+    blocks = list(nsis._blocks(bytes(data), inst, "setup.exe"))
     for label, (offset, length, _) in (("agent data", max(blocks[1:], key=lambda b: b[1])), ("script header", blocks[0])):
         changed = bytearray(data)
         changed[offset + length // 2] ^= 0x01
@@ -177,7 +178,7 @@ def test_release_build_reads_its_enrollment_at_install_time(dev_keys, test_paylo
     assert report["ok"], report["detail"]
     assert report["enrollment"] is None
     data = setup.read_bytes()
-    strings = exe.script_strings(data, exe.locate(data, "setup.exe"), "setup.exe")
+    strings = nsis.script_strings(data, nsis.locate(data, "setup.exe"), "setup.exe")
     assert any("enroll-from-installer --installer" in s for s in strings)
     assert not any("write-config" in s for s in strings)
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from builder.binfmt import nsis
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
 from builder.errors import EnrollmentError, FormatError, PayloadError
@@ -222,8 +223,8 @@ def nsis_header(strings: list[str]) -> bytes:
     table = "\0".join(strings).encode("utf-16-le") + b"\0\0"
     start = 4 + 12 * 8
     offsets = [start] * 8
-    offsets[exe._NB_STRINGS] = start
-    offsets[exe._NB_LANGTABLES] = start + len(table)
+    offsets[nsis._NB_STRINGS] = start
+    offsets[nsis._NB_LANGTABLES] = start + len(table)
     blocks = b"".join(struct.pack("<QI", off, 0) for off in offsets)
     return struct.pack("<I", 0) + blocks + table
 
@@ -262,16 +263,16 @@ def pieces_for(enrollment: Enrollment) -> list[str]:
 def test_enrollment_reads_back_from_the_string_table():
     e = hostile()
     data = fake_installer(["Example", *pieces_for(e), "$INSTDIR"])
-    inst = exe.locate(data, "setup.exe")
-    got = exe.enrollment_from_strings(exe.script_strings(data, inst, "setup.exe"), "setup.exe")
+    inst = nsis.locate(data, "setup.exe")
+    got = exe.enrollment_from_strings(nsis.script_strings(data, inst, "setup.exe"), "setup.exe")
     assert got == e, "the enrollment read back differs"
     assert got.public() == e.public()
 
 
 def test_no_markers_means_a_release():
     data = fake_installer(["Example", "enroll-from-installer"])
-    inst = exe.locate(data, "setup.exe")
-    assert exe.enrollment_from_strings(exe.script_strings(data, inst, "setup.exe"), "setup.exe") is None
+    inst = nsis.locate(data, "setup.exe")
+    assert exe.enrollment_from_strings(nsis.script_strings(data, inst, "setup.exe"), "setup.exe") is None
 
 
 def test_a_missing_piece_is_reported_by_field_not_value():
@@ -285,9 +286,9 @@ def test_a_missing_piece_is_reported_by_field_not_value():
 def test_embedded_uninstaller_is_found():
     uninstaller = fake_installer(["un"], flags=1)
     data = fake_installer(["x"], extra_blocks=[b"MZ not an nsis file" * 10, uninstaller])
-    inst = exe.locate(data, "setup.exe")
-    assert exe.embedded_uninstaller(data, inst, "setup.exe") == uninstaller
-    assert exe.embedded_uninstaller(fake_installer(["x"]), exe.locate(fake_installer(["x"]), "s"), "s") is None
+    inst = nsis.locate(data, "setup.exe")
+    assert nsis.embedded_uninstaller(data, inst, "setup.exe") == uninstaller
+    assert nsis.embedded_uninstaller(fake_installer(["x"]), nsis.locate(fake_installer(["x"]), "s"), "s") is None
 
 
 def string_entry(key: str, value: str) -> bytes:
@@ -308,24 +309,24 @@ def test_version_strings_are_read_from_the_stub():
 def test_truncated_input_names_the_file(cut):
     data = fake_installer(pieces_for(hostile()))
     with pytest.raises(FormatError, match="setup.exe") as err:
-        exe.locate(data[:cut], "setup.exe")
+        nsis.locate(data[:cut], "setup.exe")
     assert "truncated" in err.value.message or "not a PE" in err.value.message
 
 
 def test_not_a_pe_and_not_nsis():
     with pytest.raises(FormatError, match=r"x\.exe is not a PE"):
-        exe.locate(b"PK\x03\x04" + bytes(100), "x.exe")
+        nsis.locate(b"PK\x03\x04" + bytes(100), "x.exe")
     plain = fake_installer([])[:0x400]
     with pytest.raises(FormatError, match="not an NSIS installer"):
-        exe.locate(plain, "plain.exe")
+        nsis.locate(plain, "plain.exe")
 
 
 def test_damaged_header_is_a_format_error_inside_not_a_crash():
     data = bytearray(fake_installer(pieces_for(hostile())))
     data[0x400 + 28 + 4 + 10] ^= 0xFF
-    inst = exe.locate(bytes(data), "setup.exe")
+    inst = nsis.locate(bytes(data), "setup.exe")
     with pytest.raises(FormatError, match="setup.exe"):
-        exe.script_strings(bytes(data), inst, "setup.exe")
+        nsis.script_strings(bytes(data), inst, "setup.exe")
 
 
 # --- the makensis wrapper -------------------------------------------------------------------
