@@ -69,10 +69,14 @@ demo: deps payload-test dev-keys
 		--out $(DEMO_OUT)/release $(DEMO_SIGN)
 	@echo "== publish the release to the local store, then issue one group's installer the way the service does"
 	$(PY) -m builder publish $(DEMO_OUT)/release --to file://$(CURDIR)/$(DEMO_OUT)/store
-	DEMO_TOKEN=demo-group-token-$$(date +%s) $(PY) -m builder issue --format exe --account-id demo-account \
+	@test -s $(DEMO_KEYS)/demo-link-key || $(PY) -c "import secrets; print(secrets.token_hex(32))" > $(DEMO_KEYS)/demo-link-key
+	DEMO_TOKEN=demo-group-token-$$(date +%s) BUILDER_STORAGE_HMAC_KEY=$$(cat $(DEMO_KEYS)/demo-link-key) \
+		$(PY) -m builder issue --format exe --account-id demo-account \
 		--group-id demo-group-2 --token-env DEMO_TOKEN --storage file://$(CURDIR)/$(DEMO_OUT)/store \
 		--state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem
-	@echo "Serve it with: BUILDER_API_KEYS=... BUILDER_STORAGE_HMAC_KEY=... .venv/bin/builder serve --storage file://$(CURDIR)/$(DEMO_OUT)/store (see README.md)"
+	@echo "The link works once the service runs (README.md has the console's two curl calls):"
+	@echo "  BUILDER_API_KEYS=demo:demo-api-key-0123456789 BUILDER_STORAGE_HMAC_KEY=\$$(cat $(DEMO_KEYS)/demo-link-key) \\"
+	@echo "    .venv/bin/builder serve --port 8080 --storage file://$(CURDIR)/$(DEMO_OUT)/store --state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem"
 
 test: deps payload-test
 	$(PY) -m pytest -q -p no:cacheprovider tests

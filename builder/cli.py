@@ -92,6 +92,7 @@ def signing_options(fn):
 
 def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
                     mac_sign_pkcs12, no_sign, ca, product, environ=os.environ) -> Signers:
+    # Called with the signing options as click parsed them (`**signing` in each command).
     """All signing options resolved once, into one frozen object."""
     any_key = any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12])
     if no_sign:
@@ -146,8 +147,7 @@ def source_date_epoch(environ=os.environ) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
 def build(format_names, version, account_id, group_id, token_file, token_env, console_url, payload, out,
-          sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa, mac_sign_pkcs12,
-          no_sign, ca, config_file, set_items, as_json):
+          config_file, set_items, as_json, **signing):
     """Build signed installers with one group's enrollment stamped in."""
     from builder import build as build_mod
 
@@ -156,9 +156,7 @@ def build(format_names, version, account_id, group_id, token_file, token_env, co
     token = read_token(token_file, token_env)
     log.register_secret(token.reveal())
     enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
-    signers = resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
-                              pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
-                              mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=product)
+    signers = resolve_signers(product=product, **signing)
     outputs = build_mod.build(format_names=list(format_names), product=product, version=version, payload=payload,
                               enrollment=enrollment, signers=signers, out=out, source_date_epoch=source_date_epoch())
     doc = build_mod.summary_doc(outputs, enrollment, version)
@@ -271,16 +269,13 @@ def dev_keys(folder):
 @product_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @handle_errors
-def release_cmd(format_names, version, payload, out, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module,
-                timestamp_url, test_tsa, mac_sign_pkcs12, no_sign, ca, config_file, set_items, as_json):
+def release_cmd(format_names, version, payload, out, config_file, set_items, as_json, **signing):
     """Build and sign every format once, with an empty enrollment slot, and write the manifest."""
     from builder import release as release_mod
 
     product = load_product(config_file, parse_set_options(set_items))
     validate_version(version)
-    signers = resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
-                              pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
-                              mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=product)
+    signers = resolve_signers(product=product, **signing)
     manifest = release_mod.release(format_names=list(format_names or formats.NAMES), product=product, version=version,
                                    payload=payload, signers=signers, out=out, source_date_epoch=source_date_epoch())
     if as_json:
@@ -301,24 +296,21 @@ def release_cmd(format_names, version, payload, out, sign_cert, sign_key, sign_p
 @signing_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, console_url, out,
-              sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa, mac_sign_pkcs12,
-              no_sign, ca, as_json):
+def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, console_url, out, as_json, **signing):
     """Turn a release into one group's installer (signing keys only for msi, pkg and dmg)."""
     from builder import stamp as stamp_mod
     from builder.release import Release
 
+    ca = signing["ca"]
     rel = Release.open(release_dir, ca=ca)
     product = rel.product()
     token = read_token(token_file, token_env)
     log.register_secret(token.reveal())
     enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
-    if fmt in stamp_mod.SLOTTED and not any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12]):
+    if fmt in stamp_mod.SLOTTED and not _any_key(signing):
         signers = Signers(unsigned=not rel.manifest.get("signed"), verify_ca=ca)  # nothing is re-signed
     else:
-        signers = resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
-                                  pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
-                                  mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=product)
+        signers = resolve_signers(product=product, **signing)
     result = stamp_mod.stamp(rel, fmt, enrollment, signers, out)
     doc = {**result.as_dict(), "release": rel.version, "enrollment": enrollment.public()}
     if as_json:
@@ -330,14 +322,15 @@ def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, con
 
 # --- storage and service --------------------------------------------------------------------
 
-def _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
-                     mac_sign_pkcs12, no_sign, ca) -> Signers:
+def _any_key(signing: dict) -> bool:
+    return any(signing[k] for k in ("sign_cert", "sign_key", "sign_pkcs12", "sign_pkcs11", "mac_sign_pkcs12"))
+
+
+def _service_signers(signing: dict) -> Signers:
     """Keys for the formats a service re-signs (baked msi, pkg, dmg); none needed for exe/msi-tagged."""
-    if not any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12]) and not no_sign:
-        return Signers(verify_ca=ca)
-    return resolve_signers(sign_cert=sign_cert, sign_key=sign_key, sign_pkcs12=sign_pkcs12, sign_pkcs11=sign_pkcs11,
-                           pkcs11_module=pkcs11_module, timestamp_url=timestamp_url, test_tsa=test_tsa,
-                           mac_sign_pkcs12=mac_sign_pkcs12, no_sign=no_sign, ca=ca, product=load_product())
+    if not _any_key(signing) and not signing["no_sign"]:
+        return Signers(verify_ca=signing["ca"])
+    return resolve_signers(product=load_product(), **signing)
 
 
 @main.command("publish")
@@ -371,16 +364,15 @@ def service_options(fn):
 @service_options
 @signing_options
 @handle_errors
-def serve_cmd(host, port, storage_url, state_dir, redis_url, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module,
-              timestamp_url, test_tsa, mac_sign_pkcs12, no_sign, ca):
+def serve_cmd(host, port, storage_url, state_dir, redis_url, **signing):
     """Serve group installers over HTTP (API keys from BUILDER_API_KEYS or BUILDER_API_KEYS_FILE)."""
     import uvicorn
 
     from builder.service.app import ServiceSettings, create_app
     from builder.service.setup import ServiceOptions, api_keys_from, link_secret_of, make_issuer
 
-    signers = _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
-                               mac_sign_pkcs12, no_sign, ca)
+    signers = _service_signers(signing)
+    ca = signing["ca"]
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
     settings = ServiceSettings(api_keys=api_keys_from(), link_secret=link_secret_of(issuer))
     issuer.warm()
@@ -392,16 +384,15 @@ def serve_cmd(host, port, storage_url, state_dir, redis_url, sign_cert, sign_key
 @signing_options
 @click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
 @handle_errors
-def worker_cmd(storage_url, state_dir, redis_url, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module,
-               timestamp_url, test_tsa, mac_sign_pkcs12, no_sign, ca, burst):
+def worker_cmd(storage_url, state_dir, redis_url, burst, **signing):
     """Do stamping jobs from Redis (BUILDER_QUEUE_KEY must match the service's)."""
     from builder.service import jobs
     from builder.service.setup import ServiceOptions, make_issuer, prefetch_releases
 
     if not redis_url:
         raise UsageError("builder worker needs --redis URL", "the same Redis the service uses")
-    signers = _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
-                               mac_sign_pkcs12, no_sign, ca)
+    signers = _service_signers(signing)
+    ca = signing["ca"]
     opts = ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url)
     issuer = make_issuer(opts)
     jobs.WORKER_ISSUER, jobs.WORKER_FERNET = issuer, issuer.queue.fernet
@@ -420,14 +411,13 @@ def worker_cmd(storage_url, state_dir, redis_url, sign_cert, sign_key, sign_pkcs
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console_url, base_url, storage_url, state_dir,
-              redis_url, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
-              mac_sign_pkcs12, no_sign, ca, as_json):
+              redis_url, as_json, **signing):
     """Issue one group's installer through the service's own code path, without HTTP."""
     from builder.service.setup import ServiceOptions, link_secret_of, make_issuer
     from builder.storage.links import sign_link
 
-    signers = _service_signers(sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
-                               mac_sign_pkcs12, no_sign, ca)
+    signers = _service_signers(signing)
+    ca = signing["ca"]
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
     token = read_token(token_file, token_env)
     log.register_secret(token.reveal())

@@ -20,7 +20,6 @@ from obstore.store import LocalStore
 
 from builder.errors import UsageError
 from builder.storage import pieces as pc
-from builder.storage.errors import ObjectNotFoundError
 from builder.storage.settings import StorageSettings
 from builder.storage.store import PutResult, StampResult, Store
 
@@ -105,12 +104,9 @@ class LocalDiskStore(Store):
 
     def put_pieces_if_absent(self, key: str, base_key: str, pieces: Sequence) -> StampResult:
         """Copy the base's ranges and the literal pieces into a staging file, then link it."""
-        self._full(key)
-        try:
-            info = self.head(key)
-            return StampResult(False, key, info.size, None)
-        except ObjectNotFoundError:
-            pass
+        existing = self._existing_stamp(key)
+        if existing is not None:
+            return existing
         base, segs = self._segments(base_key, pieces)
         base_path = self.local_path(base_key)
         read = 0

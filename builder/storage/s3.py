@@ -269,12 +269,9 @@ class S3BucketStore(Store):
     def put_pieces_if_absent(self, key: str, base_key: str, pieces: Sequence) -> StampResult:
         """Server-side: copy the base's unchanged ranges (UploadPartCopy), upload only the parts
         that hold changed bytes, complete with If-None-Match. See `pieces.plan_parts`."""
-        self._full(key)
-        try:
-            info = self.head(key)
-            return StampResult(False, key, info.size, None)
-        except ObjectNotFoundError:
-            pass
+        existing = self._existing_stamp(key)
+        if existing is not None:
+            return existing
         base, segs = self._segments(base_key, pieces)
         size = pc.output_size(segs)
         plan = pc.plan_parts(segs)

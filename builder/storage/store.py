@@ -176,6 +176,16 @@ class Store:
                     out.append(ObjectInfo(key, meta["size"], meta.get("e_tag"), meta.get("last_modified")))
         return sorted(out, key=lambda o: o.key)
 
+    def _existing_stamp(self, key: str) -> StampResult | None:
+        """A stamp already stored under `key` (never overwritten): what put_pieces_if_absent
+        answers without doing any work."""
+        self._full(key)
+        try:
+            info = self.head(key)
+        except ObjectNotFoundError:
+            return None
+        return StampResult(False, key, info.size, None)
+
     def _segments(self, base_key: str, pieces: Sequence) -> tuple[ObjectInfo, list[pc.Segment]]:
         base = self.head(base_key)
         try:
@@ -228,12 +238,9 @@ class Store:
     def put_pieces_if_absent(self, key: str, base_key: str, pieces: Sequence) -> StampResult:
         """Generic path: build the stamped object in memory once and create it; backends with
         server-side range copies (S3) or cheap local copies override this."""
-        self._full(key)
-        try:
-            info = self.head(key)
-            return StampResult(False, key, info.size, None)
-        except ObjectNotFoundError:
-            pass
+        existing = self._existing_stamp(key)
+        if existing is not None:
+            return existing
         base, segs = self._segments(base_key, pieces)
         data, read = self._read_output(base, segs, 0, pc.output_size(segs))
         created = self.put_if_absent(key, data).created
