@@ -211,7 +211,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
 
     @app.exception_handler(BuilderError)
     async def builder_error(_request, exc: BuilderError):
-        return _problem(_status_of(exc), str(exc), headers=_headers_of(exc))
+        return _problem(_status_of(exc), _http_words(str(exc)), headers=_headers_of(exc))
 
     from fastapi.exceptions import RequestValidationError
 
@@ -322,6 +322,18 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         return FileResponse(path, media_type="application/octet-stream", filename=issuer.download_name(rec))
 
     return app
+
+
+# Enrollment rules are shared with the CLI, whose messages name its options; a web caller sent
+# JSON fields.
+_CLI_TO_FIELD = {"--account-id": "account_id", "--group-id": "group_id", "--console-url": "console_url",
+                 "--token-file": "token", "--token-env": "token"}
+
+
+def _http_words(message: str) -> str:
+    for option, name in _CLI_TO_FIELD.items():
+        message = message.replace(option, name)
+    return message
 
 
 def _status_of(exc: BuilderError) -> int:
