@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.s3server import free_ports
 from builder import stamp
 from builder.release import Release
 from builder.service.setup import RELEASES_PREFIX
@@ -90,12 +90,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(check, proc: Proc, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,7 +106,7 @@ def wait_until(check, proc: Proc, what: str, timeout: float = 30.0) -> None:
 
 class Service:
     def __init__(self, procs: Procs, bench: Bench, *, name: str, storage_url: str, env: dict, redis_url: str | None = None):
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         self.base = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "builder", "-q", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--storage", storage_url, "--state", str(bench.work / "service" / name), "--ca", str(bench.keys.ca_cert)]
@@ -257,7 +251,7 @@ def _check_download(base: str, headers: dict, answer: dict, expect_size: int) ->
 def _start_redis(procs: Procs, bench: Bench) -> tuple[str | None, str]:
     if not os.path.exists(REDIS_SERVER):
         return None, f"{REDIS_SERVER} is not installed"
-    port = free_port()
+    port = free_ports(1)[0]
     folder = bench.work / "redis"
     folder.mkdir()
     proc = procs.start("redis", [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
