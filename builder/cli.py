@@ -187,7 +187,7 @@ def _print_report(path: Path, doc: dict) -> None:
         status = "[green]ok[/]" if sig.get("ok") else f"[red]FAILED[/] ({sig.get('detail')})"
         log.console.print(f"  signature: {status}; signer: {sig.get('signer') or '-'}; timestamp: {sig.get('timestamp') or 'none'}")
     if "notarized" in doc:
-        log.console.print(f"  notarized: {'yes' if doc['notarized'] else 'no'}")
+        log.console.print(f"  notarized: {'yes' if doc['notarized'] else 'no'} ({doc.get('notarization', '')})")
     enr = doc.get("enrollment")
     if enr:
         for key, value in enr.items():

@@ -357,6 +357,7 @@ class DmgFormat:
                 signature = apple.verify_dmg(path, ca)
                 pkg_signature = apple.verify_flat_package(pkg, ca)
                 report["signature"], report["pkg_signature"] = signature, pkg_signature
+                report.update(apple.notarization_report(path))
                 failed = [f"{what}: {sig.get('detail')}" for what, sig in (("signature", signature), ("pkg signature", pkg_signature))
                           if not sig.get("ok")]
                 if failed:

@@ -169,6 +169,7 @@ class PkgFormat:
         report = self.inspect(path)
         signature = _apple().verify_flat_package(Path(path), ca)
         report["signature"] = signature
+        report.update(_apple().notarization_report(Path(path)))
         if not signature.get("ok"):
             report["ok"] = False
             report["detail"] = f"signature: {signature.get('detail')}" + ("" if report["detail"] == "structure ok" else f"; {report['detail']}")

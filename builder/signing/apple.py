@@ -1214,6 +1214,33 @@ def verify_dmg(path: Path, ca: Path | None) -> dict:
     return report.as_dict()
 
 
+def stapled_ticket(path: Path) -> bool:
+    """Whether a notarization ticket is stapled to `path`, as apple-platform's signature reader
+    sees it (a ticket blob or entry anywhere in what it reports)."""
+    if ap is None:
+        return False
+    try:
+        found = ap.read_signature(str(path))
+    except Exception:  # noqa: BLE001 - the library's own errors: nothing it can read, no ticket
+        return False
+
+    def walk(node) -> bool:
+        if isinstance(node, dict):
+            return any("ticket" in str(k).lower() or walk(v) for k, v in node.items())
+        if isinstance(node, list):
+            return any(walk(v) for v in node)
+        return isinstance(node, str) and node.lower() in ("ticket", "notarizationticket")
+
+    return walk(found)
+
+
+def notarization_report(path: Path) -> dict:
+    """The `notarized` fields of a verify report."""
+    if stapled_ticket(path):
+        return {"notarized": True, "notarization": "a notarization ticket is stapled"}
+    return {"notarized": False, "notarization": "no stapled ticket; Gatekeeper checks online or warns"}
+
+
 # ------------------------------------------------------------------------------------------
 # Notarization
 

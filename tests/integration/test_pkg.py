@@ -585,3 +585,11 @@ def test_signed_builds_are_byte_identical(mac_payload, mac_signers, dev_keys, tm
     assert sha(a.read_bytes()) == sha(b.read_bytes())
     report = PkgFormat().verify(a, dev_keys.ca_cert)
     assert report["ok"] and report["signature"]["trusted"] is True, report["detail"]
+
+
+def test_verify_says_not_notarized_without_a_stapled_ticket(signed_pkg, dev_keys):
+    """No App Store Connect credentials here: the build is signed but not notarized, and the
+    verify output says so (it looks for a stapled ticket with apple-platform's reader)."""
+    report = PkgFormat().verify(signed_pkg, dev_keys.ca_cert)
+    assert report["ok"] and report["notarized"] is False
+    assert "no stapled ticket" in report["notarization"]
