@@ -878,6 +878,13 @@ static int cmd_forget(const wchar_t *config)
     memcpy(path, config, dir * sizeof *path);
     wcscpy(path + dir, L"status.json");
     DeleteFileW(path);
+    /* A service told to stop just before this ran may still be writing its last status (it
+     * checked for the config a moment before it was deleted, and an installer need not wait for
+     * the service to finish stopping): look again for a second, so nothing is left behind. */
+    for (int i = 0; i < 10; i++) {
+        Sleep(100);
+        if (GetFileAttributesW(path) != INVALID_FILE_ATTRIBUTES) DeleteFileW(path);
+    }
     path[dir - 1] = 0;
     RemoveDirectoryW(path); /* only succeeds when empty */
     free(path);
