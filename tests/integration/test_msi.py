@@ -286,7 +286,9 @@ def test_install_group_switch_upgrade_override_and_uninstall(builds, wine, tmp_p
     for rel in installed:
         assert (program_files / rel).read_bytes() == (builds.payload / "windows" / rel).read_bytes(), rel
     check_enrolled(wine, product, GROUP_A, TOKEN_A)
-    assert wine.service_state(product.service_name) == "RUNNING"
+    # The agent writes status.json while START_PENDING, then reports RUNNING; wine's msiexec
+    # does not wait for that, so neither can this check.
+    assert wait_for(lambda: wine.service_state(product.service_name), "RUNNING") == "RUNNING"
     [code_a] = products(wine, product)
 
     # Group B's MSI of the same version replaces A's: one product, enrolled to B.

@@ -449,7 +449,8 @@ def test_service_and_worker_survive_a_redis_restart(release_dir, dev_keys, tmp_p
                 down_for = time.monotonic() - stopped
 
                 answers = []
-                deadline = time.monotonic() + 30
+                restarted = time.monotonic()
+                deadline = restarted + 30
                 while not answers or answers[-1].status_code == 503:
                     assert time.monotonic() < deadline, [a.status_code for a in answers]
                     started = time.monotonic()
@@ -459,7 +460,10 @@ def test_service_and_worker_survive_a_redis_restart(release_dir, dev_keys, tmp_p
                         time.sleep(0.5)
                 log = (tmp_path / "worker" / "worker.log").read_text(errors="replace")[-6000:]
                 statuses = [a.status_code for a in answers]
-                assert len(answers) <= 2, statuses
+                # Recovery is bounded in time, not in attempts: under load a reconnect may take
+                # more than one 503 (each answered at once, with Retry-After).
+                recovered_in = time.monotonic() - restarted
+                assert recovered_in < 15, f"{statuses}: recovered {recovered_in:.1f} s after the restart"
                 assert answers[-1].status_code == 200 and answers[-1].json()["status"] == "ready", \
                     f"{statuses}, last took {took:.1f} s, Redis was down {down_for:.1f} s; worker log:\n{log}"
                 assert post("group-after", "msi").status_code == 200
