@@ -387,18 +387,26 @@ def serve_cmd(host, port, storage_url, state_dir, redis_url, **signing):
 def worker_cmd(storage_url, state_dir, redis_url, burst, **signing):
     """Do stamping jobs from Redis (BUILDER_QUEUE_KEY must match the service's)."""
     from builder.service import jobs
-    from builder.service.setup import ServiceOptions, make_issuer, prefetch_releases
 
     if not redis_url:
         raise UsageError("builder worker needs --redis URL", "the same Redis the service uses")
-    signers = _service_signers(signing)
-    ca = signing["ca"]
-    opts = ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url)
-    issuer = make_issuer(opts)
-    jobs.WORKER_ISSUER, jobs.WORKER_FERNET = issuer, issuer.queue.fernet
-    prefetch_releases(opts)
-    issuer.warm(local_only=True)
-    issuer.queue.worker().work(burst=burst, with_scheduler=True)
+    issuer = _worker_issuer(storage_url, state_dir, signing, redis_url=redis_url)
+    helper = jobs.SigningHelper(functools.partial(_worker_issuer, storage_url, state_dir, signing), log.settings())
+    jobs.WORKER_ISSUER, jobs.WORKER_FERNET, jobs.WORKER_HELPER = issuer, issuer.queue.fernet, helper
+    helper.start()
+    try:
+        issuer.warm()
+        issuer.queue.worker().work(burst=burst, with_scheduler=True)
+    finally:
+        helper.stop()
+
+
+def _worker_issuer(storage_url, state_dir, signing: dict, redis_url: str | None = None):
+    """The issuer of `builder worker`, and of its signing helper (which takes no jobs from Redis)."""
+    from builder.service.setup import ServiceOptions, make_issuer
+
+    return make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=_service_signers(signing),
+                                      ca=signing["ca"], redis_url=redis_url))
 
 
 @main.command("issue")

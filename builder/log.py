@@ -67,6 +67,11 @@ def setup(verbose: bool = False, quiet: bool = False) -> None:
     logger.propagate = False
 
 
+def settings() -> dict:
+    """What `setup` was given: for a helper process to print the same way."""
+    return {"verbose": logger.level == logging.DEBUG, "quiet": _quiet}
+
+
 def info(message: str) -> None:
     if not _quiet:
         console.print(redact(message))

@@ -223,27 +223,15 @@ class Issuer:
             os.replace(partial, marker)
         return rel, json.loads(index_bytes)
 
-    def warm(self, *, local_only: bool = False) -> None:
+    def warm(self) -> None:
         """Open releases and hash the unchanged prefix of their slot formats now, so that the
         first stamps do not pay for it. Best effort: storage that is down now is reported when
-        a request needs it. `local_only`: only releases already in this host's cache, read
-        without touching storage: `builder worker` warms before RQ forks its work-horses, and
-        obstore's I/O runtime does not survive a fork."""
-        if local_only:
-            candidates = sorted((self.cache_dir / "releases").glob(f"*/{VERIFIED_MARKER}"))
-            opened = []
-            for marker in candidates:
-                version = marker.parent.name
-                with self._release_lock:
-                    if version not in self._releases:
-                        self._releases[version] = self._open_cached(marker.parent, marker.read_bytes())
-                opened.append(self._releases[version][0])
-        else:
-            try:
-                opened = [self.open_release(v)[0] for v in self.release_versions()]
-            except StorageError as exc:
-                log.warning(f"releases not prepared ahead: {exc}")
-                return
+        a request needs it."""
+        try:
+            opened = [self.open_release(v)[0] for v in self.release_versions()]
+        except StorageError as exc:
+            log.warning(f"releases not prepared ahead: {exc}")
+            return
         for rel in opened:
             for fmt in stamp.SLOTTED:
                 name = stamp.STAMP_FORMATS[fmt]

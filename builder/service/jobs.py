@@ -1,36 +1,54 @@
 """Scale-out: stamping jobs on Redis (RQ), done by `builder worker` processes on any machine.
 
 The job id is the installer id, enqueued with `unique=True`: N identical requests enqueue one
-job. A killed work-horse's job is retried (Retry). The enrollment travels through Redis
-encrypted (Fernet, key in BUILDER_QUEUE_KEY shared by service and workers), so the token is
-never in Redis in clear. Whatever runs twice anyway, storage's create-if-absent makes harmless.
+job. The enrollment travels through Redis encrypted (Fernet, key in BUILDER_QUEUE_KEY shared by
+service and workers), so the token is never in Redis in clear. Whatever runs twice anyway,
+storage's create-if-absent makes harmless.
+
+A worker does not fork per job (RQ's default): a fork, a fresh I/O runtime and a new Redis
+connection cost about 20 ms on two cores, more than a slot stamp itself. Slot stamps (exe,
+msi-tagged: pure Python, milliseconds, no tool) run in the worker process. Stamps that sign
+(baked msi, pkg, dmg: subprocesses, seconds, an HSM) run in one long-lived signing helper
+process per worker, spawned at start: when it dies mid-job (killed, out of memory) the job
+fails and RQ's Retry runs it again with a new helper; when a job overruns its timeout, the
+helper is killed with it. A killed worker's own job is retried by RQ's registry cleanup once
+the job's timeout has passed.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
 import time
+from typing import Callable
 
 import redis
 from cryptography.fernet import Fernet, InvalidToken
-from rq import Queue, Retry, Worker
+from rq import Queue, Retry, SimpleWorker
 from rq.exceptions import DuplicateJobError, NoSuchJobError, StopRequested
 from rq.job import Job
 
-from builder import log
+from builder import log, stamp
 from builder.enrollment import Enrollment
-from builder.errors import UsageError
+from builder.errors import BuilderError, UsageError
 from builder.storage.errors import StorageUnavailableError
 
 QUEUE_NAME = "builder-stamp"
 PENDING_STATES = {"queued", "started", "deferred", "scheduled"}
 # What the service tells clients (Retry-After) while Redis does not answer.
 QUEUE_RETRY_AFTER_S = 5
+# A slot stamp takes milliseconds: a short timeout lets RQ's cleanup retry the job of a killed
+# worker soon (RQ counts a job abandoned after timeout + 60 s), and workers clean up that often.
+SLOT_JOB_TIMEOUT_S = 30
+MAINTENANCE_INTERVAL_S = 60
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
-# Set by `builder worker` before the RQ worker forks its work-horses, which inherit it.
+# Set by `builder worker` (and in its signing helper) before the first job.
 WORKER_ISSUER = None
 WORKER_FERNET: Fernet | None = None
+WORKER_HELPER: "SigningHelper | None" = None
 
 
 def fernet_from(key: str | None) -> Fernet:
@@ -46,8 +64,8 @@ class QueueUnavailableError(StorageUnavailableError):
     """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500."""
 
 
-class _Worker(Worker):
-    """RQ's forking worker, kept alive across Redis outages.
+class _Worker(SimpleWorker):
+    """RQ's in-process worker, kept alive across Redis outages.
 
     RQ ends its work loop on a Redis connection error met outside its dequeue (checking for
     suspension, heartbeats, registry cleaning) and then raises from its teardown: a Redis
@@ -120,7 +138,7 @@ class RedisQueue:
     def _enqueue(self, installer_id: str, sealed: bytes, fmt: str, version: str) -> None:
         try:
             self.queue.enqueue_call("builder.service.jobs.run_job", args=(sealed,), job_id=installer_id, unique=True,
-                                    retry=Retry(max=3), timeout=self.job_timeout,
+                                    retry=Retry(max=3), timeout=SLOT_JOB_TIMEOUT_S if fmt in stamp.SLOTTED else self.job_timeout,
                                     result_ttl=600, failure_ttl=86400, description=f"stamp {fmt} {version}")
         except DuplicateJobError:
             job = self._job(installer_id)
@@ -162,20 +180,133 @@ class RedisQueue:
 
     def worker(self, name: str | None = None) -> Worker:
         try:
-            return _Worker([self.queue], connection=self.connection, name=name)
+            return _Worker([self.queue], connection=self.connection, name=name,
+                           maintenance_interval=MAINTENANCE_INTERVAL_S)
         except _REDIS_DOWN:
             raise self._unavailable("worker start") from None
 
 
 def run_job(sealed: bytes) -> dict:
-    """The RQ job: decrypt, stamp, store, record. Returns the record (no token in it)."""
+    """The RQ job: decrypt, stamp, store, record. Returns the record (no token in it). Slot
+    stamps run here; stamps that sign run in the worker's signing helper."""
     if WORKER_ISSUER is None or WORKER_FERNET is None:
         raise RuntimeError("run_job runs inside `builder worker`, which sets up the issuer first")
+    doc = _open(sealed)
+    if doc["format"] in stamp.SLOTTED or WORKER_HELPER is None:
+        return _produce(doc)
+    return WORKER_HELPER.run(sealed)
+
+
+def _open(sealed: bytes) -> dict:
     try:
-        doc = json.loads(WORKER_FERNET.decrypt(sealed))
+        return json.loads(WORKER_FERNET.decrypt(sealed))
     except InvalidToken:
         raise RuntimeError("a job sealed with another BUILDER_QUEUE_KEY: give service and workers the same key") from None
+
+
+def _produce(doc: dict) -> dict:
     enrollment = Enrollment.from_json_bytes(doc["enrollment"].encode(), "job")
     log.register_secret(enrollment.token.reveal())
     rec = WORKER_ISSUER.produce(doc["id"], doc["release"], doc["format"], enrollment)
     return {"id": rec.id, "sha256": rec.sha256, "key": rec.key}
+
+
+class HelperFailed(BuilderError):
+    """The signing helper died or failed the job: RQ records it and retries the job."""
+
+
+class SigningHelper:
+    """One spawned process that does the stamps which sign, one at a time, for one worker.
+
+    Spawned, not forked: it starts its own storage I/O runtime and opens its own Redis-free
+    issuer from `make_issuer` (a picklable, module-level callable). Jobs reach it still sealed,
+    so the token crosses the pipe encrypted. It leads its own process group: a Ctrl-C meant for
+    the worker does not cut a signature in half, and the worker ends it on exit."""
+
+    def __init__(self, make_issuer: Callable, log_settings: dict):
+        self._make_issuer = make_issuer
+        self._log_settings = log_settings
+        self._proc = None
+        self._conn = None
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_helper_main, args=(theirs, self._make_issuer, self._log_settings),
+                           name="builder-signing-helper", daemon=True)
+        proc.start()
+        theirs.close()
+        self._proc, self._conn = proc, mine
+        try:
+            kind, value = mine.recv()  # once its issuer is open and its releases are warm
+        except (EOFError, OSError):
+            kind, value = "error", f"it exited with code {proc.exitcode}"
+        if kind != "ready":
+            self.stop()
+            raise HelperFailed(f"the signing helper did not start: {value}")
+
+    def run(self, sealed: bytes) -> dict:
+        if self._proc is None or not self._proc.is_alive():
+            self.stop()
+            self.start()
+        try:
+            self._conn.send_bytes(sealed)
+            while not self._conn.poll(0.5):
+                if not self._proc.is_alive():
+                    break
+            kind, value = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._proc.exitcode if self._proc is not None else None
+            self.stop()
+            raise HelperFailed(f"the signing helper ended mid-job (exit code {code}); the job is retried") from None
+        except BaseException:  # RQ's job timeout, a stop request: a half-done signature is of no use
+            self.stop(kill=True)
+            raise
+        if kind != "ok":
+            raise HelperFailed(value)
+        return value
+
+    def stop(self, *, kill: bool = False) -> None:
+        """End the helper: an idle one exits when its pipe closes; `kill` ends it at once with
+        the tools it is running (its process group)."""
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            conn.close()
+        if proc is None:
+            return
+        if not kill:
+            proc.join(timeout=5)
+        if proc.is_alive():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.join(timeout=5)
+
+
+def _helper_main(conn, make_issuer: Callable, log_settings: dict) -> None:
+    global WORKER_ISSUER, WORKER_FERNET
+    os.setsid()
+    log.setup(**log_settings)
+    try:
+        WORKER_ISSUER = make_issuer()
+        WORKER_FERNET = fernet_from(os.environ.get("BUILDER_QUEUE_KEY"))
+        WORKER_ISSUER.warm()
+    except Exception as exc:  # noqa: BLE001 - reported by the worker, which then stops
+        conn.send(("error", log.redact(f"{type(exc).__name__}: {exc}")))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            sealed = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the worker is gone or done
+        try:
+            reply = ("ok", _produce(_open(sealed)))
+        except Exception as exc:  # noqa: BLE001 - the worker re-raises it for RQ to record
+            reply = ("error", log.redact(f"{type(exc).__name__}: {exc}"))
+        try:
+            conn.send(reply)
+        except OSError:
+            return  # the worker died while this job ran: RQ's cleanup retries it

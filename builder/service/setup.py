@@ -65,23 +65,3 @@ def link_secret_of(issuer: Issuer) -> bytes:
         log.warning("BUILDER_STORAGE_HMAC_KEY is not set: download links are signed with a key made for this "
                     "process and stop working when it restarts")
     return secrets.token_bytes(32)
-
-
-def _prefetch(storage_url: str, state_dir: str, ca: str | None) -> None:
-    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=Path(state_dir), signers=Signers(),
-                                        ca=Path(ca) if ca else None))
-    issuer.warm()
-
-
-def prefetch_releases(opts: ServiceOptions) -> None:
-    """Download and verify every published release into this host's cache, in a separate
-    process: `builder worker` must not start obstore's I/O runtime before RQ forks (it does not
-    survive a fork), but its work-horses should find the releases ready."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_prefetch, args=(opts.storage_url, str(opts.state_dir), str(opts.ca) if opts.ca else None))
-    proc.start()
-    proc.join(timeout=600)
-    if proc.exitcode != 0:
-        log.warning("releases could not be prepared ahead (see above); work-horses will fetch them per job")

@@ -363,13 +363,13 @@ def _children_of(pids: set[int]) -> dict[int, int]:
     return out
 
 
-def find_signing_horse(cluster: Cluster, timeout_s: float = 30) -> int:
-    """The process group of the work-horse (forked by one of our workers) that is running the shim's sign."""
+def find_signing_helper(cluster: Cluster, timeout_s: float = 30) -> int:
+    """The process group of the signing helper (spawned by one of our workers) that is running the shim's sign."""
     shim = str(cluster.shim_dir / "osslsigncode").encode()
     worker_pids = {p.pid for p in cluster.workers}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        horses = _children_of(worker_pids)
+        helpers = _children_of(worker_pids)
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -378,21 +378,21 @@ def find_signing_horse(cluster: Cluster, timeout_s: float = 30) -> int:
                 pgid = os.getpgid(int(entry.name))
             except (OSError, ProcessLookupError):
                 continue
-            # RQ's horse leads its own process group; the shim runs inside it.
-            if shim in argv and b"sign" in argv and pgid in horses:
+            # The signing helper (a child of a worker) leads its own process group; the shim runs in it.
+            if shim in argv and b"sign" in argv and pgid in helpers:
                 return pgid
         time.sleep(0.02)
-    raise AssertionError("no work-horse was seen signing")
+    raise AssertionError("no signing helper was seen signing")
 
 
-def test_killed_work_horse_is_retried(cluster, dev_keys, tmp_path):
+def test_killed_signing_helper_is_retried(cluster, dev_keys, tmp_path):
     body = {"account_id": ACCOUNT, "group_id": "group-killed", "token": new_token("killed"), "format": "msi"}
     before, signs = published(cluster), shim_calls(cluster.shim_log)
     answer: list = []
     caller = threading.Thread(target=lambda: answer.append(cluster.post(body)))
     caller.start()
-    horse = find_signing_horse(cluster)
-    os.killpg(horse, signal.SIGKILL)  # the horse, its shim and the shim's sleep: mid-signing
+    helper = find_signing_helper(cluster)
+    os.killpg(helper, signal.SIGKILL)  # the helper, its shim and the shim's sleep: mid-signing
     caller.join(timeout=90)
 
     assert answer and answer[0].status_code == 200, answer and answer[0].text[:300]
