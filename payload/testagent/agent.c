@@ -20,6 +20,7 @@
 #include <windows.h>
 #include <wincrypt.h>
 #include <sddl.h>
+#include <psapi.h>
 
 #include <stdarg.h>
 #include <stdint.h>
@@ -864,6 +865,38 @@ static int cmd_service(const wchar_t *key, const wchar_t *config)
 /* Uninstall: delete the config (it holds the token) and status.json, and their folder if it is
  * then empty. Files already gone are fine: uninstall must not fail on a half-installed agent.
  * The registry values belong to the installer, which removes them itself. */
+/* Waits, at most `ms`, until no other process runs this same agent.exe. An uninstaller runs
+ * `forget` after telling the service to stop; Windows Installer waits for SERVICE_STOPPED
+ * (wine's does not wait at all), but the process may still be exiting, and a running image
+ * cannot be deleted: RemoveFiles would leave agent.exe behind until a reboot. */
+static void wait_for_other_instances(DWORD ms)
+{
+    wchar_t self[MAX_PATH];
+    DWORD len = GetModuleFileNameW(NULL, self, MAX_PATH);
+    if (!len || len >= MAX_PATH) return;
+    DWORD start = GetTickCount(), me = GetCurrentProcessId();
+    for (;;) {
+        DWORD pids[4096], bytes = 0;
+        if (!K32EnumProcesses(pids, sizeof pids, &bytes)) return;
+        int seen = 0; /* another instance was found: it has exited or time is up */
+        for (DWORD i = 0; i < bytes / sizeof *pids; i++) {
+            if (pids[i] == me || !pids[i]) continue;
+            HANDLE h = OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION | SYNCHRONIZE, FALSE, pids[i]);
+            if (!h) continue;
+            wchar_t image[MAX_PATH];
+            DWORD n = MAX_PATH;
+            if (QueryFullProcessImageNameW(h, 0, image, &n) && _wcsicmp(image, self) == 0) {
+                DWORD spent = GetTickCount() - start;
+                if (spent < ms) WaitForSingleObject(h, ms - spent);
+                seen = 1;
+            }
+            CloseHandle(h);
+        }
+        /* Look again after an exit (one more may have started); give up when time is up. */
+        if (!seen || GetTickCount() - start >= ms) return;
+    }
+}
+
 static int cmd_forget(const wchar_t *config)
 {
     const wchar_t *slash = NULL;
@@ -875,16 +908,13 @@ static int cmd_forget(const wchar_t *config)
     int rc = 0;
     if (!DeleteFileW(config) && GetLastError() != ERROR_FILE_NOT_FOUND && GetLastError() != ERROR_PATH_NOT_FOUND)
         rc = fail(EXIT_WRITE, L"cannot delete %ls (error %lu)", config, GetLastError());
+    /* The service told to stop just before this ran may still be writing its last status (it
+     * checked for the config a moment before it was deleted): once it has exited, nothing
+     * writes there any more. */
+    wait_for_other_instances(30000);
     memcpy(path, config, dir * sizeof *path);
     wcscpy(path + dir, L"status.json");
     DeleteFileW(path);
-    /* A service told to stop just before this ran may still be writing its last status (it
-     * checked for the config a moment before it was deleted, and an installer need not wait for
-     * the service to finish stopping): look again for a second, so nothing is left behind. */
-    for (int i = 0; i < 10; i++) {
-        Sleep(100);
-        if (GetFileAttributesW(path) != INVALID_FILE_ATTRIBUTES) DeleteFileW(path);
-    }
     path[dir - 1] = 0;
     RemoveDirectoryW(path); /* only succeeds when empty */
     free(path);

@@ -409,8 +409,25 @@ def test_service_reads_its_enrollment(wine: Wine, c_agent: Path, registry: str) 
         assert running["account_id"] == ENROLLMENT["account_id"]
         assert running["group_id"] == ENROLLMENT["group_id"]
         assert wine.host(config).read_bytes() == expected_config(ENROLLMENT)
-        assert wine.run("sc", "stop", name).returncode == 0
-        wait_for_status(status, "stopped")
+
+        # An uninstaller runs `forget` once it has told the service to stop; wine's msiexec does
+        # not wait for the stop, and a running agent.exe cannot be deleted. forget waits (at
+        # most 30 s) until no other process runs its agent.exe: here, until the service is stopped.
+        with step("forget waits for the running service to exit"):
+            forget = subprocess.Popen(["wine", install_dir + r"\agent.exe", "forget", "--registry-key", registry,
+                                       "--config", config], env=wine.env, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(3)
+                assert forget.poll() is None, f"forget exited ({forget.returncode}) while the service still ran"
+                assert not wine.host(config).exists(), "forget deletes the config first"
+                assert wine.run("sc", "stop", name).returncode == 0
+                assert forget.wait(timeout=30) == 0
+            finally:
+                if forget.poll() is None:
+                    forget.kill()
+        assert sc_state(wine, name) == "STOPPED"
+        assert not status.exists(), "status.json left behind"
     finally:
         wine.run("sc", "stop", name)
         deadline = time.monotonic() + 30
