@@ -826,6 +826,23 @@ static DWORD WINAPI svc_control(DWORD control, DWORD type, LPVOID data, LPVOID c
     }
 }
 
+/* TEST hook (this is the test agent): a DWORD TestStartDelayMs under the enrollment key keeps
+ * the service START_PENDING that long (at most 20 s), so a test can make an installer meet a
+ * service that is still starting, as right after boot. Nothing writes it but such a test. */
+static void svc_test_start_delay(void)
+{
+    HKEY h;
+    DWORD delay = 0, size = sizeof delay, type = 0;
+    if (RegOpenKeyExW(HKEY_LOCAL_MACHINE, svc.key, 0, KEY_QUERY_VALUE | KEY_WOW64_64KEY, &h) != ERROR_SUCCESS) return;
+    if (RegQueryValueExW(h, L"TestStartDelayMs", NULL, &type, (BYTE *)&delay, &size) != ERROR_SUCCESS || type != REG_DWORD)
+        delay = 0;
+    RegCloseKey(h);
+    for (DWORD waited = 0; waited < delay && waited < 20000; waited += 250) {
+        Sleep(250);
+        svc_report(SERVICE_START_PENDING, 0, 5000);
+    }
+}
+
 static void WINAPI svc_main(DWORD argc, LPWSTR *argv)
 {
     (void)argc, (void)argv; /* options come from the image path's command line, not StartService */
@@ -833,6 +850,7 @@ static void WINAPI svc_main(DWORD argc, LPWSTR *argv)
     svc.handle = RegisterServiceCtrlHandlerExW(L"", svc_control, NULL);
     if (!svc.handle) return;
     svc_report(SERVICE_START_PENDING, 0, 5000);
+    svc_test_start_delay();
     svc.stop = CreateEventW(NULL, TRUE, FALSE, NULL);
     int rc = svc.stop ? svc_load() : EXIT_WRITE;
     if (!rc && write_status("running", &svc.e, 0)) rc = EXIT_WRITE;

@@ -11,6 +11,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,14 @@ def snapshot(wine, folder: Path) -> Snapshot:
         f'reg export "HKLM\\{PRODUCT.registry_key}" "{w["enroll"]}" /y /reg:64',
         f'reg export "HKLM\\{ARP_ROOT}" "{w["arp"]}" /y /reg:64',
         f'reg export "HKLM\\SYSTEM\\CurrentControlSet\\Services\\{PRODUCT.service_name}" "{w["svc"]}" /y /reg:64',
+        # Every wine command boots the prefix, which starts the auto-start service anew: give it
+        # up to about 15 s to leave START_PENDING (it stays there when it cannot start).
+        "set n=0",
+        ":starting",
+        f'sc query "{PRODUCT.service_name}" | find "START_PENDING" > nul || goto query',
+        "set /a n+=1",
+        "if %n% lss 300 goto starting",
+        ":query",
         f'sc query "{PRODUCT.service_name}" > "{w["sc"]}"',
         "",
     ]), encoding="ascii")
@@ -321,3 +330,25 @@ def test_install_upgrade_and_uninstall_under_wine(wine, built_a, built_b, dev_ke
     assert snap.arp == {}, "the Add/Remove Programs entry is still there"
     left = sorted(p.relative_to(data_dir.parent).as_posix() for p in data_dir.parent.rglob("*")) if data_dir.parent.exists() else []
     assert left == [], f"left in ProgramData (the agent's `forget` removes them): {left}"
+
+
+def test_install_over_a_service_that_is_still_starting(wine, built_a, built_b, tmp_path):
+    """Right after boot, the old service may still be START_PENDING, and a stop control sent then
+    is refused: the installer must ask again once it runs, not wait 60 s and give up (exit 3)."""
+    proc = wine.run(wine.winpath(built_a[0]), "/S")
+    assert proc.returncode == 0, f"setup.exe /S exited {proc.returncode}"
+    # The test agent's hook: its service stays START_PENDING for 5 s after each start.
+    added = wine.run("reg", "add", f"HKLM\\{PRODUCT.registry_key}", "/v", "TestStartDelayMs", "/t", "REG_DWORD",
+                     "/d", "5000", "/f", "/reg:64")
+    assert added.returncode == 0
+    wine.kill()  # a cold start: the next program boots the prefix, which starts the service again
+    started = time.monotonic()
+    proc = wine.run(wine.winpath(built_b[0]), "/S")
+    took = time.monotonic() - started
+    assert proc.returncode == 0, f"setup.exe /S over a starting service exited {proc.returncode} after {took:.0f} s"
+    # Each wine command here boots the prefix anew: without the hook, the snapshot's own boot
+    # finds the service RUNNING, as in the other install tests.
+    deleted = wine.run("reg", "delete", f"HKLM\\{PRODUCT.registry_key}", "/v", "TestStartDelayMs", "/f", "/reg:64")
+    assert deleted.returncode == 0
+    snap = snapshot(wine, tmp_path / "snap")
+    assert_enrolled(wine, snap, ENROLL_B, "install B over a starting A")
