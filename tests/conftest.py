@@ -28,9 +28,14 @@ def test_payload() -> Path:
     return root
 
 
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if "wine_template" in getattr(item, "fixturenames", ()):
+            item.add_marker(winesupport.needs_x86_64)
+
+
 @pytest.fixture(scope="session")
 def wine_template(tmp_path_factory) -> winesupport.WinePrefix:
-    winesupport.require_x86_64()
     prefix = winesupport.make_template(tmp_path_factory.mktemp("wine-template") / "prefix")
     yield prefix
     prefix.kill()

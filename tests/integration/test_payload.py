@@ -17,7 +17,6 @@ import importlib.util
 import ipaddress
 import json
 import os
-import platform
 import py_compile
 import secrets
 import shutil
@@ -35,6 +34,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
+from tests.support import wine as winesupport
 
 ROOT = Path(__file__).resolve().parents[2]
 PAYLOAD = ROOT / "payload"
@@ -63,15 +64,9 @@ HOSTILE = {
     "enrollment_token": "tok\\en\"" + secrets.token_hex(16) + "\u2028é",
 }
 
-_x86_64_only = pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64"),
-    reason=f"wine runs x86-64 Windows programs only on an x86_64 host, this one is {platform.machine()}",
-)
-
-
 def needs_x86_64(test):
     """A wine test: run wherever wine can run x86-64 programs, skipped (with the reason) elsewhere."""
-    return pytest.mark.wine(_x86_64_only(test))
+    return pytest.mark.wine(winesupport.needs_x86_64(test))
 
 
 def expected_config(values: dict[str, str]) -> bytes:

@@ -19,10 +19,12 @@ import pytest
 WINE_ENV = {"WINEDEBUG": "-all", "WINEDLLOVERRIDES": "mscoree,mshtml=", "WINEARCH": "win64", "DISPLAY": ""}
 
 
-def require_x86_64() -> None:
-    # Wine runs x86-64 Windows programs only on an x86-64 host (RESEARCH.md); nowhere else is skipped.
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip(f"wine cannot run x86-64 Windows programs on {platform.machine()}")
+# Wine runs x86-64 Windows programs only on an x86-64 host (RESEARCH.md): on any other host,
+# and nowhere else, the wine tests are skipped, with the reason. One marker for every suite.
+needs_x86_64 = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64"),
+    reason=f"wine runs x86-64 Windows programs only on an x86_64 host, this one is {platform.machine()}",
+)
 
 
 @dataclass
