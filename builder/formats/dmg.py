@@ -35,6 +35,7 @@ from builder.enrollment import Enrollment
 from builder.errors import ConfigError, EnrollmentError, FormatError, UsageError
 from builder.formats import macos_common as common
 from builder.formats import pkg as pkgformat
+from builder.fileio import iter_range
 from builder.formats.base import AppleKey, BuildRequest, Built
 from builder.tools import runner, xorriso
 
@@ -390,15 +391,10 @@ def extract_volume(path: Path, tmp: Path, volume: Path) -> str:
         if len(found) != 1:
             raise FormatError(f"{path}: the disk has {len(found)} Apple_HFS partitions, expected one", "give a .dmg built by builder")
         region = found[0]
-        disk.seek(region.first_sector * udif.SECTOR)
-        remaining = region.sector_count * udif.SECTOR
         with open(hfs, "wb") as out:
-            while remaining:
-                chunk = disk.read(min(remaining, 1 << 22))
-                if not chunk:
-                    raise FormatError(f"{path}: the HFS+ partition runs past the end of the disk")
+            for chunk in iter_range(disk, region.first_sector * udif.SECTOR, region.sector_count * udif.SECTOR,
+                                    too_short=f"{path}: the HFS+ partition runs past the end of the disk"):
                 out.write(chunk)
-                remaining -= len(chunk)
     raw.unlink()
     extracted = tmp / "hfs"
     runner.run("7z", ["x", "-tHFS", "-y", "-bd", f"-o{extracted}", hfs])

@@ -31,6 +31,7 @@ from pathlib import Path
 from builder import log, stamp
 from builder.enrollment import Enrollment, Secret
 from builder.errors import BuilderError, FormatError, StorageError, UsageError
+from builder.fileio import iter_range
 from builder.formats.base import Signers
 from builder.release import Release
 from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError, content_key
@@ -438,11 +439,5 @@ def _pieces_sha256(base: Path, pieces) -> str:
 
 def _hash_range(base: Path, start: int, length: int, h) -> None:
     with open(base, "rb") as fh:
-        fh.seek(start)
-        left = length
-        while left:
-            chunk = fh.read(min(left, 1 << 20))
-            if not chunk:
-                raise FormatError(f"{base}: shorter than the release says")
+        for chunk in iter_range(fh, start, length, too_short=f"{base}: shorter than the release says"):
             h.update(chunk)
-            left -= len(chunk)

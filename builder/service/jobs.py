@@ -178,7 +178,7 @@ class RedisQueue:
         lines = [ln.strip() for ln in last.splitlines() if ln.strip()]
         return log.redact(lines[-1]) if lines else "the stamping job failed"
 
-    def worker(self, name: str | None = None) -> Worker:
+    def worker(self, name: str | None = None) -> "_Worker":
         try:
             return _Worker([self.queue], connection=self.connection, name=name,
                            maintenance_interval=MAINTENANCE_INTERVAL_S)
@@ -189,12 +189,12 @@ class RedisQueue:
 def run_job(sealed: bytes) -> dict:
     """The RQ job: decrypt, stamp, store, record. Returns the record (no token in it). Slot
     stamps run here; stamps that sign run in the worker's signing helper."""
-    if WORKER_ISSUER is None or WORKER_FERNET is None:
-        raise RuntimeError("run_job runs inside `builder worker`, which sets up the issuer first")
+    if WORKER_ISSUER is None or WORKER_FERNET is None or WORKER_HELPER is None:
+        raise RuntimeError("run_job runs inside `builder worker`, which sets up the issuer and its helper first")
     doc = _open(sealed)
-    if doc["format"] in stamp.SLOTTED or WORKER_HELPER is None:
+    if doc["format"] in stamp.SLOTTED:
         return _produce(doc)
-    return WORKER_HELPER.run(sealed)
+    return WORKER_HELPER.run(sealed)  # decrypted again there: the token crosses the pipe sealed
 
 
 def _open(sealed: bytes) -> dict:

@@ -11,16 +11,14 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import obstore
 from obstore import exceptions as obx
 from obstore.store import AzureStore
 
-from builder.errors import UsageError
 from builder.storage.s3 import obstore_client_options
 from builder.storage.settings import StorageSettings
-from builder.storage.store import PutResult, Store
+from builder.storage.store import PutResult, Store, split_bucket_url
 
 _CONTAINER_RE = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
 
@@ -45,13 +43,9 @@ class AzureContainerStore(Store):
 
     @classmethod
     def from_url(cls, url: str, settings: StorageSettings) -> "AzureContainerStore":
-        parts = urlsplit(url)
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise UsageError("an az:// storage URL carries only the container and a prefix",
-                             "put credentials in AZURE_STORAGE_CONNECTION_STRING")
-        if not _CONTAINER_RE.fullmatch(parts.hostname or ""):
-            raise UsageError(f"{url!r} does not name a valid Azure container", "use az://container-name/optional/prefix")
-        return cls(parts.hostname, parts.path.strip("/"), settings)
+        container, prefix = split_bucket_url(url, scheme="az", service="Azure", noun="container", valid=_CONTAINER_RE,
+                                             credentials_hint="put credentials in AZURE_STORAGE_CONNECTION_STRING")
+        return cls(container, prefix, settings)
 
     def put_if_absent(self, key: str, data: bytes | bytearray | memoryview | Path) -> PutResult:
         full = self._full(key)

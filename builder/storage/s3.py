@@ -18,18 +18,17 @@ import re
 import threading
 from pathlib import Path
 from typing import Iterator, Sequence
-from urllib.parse import urlsplit
 
 import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
 from builder import log
-from builder.errors import StorageError, UsageError
+from builder.errors import StorageError
 from builder.storage import pieces as pc
 from builder.storage.errors import ObjectNotFoundError
 from builder.storage.settings import StorageSettings
-from builder.storage.store import PutResult, StampResult, Store
+from builder.storage.store import PutResult, StampResult, Store, split_bucket_url
 
 # Below this, one PUT with If-None-Match (obstore); above, a multipart upload in PART_SIZE parts.
 MULTIPART_THRESHOLD = 16 * pc.MIB
@@ -80,13 +79,9 @@ class S3BucketStore(Store):
 
     @classmethod
     def from_url(cls, url: str, settings: StorageSettings) -> "S3BucketStore":
-        parts = urlsplit(url)
-        if parts.username or parts.password or parts.query or parts.fragment:
-            raise UsageError("an s3:// storage URL carries only the bucket and a prefix",
-                             "put credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-        if not _BUCKET_RE.fullmatch(parts.hostname or "") or ".." in (parts.hostname or ""):
-            raise UsageError(f"{url!r} does not name a valid S3 bucket", "use s3://bucket-name/optional/prefix")
-        return cls(parts.hostname, parts.path.strip("/"), settings)
+        bucket, prefix = split_bucket_url(url, scheme="s3", service="S3", noun="bucket", valid=_BUCKET_RE,
+                                          credentials_hint="put credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return cls(bucket, prefix, settings)
 
     # -- botocore, for the multipart calls ------------------------------------------------------
 

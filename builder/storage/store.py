@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator, Sequence
+from urllib.parse import urlsplit
 
 import obstore
 from obstore import exceptions as obx
@@ -275,6 +276,17 @@ class Store:
         """OK, EXPIRED (410) or INVALID (403) for a link made by `signed_link` with this store's key."""
         return links.check_link(self._hmac_key(), key, exp, sig, now)
 
+
+def split_bucket_url(url: str, *, scheme: str, service: str, noun: str, valid: re.Pattern,
+                     credentials_hint: str) -> tuple[str, str]:
+    """(bucket or container, prefix) of an object-store URL, which must carry nothing else."""
+    parts = urlsplit(url)
+    name = parts.hostname or ""
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise UsageError(f"an {scheme}:// storage URL carries only the {noun} and a prefix", credentials_hint)
+    if not valid.fullmatch(name) or ".." in name:
+        raise UsageError(f"{url!r} does not name a valid {service} {noun}", f"use {scheme}://{noun}-name/optional/prefix")
+    return name, parts.path.strip("/")
 
 
 def open_store(url: str, settings: StorageSettings | None = None) -> Store:

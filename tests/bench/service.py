@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.s3server import free_ports
+from tests.support.servers import free_ports
 from builder import stamp
 from builder.release import Release
 from builder.service.setup import RELEASES_PREFIX

@@ -300,34 +300,32 @@ def test_verify_flat_package_with_another_ca_fails(signed_pkg, other_ca):
     assert "not issued by a certificate in" in result["detail"]
 
 
-def test_a_changed_member_byte_fails_verification(signed_pkg, tmp_path, dev_keys):
+def _verify_with_a_flipped_bit(signed_pkg: Path, tmp_path: Path, ca: Path, offset: int) -> dict:
     changed = tmp_path / "changed.pkg"
     shutil.copy(signed_pkg, changed)
-    with xar.read_xar(changed) as archive:
+    _flip(changed, offset)
+    return apple.verify_flat_package(changed, ca)
+
+
+def test_a_changed_member_byte_fails_verification(signed_pkg, tmp_path, dev_keys):
+    with xar.read_xar(signed_pkg) as archive:
         payload = archive.member("agent.pkg/Payload")
         offset = archive.heap_start + payload.offset + payload.length // 2
-    _flip(changed, offset)
-    result = apple.verify_flat_package(changed, dev_keys.ca_cert)
+    result = _verify_with_a_flipped_bit(signed_pkg, tmp_path, dev_keys.ca_cert, offset)
     assert not result["ok"]
     assert "'agent.pkg/Payload': archived-checksum mismatch" in result["detail"]
 
 
 def test_a_changed_toc_fails_verification(signed_pkg, tmp_path, dev_keys):
-    changed = tmp_path / "changed.pkg"
-    shutil.copy(signed_pkg, changed)
-    _flip(changed, xar.HEADER_SIZE + 40)  # inside the compressed TOC
-    result = apple.verify_flat_package(changed, dev_keys.ca_cert)
+    result = _verify_with_a_flipped_bit(signed_pkg, tmp_path, dev_keys.ca_cert, xar.HEADER_SIZE + 40)  # in the compressed TOC
     assert not result["ok"]
     assert "TOC" in result["detail"]
 
 
 def test_a_changed_signature_fails_verification(signed_pkg, tmp_path, dev_keys):
-    changed = tmp_path / "changed.pkg"
-    shutil.copy(signed_pkg, changed)
-    with xar.read_xar(changed) as archive:
+    with xar.read_xar(signed_pkg) as archive:
         offset = archive.heap_start + archive.signature.offset + 7
-    _flip(changed, offset)
-    result = apple.verify_flat_package(changed, dev_keys.ca_cert)
+    result = _verify_with_a_flipped_bit(signed_pkg, tmp_path, dev_keys.ca_cert, offset)
     assert not result["ok"] and "RSA signature does not verify" in result["detail"]
 
 

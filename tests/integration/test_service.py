@@ -34,7 +34,8 @@ from builder.enrollment import Secret
 from builder.signing.authenticode import SigningKey
 from builder.storage import publish_release
 from builder.storage.links import sign_link
-from tests.support.s3server import free_ports, seaweedfs
+from tests.support.s3server import seaweedfs
+from tests.support.servers import free_ports
 from tests.support.service import RELEASE_VERSION, build_release, serve, signers_for
 
 pytestmark = pytest.mark.timeout(180)

@@ -1,7 +1,6 @@
 """Authenticode signing with osslsigncode: PEM, PKCS#12, PKCS#11 (SoftHSM), test TSA, failures."""
 
 import logging
-import shutil
 import subprocess
 
 import pytest

@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import redis
 
-from tests.support.s3server import free_ports
+from tests.support.servers import free_ports, running, stop_process, wait_until_up
 
 START_TIMEOUT_S = 20
 
@@ -55,46 +53,18 @@ class RedisServer:
                "--protected-mode", "yes", "--logfile", str(log_path)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, cwd=self.workdir)
-        deadline = time.monotonic() + START_TIMEOUT_S
         client = self.client()
         try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}:\n{_tail(log_path)}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not answer PING within {START_TIMEOUT_S} s:\n{_tail(log_path)}")
-                time.sleep(0.05)
+            wait_until_up("redis-server", self.proc, client.ping, log_path, timeout_s=START_TIMEOUT_S, poll_s=0.05)
+        except BaseException:
+            self.stop()
+            raise
         finally:
             client.close()
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-    def restart(self) -> None:
-        """Stop and start on the same port; the data is gone (nothing is persisted)."""
-        self.stop()
-        self.start()
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+        stop_process(proc)
 
 
 def start_redis(workdir: Path) -> RedisServer:
@@ -104,10 +74,5 @@ def start_redis(workdir: Path) -> RedisServer:
     return server
 
 
-@contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[RedisServer]:
-    server = start_redis(workdir)
-    try:
-        yield server
-    finally:
-        server.stop()
+def redis_server(workdir: Path) -> contextlib.AbstractContextManager[RedisServer]:
+    return running(start_redis(workdir))

@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,44 +28,10 @@ import urllib.request
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import Iterator
+
+from tests.support.servers import free_ports, running, stop_process, wait_until_up
 
 START_TIMEOUT_S = 60
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports that were free on 127.0.0.1 a moment ago (held open together)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    # The data lives in a temporary folder: a clean shutdown buys nothing, so it gets 5 s.
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-# -- SeaweedFS ---------------------------------------------------------------------------------
 
 
 def weed_binary() -> Path:
@@ -108,7 +73,7 @@ class S3Server:
                           response_checksum_validation="when_required"))
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def start_seaweedfs(workdir: Path, bucket: str = "test", region: str = "us-east-1") -> S3Server:
@@ -148,19 +113,11 @@ def start_seaweedfs(workdir: Path, bucket: str = "test", region: str = "us-east-
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
     server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, bucket, region, workdir, proc, 0.0)
+    client = server.client()
     try:
-        client = server.client()
-        deadline = start + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {proc.returncode}:\n{_log_tail(log_path)}")
-            try:
-                client.head_bucket(Bucket=bucket)  # signed: proves S3, IAM config and the bucket
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"weed mini did not answer within {START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
-                time.sleep(0.1)
+        # head_bucket is signed: it proves S3, the IAM config and the bucket.
+        wait_until_up("weed mini", proc, lambda: client.head_bucket(Bucket=bucket) is not None, log_path,
+                      timeout_s=START_TIMEOUT_S, since=start)
     except BaseException:
         server.stop()
         raise
@@ -168,13 +125,8 @@ def start_seaweedfs(workdir: Path, bucket: str = "test", region: str = "us-east-
     return server
 
 
-@contextlib.contextmanager
-def seaweedfs(workdir: Path, bucket: str = "test") -> Iterator[S3Server]:
-    server = start_seaweedfs(workdir, bucket)
-    try:
-        yield server
-    finally:
-        server.stop()
+def seaweedfs(workdir: Path, bucket: str = "test") -> contextlib.AbstractContextManager[S3Server]:
+    return running(start_seaweedfs(workdir, bucket))
 
 
 # -- Azurite -----------------------------------------------------------------------------------
@@ -248,7 +200,7 @@ class AzuriteServer:
             assert answer.status == 201, answer.status
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 def start_azurite(workdir: Path) -> AzuriteServer:
@@ -264,19 +216,8 @@ def start_azurite(workdir: Path) -> AzuriteServer:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
     server = AzuriteServer(f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}", workdir, proc, 0.0)
     try:
-        deadline = start + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"azurite exited with {proc.returncode}:\n{_log_tail(log_path)}")
-            try:
-                urllib.request.urlopen(f"{server.endpoint}?comp=list", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answered (403 unsigned): up
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"azurite did not answer within {START_TIMEOUT_S} s:\n{_log_tail(log_path)}")
-                time.sleep(0.1)
+        wait_until_up("azurite", proc, lambda: _answers_http(f"{server.endpoint}?comp=list"), log_path,
+                      timeout_s=START_TIMEOUT_S, since=start)
     except BaseException:
         server.stop()
         raise
@@ -284,10 +225,13 @@ def start_azurite(workdir: Path) -> AzuriteServer:
     return server
 
 
-@contextlib.contextmanager
-def azurite(workdir: Path) -> Iterator[AzuriteServer]:
-    server = start_azurite(workdir)
+def _answers_http(url: str) -> bool:
     try:
-        yield server
-    finally:
-        server.stop()
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        pass  # it answered (403 unsigned): up
+    return True
+
+
+def azurite(workdir: Path) -> contextlib.AbstractContextManager[AzuriteServer]:
+    return running(start_azurite(workdir))

@@ -15,7 +15,7 @@ from builder import release
 from builder.config import load_product
 from builder.formats.base import Signers
 from builder.signing.authenticode import SigningKey
-from tests.support.s3server import free_ports
+from tests.support.servers import free_ports
 
 RELEASE_VERSION = "1.0.0"
 SOURCE_DATE_EPOCH = 1767225600
