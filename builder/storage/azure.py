@@ -12,11 +12,10 @@ import hashlib
 import re
 from pathlib import Path
 
-import obstore
-from obstore import exceptions as obx
 from obstore.store import AzureStore
 
 from builder.storage.s3 import obstore_client_options
+from builder.storage.keys import validate_key
 from builder.storage.settings import StorageSettings
 from builder.storage.store import PutResult, Store, split_bucket_url
 
@@ -48,20 +47,14 @@ class AzureContainerStore(Store):
         return cls(container, prefix, settings)
 
     def put_if_absent(self, key: str, data: bytes | bytearray | memoryview | Path) -> PutResult:
-        full = self._full(key)
+        validate_key(key)  # before any read: a bad key is refused with nothing done
         if isinstance(data, Path):
             with self._errors("read", str(data)):
                 data = data.read_bytes()
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError("put_if_absent takes bytes or a pathlib.Path")
         view = memoryview(data)
-        with self._errors("put", key):
-            try:
-                obstore.put(self._obs, full, view, mode="create")
-                created = True
-            except obx.AlreadyExistsError:
-                created = False
-        return PutResult(created, key, hashlib.sha256(view).hexdigest(), view.nbytes)
+        return PutResult(self._create(key, view), key, hashlib.sha256(view).hexdigest(), view.nbytes)
 
     def presigned_url(self, key: str, expires_s: int, *, now: float | None = None) -> str:
         if now is not None:

@@ -19,7 +19,6 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import obstore
 from obstore import exceptions as obx
 from obstore.store import S3Store
 
@@ -27,6 +26,7 @@ from builder import log
 from builder.errors import StorageError
 from builder.storage import pieces as pc
 from builder.storage.errors import ObjectNotFoundError
+from builder.storage.keys import validate_key
 from builder.storage.settings import StorageSettings
 from builder.storage.store import PutResult, StampResult, Store, split_bucket_url
 
@@ -218,7 +218,7 @@ class S3BucketStore(Store):
     # -- writes -------------------------------------------------------------------------------
 
     def put_if_absent(self, key: str, data: bytes | bytearray | memoryview | Path) -> PutResult:
-        full = self._full(key)
+        validate_key(key)  # before any read: a bad key is refused with nothing done
         if isinstance(data, Path):
             with self._errors("put", key):
                 size = data.stat().st_size
@@ -236,13 +236,7 @@ class S3BucketStore(Store):
                 return PutResult(False, key, sha, view.nbytes)
             chunks = (("bytes", bytes(view[i:i + PART_SIZE])) for i in range(0, view.nbytes, PART_SIZE))
             return PutResult(self._multipart(key, chunks), key, sha, view.nbytes)
-        with self._errors("put", key):
-            try:
-                obstore.put(self._obs, full, view, mode="create")
-                created = True
-            except obx.AlreadyExistsError:
-                created = False
-        return PutResult(created, key, sha, view.nbytes)
+        return PutResult(self._create(key, view), key, sha, view.nbytes)
 
     def _put_large_file(self, key: str, path: Path, size: int) -> PutResult:
         digest = hashlib.sha256()

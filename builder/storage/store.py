@@ -128,6 +128,16 @@ class Store:
             # What a backend can raise; a TypeError or the like is a bug and keeps its traceback.
             raise self._translate(exc, op, key) from exc
 
+    def _create(self, key: str, data: memoryview) -> bool:
+        """One conditional PUT (obstore `mode="create"`: If-None-Match on S3 and Azure). True if
+        it created `key`, False if the key was already there."""
+        with self._errors("put", key):
+            try:
+                obstore.put(self._obs, self._full(key), data, mode="create")
+                return True
+            except obx.AlreadyExistsError:
+                return False
+
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes:

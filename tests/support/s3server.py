@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
 
-from tests.support.servers import free_ports, running, stop_process, wait_until_up
+from tests.support.servers import free_ports, launch, running, stop_process, wait_until_up
 
 START_TIMEOUT_S = 60
 
@@ -110,14 +110,17 @@ def start_seaweedfs(workdir: Path, bucket: str = "test", region: str = "us-east-
     ]
     log_path = workdir / "weed.log"
     start = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
+    proc = launch(cmd, workdir, log_path)
     server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, bucket, region, workdir, proc, 0.0)
     client = server.client()
+    # head_bucket is signed: it proves S3, the IAM config and the bucket.
+    return _started(server, "weed mini", lambda: client.head_bucket(Bucket=bucket) is not None, log_path, start)
+
+
+def _started(server, name: str, answers, log_path: Path, start: float):
+    """`server` once it answers (its start time recorded), or stopped and a RuntimeError."""
     try:
-        # head_bucket is signed: it proves S3, the IAM config and the bucket.
-        wait_until_up("weed mini", proc, lambda: client.head_bucket(Bucket=bucket) is not None, log_path,
-                      timeout_s=START_TIMEOUT_S, since=start)
+        wait_until_up(name, server.proc, answers, log_path, timeout_s=START_TIMEOUT_S, since=start)
     except BaseException:
         server.stop()
         raise
@@ -212,17 +215,8 @@ def start_azurite(workdir: Path) -> AzuriteServer:
            "--disableTelemetry", "--silent"]
     log_path = workdir / "azurite.log"
     start = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
-    server = AzuriteServer(f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}", workdir, proc, 0.0)
-    try:
-        wait_until_up("azurite", proc, lambda: _answers_http(f"{server.endpoint}?comp=list"), log_path,
-                      timeout_s=START_TIMEOUT_S, since=start)
-    except BaseException:
-        server.stop()
-        raise
-    server.started_in_s = time.monotonic() - start
-    return server
+    server = AzuriteServer(f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}", workdir, launch(cmd, workdir, log_path), 0.0)
+    return _started(server, "azurite", lambda: _answers_http(f"{server.endpoint}?comp=list"), log_path, start)
 
 
 def _answers_http(url: str) -> bool:

@@ -64,6 +64,12 @@ def wait_until_up(name: str, proc: subprocess.Popen, answers: Callable[[], bool]
         time.sleep(poll_s)
 
 
+def launch(cmd: list[str], workdir: Path, log_path: Path) -> subprocess.Popen:
+    """`cmd` in `workdir`, its stdout and stderr in `log_path`, no stdin."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir)
+
+
 class Stoppable(Protocol):
     def stop(self) -> None: ...
 
