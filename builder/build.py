@@ -20,7 +20,7 @@ from pathlib import Path
 
 from builder import formats, log
 from builder.config import Product
-from builder.enrollment import Enrollment
+from builder.trust import SignedEnrollment, Trust
 from builder.errors import BuilderError, OutputError, PayloadError, VerificationError
 from builder.formats.base import BuildRequest, Signers
 
@@ -77,7 +77,8 @@ def build(
     product: Product,
     version: str,
     payload: Path,
-    enrollment: Enrollment | None,
+    enrollment: SignedEnrollment | None,
+    trust: Trust,
     signers: Signers,
     out: Path,
     source_date_epoch: int,
@@ -102,7 +103,7 @@ def build(
             work = Path(tmp) / fmt.name
             work.mkdir(mode=0o700)
             request = BuildRequest(
-                product=product, version=version, payload=payload, enrollment=enrollment,
+                product=product, version=version, payload=payload, enrollment=enrollment, trust=trust,
                 work=work, source_date_epoch=source_date_epoch, signers=signers,
             )
             start = time.perf_counter()
@@ -146,7 +147,7 @@ def build(
     return outputs
 
 
-def default_basename(product: Product, version: str, enrollment: Enrollment | None) -> str:
+def default_basename(product: Product, version: str, enrollment: SignedEnrollment | None) -> str:
     base = product.service_name + "-" + version
     if enrollment is None:
         return base
@@ -155,14 +156,14 @@ def default_basename(product: Product, version: str, enrollment: Enrollment | No
     return f"{base}-{safe(enrollment.account_id)}-{safe(enrollment.group_id)}"
 
 
-def write_summary(path: Path, outputs: list[Output], enrollment: Enrollment | None, version: str) -> None:
+def write_summary(path: Path, outputs: list[Output], enrollment: SignedEnrollment | None, version: str) -> None:
     doc = summary_doc(outputs, enrollment, version)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(partial, path)
 
 
-def summary_doc(outputs: list[Output], enrollment: Enrollment | None, version: str) -> dict:
+def summary_doc(outputs: list[Output], enrollment: SignedEnrollment | None, version: str) -> dict:
     return {
         "version": version,
         "enrollment": enrollment.public() if enrollment else None,

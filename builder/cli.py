@@ -20,6 +20,7 @@ from builder.signing.authenticode import SigningKey, OfflineTSA
 
 SIGN_PASSWORD_ENV = "BUILDER_SIGN_PASSWORD"
 MAC_SIGN_PASSWORD_ENV = "BUILDER_MAC_SIGN_PASSWORD"
+ENROLLMENT_KEY_PASSWORD_ENV = "BUILDER_ENROLLMENT_KEY_PASSWORD"
 
 
 def handle_errors(fn):
@@ -69,6 +70,76 @@ def enrollment_options(fn):
     ):
         fn = opt(fn)
     return fn
+
+
+def enrollment_key_options(fn):
+    for opt in reversed(
+        [
+            click.option("--enrollment-key", type=click.Path(path_type=Path),
+                         help=f"EC P-256 private key (PEM) that signs enrollments; password from ${ENROLLMENT_KEY_PASSWORD_ENV}."),
+            click.option("--enrollment-key-pkcs11", metavar="URI",
+                         help=f"PKCS#11 URI of an HSM enrollment key; PIN from ${ENROLLMENT_KEY_PASSWORD_ENV}."),
+            click.option("--expires-in", type=click.IntRange(min=60), metavar="SECONDS",
+                         help="The enrollment expires this long after it is signed (default: never)."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def pin_options(fn):
+    for opt in reversed(
+        [
+            click.option("--console-host", "console_hosts", multiple=True, metavar="HOST",
+                         help="Console host the agents may talk to: host, *.domain, either with :port (repeatable; default: product.console_hosts)."),
+            click.option("--enrollment-public-key", "public_keys", multiple=True, type=click.Path(path_type=Path),
+                         help="Also pin this enrollment public key (PEM; repeatable, for key rotation)."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, pkcs11_module=None, *, required: bool,
+                           environ=os.environ):
+    """The enrollment signing key from the options (None when not given and not required)."""
+    from builder.signing import enrollment_key as ek
+
+    if enrollment_key and enrollment_key_pkcs11:
+        raise UsageError("give one of --enrollment-key and --enrollment-key-pkcs11", "not both")
+    password = Secret(environ[ENROLLMENT_KEY_PASSWORD_ENV]) if environ.get(ENROLLMENT_KEY_PASSWORD_ENV) else None
+    if password is not None:
+        log.register_secret(password.reveal())
+    if enrollment_key:
+        return ek.FileEnrollmentKey(enrollment_key, password)
+    if enrollment_key_pkcs11:
+        extra = {"module": pkcs11_module} if pkcs11_module else {}
+        return ek.Pkcs11EnrollmentKey(enrollment_key_pkcs11, password, **extra)
+    if required:
+        raise UsageError("enrollments are signed: give --enrollment-key PEM or --enrollment-key-pkcs11 URI",
+                         "`builder dev-keys DIR` makes a DEVELOPMENT enrollment key")
+    return None
+
+
+def resolve_trust(product, console_hosts, public_keys, key):
+    """The pins a release or build puts in its installers: --enrollment-public-key keys and the
+    signing key's own, and --console-host (else product.console_hosts)."""
+    from builder.signing.enrollment_key import load_public_key
+    from builder.trust import Trust
+
+    pins = [load_public_key(p) for p in public_keys] + ([key.pin] if key is not None else [])
+    return Trust(tuple(pins), tuple(console_hosts or product.console_hosts))
+
+
+def sign_enrollment(key, enrollment, trust, expires_in, environ=os.environ):
+    """`enrollment` signed with `key` for agents pinned to `trust`. Its issue time is
+    SOURCE_DATE_EPOCH when set (reproducible output), else now; an expiry counts from now."""
+    raw = environ.get("SOURCE_DATE_EPOCH")
+    issued = source_date_epoch(environ) if raw is not None else int(time.time())
+    expires = int(time.time()) + expires_in if expires_in else None
+    signed = key.sign(enrollment, trust, issued_at=min(issued, expires - 1) if expires else issued, expires_at=expires)
+    log.register_secret(signed.jws.reveal())
+    return signed
 
 
 def signing_options(fn):
@@ -140,15 +211,18 @@ def source_date_epoch(environ=os.environ) -> int:
 @click.option("--format", "format_names", multiple=True, required=True, type=click.Choice(formats.NAMES), help="Installer format (repeatable).")
 @click.option("--version", "version", required=True, help="Agent version, MAJOR.MINOR.BUILD.")
 @enrollment_options
+@enrollment_key_options
+@pin_options
 @click.option("--payload", type=click.Path(path_type=Path), default=Path("payload/build"), show_default=True, help="Agent payload: windows/ and macos/ sub-folders.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @signing_options
 @product_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
-def build(format_names, version, account_id, group_id, token_file, token_env, console_url, payload, out,
-          config_file, set_items, as_json, **signing):
-    """Build signed installers with one group's enrollment stamped in."""
+def build(format_names, version, account_id, group_id, token_file, token_env, console_url, enrollment_key,
+          enrollment_key_pkcs11, expires_in, console_hosts, public_keys, payload, out, config_file, set_items, as_json,
+          **signing):
+    """Build signed installers with one group's signed enrollment stamped in."""
     from builder import build as build_mod
 
     product = load_product(config_file, parse_set_options(set_items))
@@ -156,10 +230,13 @@ def build(format_names, version, account_id, group_id, token_file, token_env, co
     token = read_token(token_file, token_env)
     log.register_secret(token.reveal())
     enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
+    key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
+    trust = resolve_trust(product, console_hosts, public_keys, key)
+    signed = sign_enrollment(key, enrollment, trust, expires_in)
     signers = resolve_signers(product=product, **signing)
     outputs = build_mod.build(format_names=list(format_names), product=product, version=version, payload=payload,
-                              enrollment=enrollment, signers=signers, out=out, source_date_epoch=source_date_epoch())
-    doc = build_mod.summary_doc(outputs, enrollment, version)
+                              enrollment=signed, trust=trust, signers=signers, out=out, source_date_epoch=source_date_epoch())
+    doc = build_mod.summary_doc(outputs, signed, version)
     if as_json:
         emit_json(doc)
     else:
@@ -190,8 +267,12 @@ def _print_report(path: Path, doc: dict) -> None:
         log.console.print(f"  notarized: {'yes' if doc['notarized'] else 'no'} ({doc.get('notarization', '')})")
     enr = doc.get("enrollment")
     if enr:
+        state = enr.get("state", "?")
+        detail = f"signed by pinned key {enr.get('key_id')}" if state == "valid" else enr.get("reason", "")
+        log.console.print(f"  enrollment: {state}" + (f" ({detail})" if detail else ""))
         for key, value in enr.items():
-            log.console.print(f"  {key}: {value}")
+            if key not in ("state", "reason", "key_id"):
+                log.console.print(f"    {key}: {value}")
     else:
         log.console.print("  enrollment: none stamped")
 
@@ -256,8 +337,47 @@ def dev_keys(folder):
     """Make a DEVELOPMENT CA and signing keys (PKCS#12 password: 'development')."""
     from builder.signing import devca
 
+    from builder.signing.enrollment_key import create_dev_key
+
     keys = devca.create(folder)
+    create_dev_key(keys.folder)
     log.warning(f"development keys in {keys.folder}: for tests and demos only, never for shipping")
+
+
+@main.command("enrollment")
+@enrollment_options
+@enrollment_key_options
+@click.option("--release", "release_dir", type=click.Path(path_type=Path),
+              help="Check against this release's pins (default: the product's console hosts and this key).")
+@product_options
+@click.option("--json", "as_json", is_flag=True, help="Also the key id, expiry and a ready msiexec line, as JSON.")
+@handle_errors
+def enrollment_cmd(account_id, group_id, token_file, token_env, console_url, enrollment_key, enrollment_key_pkcs11,
+                   expires_in, release_dir, config_file, set_items, as_json):
+    """Print one group's signed enrollment: what `msiexec /i agent.msi ENROLLMENT=...` takes.
+
+    It holds the token: hand it to the admin who deploys, never to a log."""
+    from builder.release import Release
+
+    key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, required=True)
+    if release_dir:
+        rel = Release.open(release_dir, verify=False)
+        product, trust = rel.product(), rel.trust()
+    else:
+        product = load_product(config_file, parse_set_options(set_items))
+        trust = resolve_trust(product, (), (), key)
+    token = read_token(token_file, token_env)
+    log.register_secret(token.reveal())
+    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token,
+                            console_url=console_url or product.console_url)
+    signed = sign_enrollment(key, enrollment, trust, expires_in)
+    jws = signed.jws.reveal()
+    if as_json:
+        # Printed on purpose, without the redactor: the signed enrollment is this command's output.
+        click.echo(json.dumps({"enrollment": jws, **{k: v for k, v in signed.public().items() if k != "token"},
+                               "msiexec": f"msiexec /i agent.msi ENROLLMENT={jws} /qn"}, indent=2))
+    else:
+        click.echo(jws)
 
 
 @main.command("release")
@@ -265,19 +385,24 @@ def dev_keys(folder):
 @click.option("--version", "version", required=True, help="Agent version, MAJOR.MINOR.BUILD.")
 @click.option("--payload", type=click.Path(path_type=Path), default=Path("payload/build"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Release folder (base installers + manifest.json).")
+@pin_options
+@click.option("--enrollment-key", type=click.Path(path_type=Path), help="Pin this private key's public half (PEM).")
 @signing_options
 @product_options
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @handle_errors
-def release_cmd(format_names, version, payload, out, config_file, set_items, as_json, **signing):
+def release_cmd(format_names, version, payload, out, console_hosts, public_keys, enrollment_key, config_file, set_items,
+                as_json, **signing):
     """Build and sign every format once, with an empty enrollment slot, and write the manifest."""
     from builder import release as release_mod
 
     product = load_product(config_file, parse_set_options(set_items))
     validate_version(version)
+    key = resolve_enrollment_key(enrollment_key, None, required=False)
+    trust = resolve_trust(product, console_hosts, public_keys, key)
     signers = resolve_signers(product=product, **signing)
     manifest = release_mod.release(format_names=list(format_names or formats.NAMES), product=product, version=version,
-                                   payload=payload, signers=signers, out=out, source_date_epoch=source_date_epoch())
+                                   payload=payload, signers=signers, trust=trust, out=out, source_date_epoch=source_date_epoch())
     if as_json:
         emit_json(manifest)
     else:
@@ -292,11 +417,13 @@ def release_cmd(format_names, version, payload, out, config_file, set_items, as_
 @click.option("--format", "fmt", required=True, type=click.Choice(["exe", "msi", "msi-tagged", "pkg", "dmg"]),
               help="msi: Property defaults baked in and re-signed (GPO/Intune); msi-tagged: slot only, no re-signing.")
 @enrollment_options
+@enrollment_key_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output installer file.")
 @signing_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, console_url, out, as_json, **signing):
+def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, console_url, enrollment_key,
+              enrollment_key_pkcs11, expires_in, out, as_json, **signing):
     """Turn a release into one group's installer (signing keys only for msi, pkg and dmg)."""
     from builder import stamp as stamp_mod
     from builder.release import Release
@@ -307,6 +434,8 @@ def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, con
     token = read_token(token_file, token_env)
     log.register_secret(token.reveal())
     enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
+    key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
+    enrollment = sign_enrollment(key, enrollment, rel.trust(), expires_in)
     if fmt in stamp_mod.SLOTTED and not _any_key(signing):
         signers = Signers(unsigned=not rel.manifest.get("signed"), verify_ca=ca)  # nothing is re-signed
     else:
@@ -362,9 +491,10 @@ def service_options(fn):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @service_options
+@enrollment_key_options
 @signing_options
 @handle_errors
-def serve_cmd(host, port, storage_url, state_dir, redis_url, **signing):
+def serve_cmd(host, port, storage_url, state_dir, redis_url, enrollment_key, enrollment_key_pkcs11, expires_in, **signing):
     """Serve group installers over HTTP (API keys from BUILDER_API_KEYS or BUILDER_API_KEYS_FILE)."""
     import uvicorn
 
@@ -373,8 +503,10 @@ def serve_cmd(host, port, storage_url, state_dir, redis_url, **signing):
 
     signers = _service_signers(signing)
     ca = signing["ca"]
-    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
-    settings = ServiceSettings(api_keys=api_keys_from(), link_secret=link_secret_of(issuer))
+    key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
+    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca,
+                                        redis_url=redis_url, enrollment_key=key))
+    settings = ServiceSettings(api_keys=api_keys_from(), link_secret=link_secret_of(issuer), enrollment_ttl_s=expires_in)
     issuer.warm()
     uvicorn.run(create_app(issuer, settings), host=host, port=port, log_level="warning", access_log=False)
 
@@ -413,20 +545,23 @@ def _worker_issuer(storage_url, state_dir, signing: dict, redis_url: str | None 
 @click.option("--format", "fmt", required=True, type=click.Choice(["exe", "msi", "msi-tagged", "pkg", "dmg"]))
 @click.option("--release", "release", default="latest", show_default=True)
 @enrollment_options
+@enrollment_key_options
 @click.option("--base-url", default="http://127.0.0.1:8080", show_default=True, help="Where `builder serve` answers (for the link).")
 @service_options
 @signing_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console_url, base_url, storage_url, state_dir,
-              redis_url, as_json, **signing):
+def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console_url, enrollment_key,
+              enrollment_key_pkcs11, expires_in, base_url, storage_url, state_dir, redis_url, as_json, **signing):
     """Issue one group's installer through the service's own code path, without HTTP."""
     from builder.service.setup import ServiceOptions, link_secret_of, make_issuer
     from builder.storage.links import sign_link
 
     signers = _service_signers(signing)
     ca = signing["ca"]
-    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca, redis_url=redis_url))
+    key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
+    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca,
+                                        redis_url=redis_url, enrollment_key=key))
     token = read_token(token_file, token_env)
     log.register_secret(token.reveal())
     version = issuer.resolve(release)

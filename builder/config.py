@@ -10,10 +10,12 @@ import dataclasses
 import re
 import tomllib
 import uuid
+from urllib.parse import urlsplit
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from builder.errors import ConfigError
+from builder.trust import normalise_host_pattern
 
 DEFAULTS_FILE = Path(__file__).parent / "resources" / "defaults.toml"
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -44,6 +46,9 @@ class Product:
     pkg_identifier: str
     launchd_label: str
     slot_size: int
+    # Console hosts a release's agents may talk to (pinned in trust.json): `host`, `*.domain`,
+    # either with `:port`. Empty in a file means: the host of console_url.
+    console_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         checks = {
@@ -66,7 +71,9 @@ class Product:
             if not all(_PATH_PART_RE.match(p) for p in parts):
                 raise ConfigError(f"product.{key} = {getattr(self, key)!r}: each part separated by {sep!r} must match {_PATH_PART_RE.pattern}", "change it in your --config file")
         if not 1024 <= self.slot_size <= 65536 or self.slot_size % 8:
-            raise ConfigError(f"product.slot_size = {self.slot_size} must be a multiple of 8 between 1024 and 65536", "8192 fits a 4 KiB token")
+            raise ConfigError(f"product.slot_size = {self.slot_size} must be a multiple of 8 between 1024 and 65536", "12288 fits a signed enrollment with a 4 KiB token")
+        hosts = self.console_hosts or (urlsplit(self.console_url).hostname or "",)
+        object.__setattr__(self, "console_hosts", tuple(normalise_host_pattern(h) for h in hosts))
 
     @property
     def install_parts(self) -> list[str]:
@@ -86,6 +93,12 @@ class Product:
 
 
 def _coerce(field: dataclasses.Field, raw, source: str):
+    if field.name == "console_hosts":
+        # A list in TOML; comma-separated with --set.
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{source}: product.console_hosts must be a list of host patterns")
+        return tuple(i.strip() for i in items if i.strip())
     want = field.type if isinstance(field.type, type) else {"int": int, "str": str}[field.type]
     if want is int and isinstance(raw, str):
         try:

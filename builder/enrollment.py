@@ -156,6 +156,14 @@ def validate_console_url(value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme != "https" or not parts.hostname:
         raise EnrollmentError("--console-url must be an https:// URL with a host", f"got scheme '{parts.scheme}'")
+    # What agents refuse (builder.trust.console_url_problem), refused before anything is signed:
+    # a user@ part hides the real host from a reader; an IP literal pins nothing.
+    if "@" in parts.netloc or "%" in parts.netloc:
+        raise EnrollmentError("--console-url must not carry user information or percent-escapes in its host",
+                              "give https://host[:port]/path")
+    if re.fullmatch(r"[0-9.]+", parts.hostname):
+        raise EnrollmentError("--console-url must name a host, not an IP address",
+                              "agents only talk to console host names pinned in the release")
 
 
 def read_token(token_file: str | None, token_env: str | None, environ: dict | None = None) -> Secret:

@@ -1,7 +1,8 @@
 """`builder release`: every format built and signed once per agent version, no enrollment inside.
 
 EXE and MSI carry an empty, fixed-size enrollment slot inside their Authenticode signature
-(builder/binfmt/slot.py); the pkg's postinstall reads a sidecar enrollment file. The manifest
+(builder/binfmt/slot.py); the pkg's postinstall reads a sidecar enrollment file. Every installer
+carries the release's pins (enrollment public keys, console hosts) in signed bytes. The manifest
 (`manifest.json`, written last) records each base file with size, sha256, signer, timestamp,
 slot location, tool versions and SOURCE_DATE_EPOCH: everything a stamp needs, so stamping
 never parses a signature or runs a tool it can avoid.
@@ -19,6 +20,7 @@ from builder.config import Product
 from builder.errors import FormatError, VerificationError
 from builder.formats.base import Signers
 from builder.tools import runner
+from builder.trust import Trust
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -27,9 +29,9 @@ _RECORDED_TOOLS = ("wixl", "makensis", "osslsigncode", "xorriso")
 
 
 def release(*, format_names: list[str], product: Product, version: str, payload: Path, signers: Signers,
-            out: Path, source_date_epoch: int) -> dict:
+            trust: Trust, out: Path, source_date_epoch: int) -> dict:
     outputs = build.build(format_names=format_names, product=product, version=version, payload=payload,
-                          enrollment=None, signers=signers, out=out, source_date_epoch=source_date_epoch)
+                          enrollment=None, trust=trust, signers=signers, out=out, source_date_epoch=source_date_epoch)
     files = {}
     for o in outputs:
         fmt = formats.get(o.format)
@@ -44,6 +46,9 @@ def release(*, format_names: list[str], product: Product, version: str, payload:
         "product": {k: getattr(product, k) for k in product.__dataclass_fields__},
         "source_date_epoch": source_date_epoch,
         "signed": not signers.unsigned,
+        # The pins every installer of this release carries in signed bytes (trust.json): a stamp
+        # is refused unless its enrollment key and console host are among them.
+        "trust": json.loads(trust.to_json_bytes()),
         "tools": {name: runner.version(runner.TOOLS[name]) for name in _RECORDED_TOOLS},
         "files": files,
     }
@@ -78,7 +83,15 @@ class Release:
         return self.manifest["version"]
 
     def product(self) -> Product:
-        return Product(**self.manifest["product"])
+        fields = dict(self.manifest["product"])
+        fields["console_hosts"] = tuple(fields.get("console_hosts") or ())
+        return Product(**fields)
+
+    def trust(self) -> Trust:
+        if "trust" not in self.manifest:
+            raise FormatError(f"release {self.folder} pins no enrollment keys (made by an older builder)",
+                              "build the release again: its agents would refuse every enrollment")
+        return Trust.from_json_bytes(json.dumps(self.manifest["trust"]).encode(), f"release {self.folder}")
 
     def file(self, fmt: str) -> ReleaseFile:
         entry = self.manifest["files"].get(fmt)

@@ -1,6 +1,7 @@
 """`builder stamp`: one group's installer from a release, in milliseconds where the format allows.
 
-- exe, msi-tagged: the enrollment goes into the release's reserved slot inside the Authenticode
+Every enrollment is signed (builder/trust.py) and checked against the release's pins first.
+- exe, msi-tagged: the signed enrollment goes into the release's reserved slot inside the Authenticode
   PKCS#7; no re-signing. The output is base[0:off] + slot + base[off+len:], offered as byte
   ranges (`stamp_ranges`) so storage and the service can stream or server-side-copy it.
 - msi (baked, for GPO/Intune, which run an MSI with no arguments and may copy it away from any
@@ -16,13 +17,14 @@ import errno
 import fcntl
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import build, formats, log
 from builder.binfmt import slot as slotfmt
 from builder.binfmt import tag
-from builder.enrollment import Enrollment
+from builder.trust import SignedEnrollment, verify
 from builder.errors import OutputError, SlotError, UsageError
 from builder.formats.base import Signers
 from builder.release import Release, ReleaseFile
@@ -51,13 +53,13 @@ class Stamped:
                 "signer": self.signer, "resigned": self.resigned, "bytes_written": self.bytes_written}
 
 
-def stamp_ranges(base: ReleaseFile, enrollment: Enrollment) -> list[tag.Piece]:
+def stamp_ranges(base: ReleaseFile, enrollment: SignedEnrollment) -> list[tag.Piece]:
     """The stamped file as pieces of the base plus the new slot bytes. No I/O."""
     info = base.slot
     if info is None:
         raise SlotError(f"release file {base.path.name} has no enrollment slot", "re-run `builder release`")
     size, extents = info["size"], [tuple(e) for e in info["extents"]]
-    new = slotfmt.encode_slot(enrollment.to_json_bytes(), size)
+    new = slotfmt.encode_slot(enrollment.jws.reveal().encode("ascii"), size)
     if info.get("checksum_neutral"):
         new = tag.checksum_neutral(new, slotfmt.empty_slot(size), extents[0][0])
     return tag.stamp_pieces(base.entry["size"], extents, new)
@@ -102,10 +104,17 @@ def _copy_range(src, out, size: int) -> None:
         shutil.copyfileobj(src, out, 1 << 20)
 
 
-def stamp(release: Release, fmt: str, enrollment: Enrollment, signers: Signers, out: Path) -> Stamped:
+def check_pinned(release: Release, enrollment: SignedEnrollment) -> None:
+    """Refuse (EnrollmentError, exit 3) what the release's agents would refuse: a key it does
+    not pin, an expired enrollment, a console host outside its allowlist."""
+    verify(enrollment.jws.reveal(), release.trust(), int(time.time()))
+
+
+def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Signers, out: Path) -> Stamped:
     """Stamp `enrollment` into the release's `fmt` installer, written to `out` (atomically)."""
     if fmt not in STAMP_FORMATS:
         raise UsageError(f"unknown stamp format {fmt!r}", f"choose from {', '.join(STAMP_FORMATS)}")
+    check_pinned(release, enrollment)
     if out.suffix.lower() != SUFFIX[fmt]:
         raise UsageError(f"--out {out}: a {fmt} installer must end in {SUFFIX[fmt]}", "rename the output")
     base = release.file(STAMP_FORMATS[fmt])

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from builder.signing import devca
+from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey, create_dev_key
+from builder.trust import Trust
 from tests.support import wine as winesupport
 
 REPO = Path(__file__).resolve().parent.parent
@@ -15,8 +17,23 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def dev_keys(tmp_path_factory) -> devca.DevKeys:
-    """A development CA, code-signing keys and a test TSA, made once per session."""
-    return devca.create(tmp_path_factory.mktemp("dev-keys"))
+    """A development CA, code-signing keys, a test TSA and an enrollment key (enrollment.key,
+    as `builder dev-keys` makes), made once per session."""
+    keys = devca.create(tmp_path_factory.mktemp("dev-keys"))
+    create_dev_key(keys.folder)
+    return keys
+
+
+@pytest.fixture(scope="session")
+def enrollment_key(dev_keys) -> FileEnrollmentKey:
+    """The session's enrollment key: dev_keys.folder / enrollment.key."""
+    return FileEnrollmentKey(dev_keys.folder / DEV_KEY_NAME)
+
+
+@pytest.fixture(scope="session")
+def trust(enrollment_key) -> Trust:
+    """The pins of the suite's releases: the session's enrollment key, the default console host."""
+    return Trust((enrollment_key.pin,), ("console.example.com",))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from builder.binfmt.pkcs7 import element_size
-from builder.errors import FormatError
+from builder.errors import FormatError, VerificationError
 
 WIN_CERT_REVISION_2_0 = 0x0200
 WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
@@ -104,13 +104,30 @@ def certificates(data, name: str = "the input") -> list[WinCertificate]:
 
 
 def pkcs7_span(data, name: str = "the input") -> tuple[int, int]:
-    """(file offset, length) of the Authenticode PKCS#7 DER, without the padding after it."""
-    for cert in certificates(data, name):
-        if (cert.revision, cert.cert_type) == (WIN_CERT_REVISION_2_0,
-                                               WIN_CERT_TYPE_PKCS_SIGNED_DATA):
-            der_size = element_size(memoryview(data)[cert.content_offset:cert.offset + cert.length])
-            return cert.content_offset, der_size
-    raise FormatError(f"{name} has no Authenticode signature", hint="sign it first")
+    """(file offset, length) of the Authenticode PKCS#7 DER, without the padding after it.
+
+    Strict, as the agents read it: one WIN_CERTIFICATE, the certificate table last in the file,
+    and after the DER nothing but the zero padding to an 8-byte boundary. Bytes anywhere else
+    are what CVE-2013-3900 abuse hides there (a second enrollment, a MeshCentral-style config).
+    """
+    layout = parse(data, name)
+    found = certificates(data, name)
+    signed = [c for c in found if (c.revision, c.cert_type) == (WIN_CERT_REVISION_2_0, WIN_CERT_TYPE_PKCS_SIGNED_DATA)]
+    if not signed:
+        raise FormatError(f"{name} has no Authenticode signature", hint="sign it first")
+    if len(found) != 1:
+        raise VerificationError(f"{name} has {len(found)} WIN_CERTIFICATE entries; a signed installer has one",
+                                hint="the file was altered after signing: do not use it")
+    if layout.cert_table_offset + layout.cert_table_size != len(data):
+        raise VerificationError(f"{name} has data after its certificate table",
+                                hint="the file was altered after signing: do not use it")
+    cert = signed[0]
+    der_size = element_size(memoryview(data)[cert.content_offset:cert.offset + cert.length])
+    tail = bytes(data[cert.content_offset + der_size:cert.offset + cert.length])
+    if len(tail) > 7 or any(tail) or layout.cert_table_size != (cert.length + 7) & ~7:
+        raise VerificationError(f"{name} has {len(tail)} bytes after the PKCS#7 signature inside its WIN_CERTIFICATE",
+                                hint="the file was altered after signing: do not use it")
+    return cert.content_offset, der_size
 
 
 def pkcs7_of(data, name: str = "the input") -> bytes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from builder.binfmt.slot import empty_slot
-from builder.errors import FormatError, SlotError
+from builder.errors import FormatError, SlotError, VerificationError
 
 # 1.3.6.1.4.1.32473 is the enterprise number IANA reserves for documentation (RFC 5612): a
 # placeholder no third party owns. Put the organisation's own IANA PEN here before the first
@@ -147,12 +147,17 @@ def _unsigned_attrs(der, signer: _Tlv) -> _Tlv | None:
 
 
 def _slot_attribute(der, attrs: _Tlv) -> _Tlv | None:
+    found = []
     for attr in _children(der, attrs):
         _expect(attr, _SEQUENCE, "an unauthenticated attribute")
         kids = _children(der, attr)
         if kids and bytes(der[kids[0].start:kids[0].end]) == _SLOT_OID_DER:
-            return attr
-    return None
+            found.append(attr)
+    if len(found) > 1:
+        # Which one would a reader take? The agents refuse the question, and so do we.
+        raise VerificationError(f"the signature has {len(found)} enrollment slots; a release has one",
+                                hint="the file was altered after signing: do not use it")
+    return found[0] if found else None
 
 
 def add_slot(pkcs7_der: bytes, size: int) -> bytes:

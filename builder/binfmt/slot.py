@@ -11,7 +11,7 @@ import struct
 from builder.errors import FormatError, SlotError
 
 MAGIC = b"ENRSLOT1"
-SLOT_SIZE = 8192
+SLOT_SIZE = 12288  # a signed enrollment with a 4 KiB token and a 2 KiB console URL fits
 _HEADER = struct.Struct("<8sI")
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 from builder.binfmt import cfb, pe
-from builder.binfmt.pkcs7 import find_slot
+from builder.binfmt.pkcs7 import element_size, find_slot
 from builder.binfmt.slot import decode_slot, empty_slot
-from builder.errors import SlotError, UsageError
+from builder.errors import SlotError, UsageError, VerificationError
 
 Kind = Literal["exe", "msi"]
 SIGNATURE_STREAM = "\x05DigitalSignature"
@@ -38,7 +38,14 @@ def _signature_extents(data, kind: Kind, name: str) -> list[tuple[int, int]]:
         offset, length = pe.pkcs7_span(data, name)
         return [(offset, length)]
     if kind == "msi":
-        return cfb.stream_extents(data, SIGNATURE_STREAM, name)
+        extents = cfb.stream_extents(data, SIGNATURE_STREAM, name)
+        stream = _gather(data, extents)
+        # Nothing may follow the PKCS#7 in the stream: agents read only the DER element.
+        if element_size(stream) != len(stream):
+            raise VerificationError(f"{name} has {len(stream) - element_size(stream)} bytes after the PKCS#7 "
+                                    "in its DigitalSignature stream",
+                                    hint="the file was altered after signing: do not use it")
+        return extents
     raise UsageError(f"unknown installer kind {kind!r}", hint="use 'exe' or 'msi'")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from builder.config import Product
-from builder.enrollment import Enrollment
+from builder.trust import SignedEnrollment, Trust
 from builder.signing.authenticode import SigningKey, OfflineTSA
 
 
@@ -44,7 +44,9 @@ class BuildRequest:
     version: str
     payload: Path
     # None for a release build: the installer then carries an empty, reserved enrollment slot.
-    enrollment: Enrollment | None
+    enrollment: SignedEnrollment | None
+    # The pins installed beside the agent (trust.json), covered by the installer's signature.
+    trust: Trust
     work: Path
     source_date_epoch: int
     signers: Signers

@@ -26,12 +26,13 @@ import platform
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from builder import log
 from builder.binfmt import udif
 from builder.config import TEMPLATES_DIR, Product
-from builder.enrollment import Enrollment
+from builder.trust import SignedEnrollment, describe
 from builder.errors import ConfigError, EnrollmentError, FormatError, UsageError
 from builder.formats import macos_common as common
 from builder.formats import pkg as pkgformat
@@ -210,8 +211,6 @@ def make_dmg(pkg: Path, out: Path, product: Product, epoch: int, *, key: AppleKe
     """A disk image of the signed `pkg` (+ README, + a sidecar enrollment when given), signed
     with `key` (None: unsigned), at `out`. Returns details for the build summary.
     `keep_raw`: where to keep the raw HFS+ disk the image holds (Linux path; for tests)."""
-    if sidecar is not None:
-        Enrollment.from_json_bytes(sidecar, "the sidecar enrollment")  # refuse what postinstall would copy broken
     with tempfile.TemporaryDirectory(prefix="builder-dmg-", dir=work) as tmp:
         tmp_path = Path(tmp)
         readme = tmp_path / README_NAME
@@ -219,7 +218,7 @@ def make_dmg(pkg: Path, out: Path, product: Product, epoch: int, *, key: AppleKe
                                              install_folder=product.install_folder), encoding="utf-8")
         sidecar_file = ""
         if sidecar is not None:
-            sidecar_file = str(tmp_path / "sidecar.json")
+            sidecar_file = str(tmp_path / "sidecar.jws")
             Path(sidecar_file).write_bytes(sidecar)
         defines = {"volume_name": volume_name(product), "pkg": str(pkg), "pkg_name": pkg_name(product),
                    "readme": str(readme), "sidecar": sidecar_file, "sidecar_name": common.sidecar_name(product)}
@@ -269,7 +268,7 @@ class DmgFormat:
             raise UsageError("the DMG needs a Developer ID Application identity to sign the disk image",
                              "give --mac-sign-pkcs12 with a 'Developer ID Application' .p12, or --no-sign")
         pkg_request = BuildRequest(product=request.product, version=request.version, payload=request.payload,
-                                   enrollment=request.enrollment, work=request.work / "pkg",
+                                   enrollment=request.enrollment, trust=request.trust, work=request.work / "pkg",
                                    source_date_epoch=request.source_date_epoch, signers=signers)
         pkg_request.work.mkdir(mode=0o700, exist_ok=True)
         pkg_path, pkg_signer, pkg_details = pkgformat.PkgFormat().build_signed(pkg_request)
@@ -286,7 +285,7 @@ class DmgFormat:
         return Built(path=final, signer=signer, notarized=notarized,
                      details={**details, "pkg_signer": pkg_signer, "agent": pkg_details["agent"], "notarization": reason})
 
-    def stamp(self, release, enrollment: Enrollment, signers, out: Path) -> Built:
+    def stamp(self, release, enrollment: SignedEnrollment, signers, out: Path) -> Built:
         """A group's dmg: the release's signed pkg, unchanged, plus the group's enrollment
         beside it, which the pkg's postinstall reads through $1."""
         base, product = release.file("pkg"), release.product()
@@ -294,7 +293,7 @@ class DmgFormat:
         if key is None and not signers.unsigned:
             raise UsageError("a group's dmg is signed: give a Developer ID Application identity", "--mac-sign-pkcs12 FILE")
         make_dmg(base.path, out, product, release.manifest["source_date_epoch"], key=key,
-                 sidecar=enrollment.to_json_bytes(), work=out.parent)
+                 sidecar=enrollment.jws.reveal().encode("ascii"), work=out.parent)
         notarized = False
         if key is not None:
             from builder.signing import apple
@@ -324,20 +323,21 @@ class DmgFormat:
             for required in (README_NAME, ".DS_Store"):
                 if not (volume / required).is_file():
                     problems.append(f"{required} is missing from the volume")
-            enrollment, source = contents.enrollment, "baked into the pkg's postinstall"
-            sidecars = sorted(p for p in volume.iterdir() if p.name.endswith(".enrollment.json"))
-            if sidecars:
-                sidecar = sidecars[0]
-                try:
-                    found = Enrollment.from_json_bytes(sidecar.read_bytes(), f"{path}:{sidecar.name}")
-                    if enrollment is None:
-                        enrollment, source = found, f"sidecar {sidecar.name} beside the pkg"
-                    else:
-                        problems.append(f"{sidecar.name} is ignored: the pkg has a baked enrollment, which wins")
-                except EnrollmentError as exc:
-                    problems.append(exc.message)
-            elif enrollment is None:
+            # What the pkg's postinstall would take: its baked enrollment, else the sidecar.
+            jws, source = contents.enrollment, "baked into the pkg's postinstall"
+            sidecar = volume / common.sidecar_name_from_pkg(contents)
+            if sidecar.is_file():
+                if jws is None:
+                    jws, source = sidecar.read_bytes().decode("ascii", "replace"), f"sidecar {sidecar.name} beside the pkg"
+                else:
+                    problems.append(f"{sidecar.name} is ignored: the pkg has a baked enrollment, which wins")
+            elif jws is None:
                 source = "none (a release: the stamp stage adds a sidecar enrollment)"
+            enrollment = None
+            if jws is not None:
+                enrollment, problem = describe(jws, contents.trust, int(time.time()))
+                if problem:
+                    problems.append(problem)
             report = {
                 "format": self.name,
                 "path": str(path),
@@ -347,7 +347,7 @@ class DmgFormat:
                 "pkg": pkg.name,
                 "identifier": contents.identifier,
                 "version": contents.version,
-                "enrollment": enrollment.public() if enrollment else None,
+                "enrollment": enrollment,
                 "enrollment_source": source,
                 "signature": None,
                 "pkg_signature": None,

@@ -6,12 +6,11 @@ SOURCE_DATE_EPOCH, as the MSI's), render templates/nsis/installer.nsi.j2 (0600: 
 token), makensis (which signs the uninstaller through !uninstfinalize), then Authenticode
 signing of the installer through builder.signing.authenticode.
 
-Reading an enrollment back (verify, inspect): each enrollment value is written by the script
-from pieces, and each piece is an NSIS string that starts with a marker naming its field and
-place (`builder-enrollment/1:group_id:0/1:`), skipped at run time by StrCpy. The pieces live in
-the script's string table, inside the zlib-compressed header; `script_strings` inflates it and
-`enrollment_from_strings` puts the values back together. So verify reports the enrollment this installer really writes,
-with the token fingerprinted from the real token, not a copy recorded beside it.
+The enrollment is never in the script: every EXE reads its signed enrollment from the slot in
+its own Authenticode signature (a release's is empty until `builder stamp`; `builder build`
+stamps it right after signing). Before it touches an installed agent, the installer runs the
+agent it carries, from its plugins folder beside the trust.json it carries, on its own file
+(`verify-enrollment --installer`): a refused enrollment leaves the machine as it was.
 """
 
 from __future__ import annotations
@@ -26,15 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from builder import log, render
-from builder.binfmt.nsis import embedded_uninstaller, locate, script_strings, version_strings
+from builder.binfmt.nsis import embedded_uninstaller, locate, version_strings
 from builder.config import Product
-from builder.enrollment import Enrollment, Secret
-from builder.errors import ConfigError, EnrollmentError, FormatError, ToolFailedError, UsageError
+from builder.errors import ConfigError, FormatError, ToolFailedError, UsageError, VerificationError
 from builder.formats.base import BuildRequest, Built, SigningKey
 from builder.formats import slotted
-from builder.formats.windows_payload import payload_files
+from builder.formats.windows_payload import installed_trust, payload_files, stage_trust
 from builder.signing import authenticode
 from builder.tools import nsis, runner
+from builder.trust import TRUST_FILE, describe
 
 TEMPLATE = "nsis/installer.nsi.j2"
 SCRIPT_NAME = "installer.nsi"
@@ -44,64 +43,13 @@ SIGN_SCRIPT_NAME = "sign-uninstaller.sh"
 STAGE_NAME = "files"
 CONFIG_NAME = "enrollment.json"  # the MSI's name for the agent's config, in the same folder
 UNINSTALLER_NAME = "uninstall.exe"
-# Enrollment field -> the REG_SZ value under HKLM\<registry_key> the agent reads.
-REGISTRY_VALUES = {
-    "account_id": "AccountId",
-    "group_id": "GroupId",
-    "console_url": "ConsoleUrl",
-    "enrollment_token": "EnrollmentToken",
-}
-# An NSIS string holds 1024 characters at run time; a piece and its marker stay well below.
-PIECE_CHARS = 500
-MARKER_PREFIX = "builder-enrollment/1:"
-_MARKER_RE = re.compile(r"^builder-enrollment/1:([a-z_]+):(\d+)/(\d+):(.*)$", re.DOTALL)
+# REG_SZ values under HKLM\<registry_key> the uninstaller removes: the agent's verified
+# enrollment, the installers' staging value, and the unsigned values of earlier versions.
+REGISTRY_VALUE_NAMES = ("Enrollment", "PendingEnrollment", "AccountId", "GroupId", "ConsoleUrl", "EnrollmentToken")
 
 
 # ---------------------------------------------------------------------------------------------
 # Rendering
-
-
-def split_pieces(value: str, size: int = PIECE_CHARS) -> list[str]:
-    """`value` cut into pieces of at most `size` characters.
-
-    makensis replaces `$%NAME%` with the build machine's environment variable NAME, and
-    `${NAME}` with a define, before it turns `$$` into `$`: a `$` followed by `%` or `{` in one
-    string would be expanded however it is escaped. A cut between the two characters makes
-    each piece safe; the installer joins the pieces back at run time.
-    """
-    pieces: list[str] = []
-    current = ""
-    for char in value:
-        if len(current) >= size or (current.endswith("$") and char in "%{"):
-            pieces.append(current)
-            current = ""
-        current += char
-    pieces.append(current)
-    return pieces
-
-
-def marker(field_name: str, index: int, count: int) -> str:
-    return f"{MARKER_PREFIX}{field_name}:{index}/{count}:"
-
-
-def enrollment_context(enrollment: Enrollment) -> list[dict]:
-    """The four values as the template writes them. Holds the token in clear."""
-    values = {
-        "account_id": enrollment.account_id,
-        "group_id": enrollment.group_id,
-        "console_url": enrollment.console_url,
-        "enrollment_token": enrollment.token.reveal(),
-    }
-    out = []
-    for field_name, value in values.items():
-        pieces = split_pieces(value)
-        out.append({
-            "name": REGISTRY_VALUES[field_name],
-            "length": len(value),
-            "buffer_bytes": (len(value) + 1) * 2,
-            "pieces": [{"marker": marker(field_name, i, len(pieces)), "text": text} for i, text in enumerate(pieces)],
-        })
-    return out
 
 
 @dataclass
@@ -145,7 +93,6 @@ def check_string_lengths(product: Product) -> None:
 def render_script(
     product: Product,
     version: str,
-    enrollment: Enrollment | None,
     relpaths: list[str],
     *,
     payload_bytes: int = 0,
@@ -153,8 +100,7 @@ def render_script(
     outfile: str = UNSIGNED_NAME,
     staged_as: str = STAGE_NAME,
 ) -> str:
-    """The NSIS script. Contains the token in clear when `enrollment` is given: write it with
-    render.write_private and delete it after the build."""
+    """The NSIS script. It holds no enrollment: that is stamped into the signature's slot."""
     check_string_lengths(product)
     key_parts = product.registry_key.split("\\")
     return render.render(
@@ -167,12 +113,13 @@ def render_script(
         uninstaller_name=UNINSTALLER_NAME,
         arp_key_name=product.service_name,
         dirs=_dirs(relpaths, staged_as),
+        agent_source=f"{staged_as}/{product.agent_exe}",
+        trust_source=f"{staged_as}/{TRUST_FILE}",
         install_parents=["\\".join(product.install_parts[:i]) for i in range(len(product.install_parts) - 1, 0, -1)],
-        registry_value_names=list(REGISTRY_VALUES.values()),
+        registry_value_names=list(REGISTRY_VALUE_NAMES),
         # The key, then its parents up to (not including) the first part (SOFTWARE).
         registry_keys_to_prune=["\\".join(key_parts[:i]) for i in range(len(key_parts), 1, -1)],
         estimated_size_kb=(payload_bytes + 1023) // 1024,
-        enrollment=enrollment_context(enrollment) if enrollment is not None else None,
         sign_uninstaller=sign_command,
     )
 
@@ -190,39 +137,6 @@ def _sign_script(key: SigningKey, signing_time: int) -> str:
         'rm -f "$1.signed"\n'
         f'{sign} -in "$1" -out "$1.signed" >&2\n'
         'mv -f "$1.signed" "$1"\n'
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The baked enrollment, read back from the script strings (builder/binfmt/nsis.py reads those)
-
-
-def enrollment_from_strings(strings: list[str], name: str) -> Enrollment | None:
-    """The enrollment the script writes, from its marked pieces; None when it has none (a
-    release, which reads its enrollment from its signature slot at install time)."""
-    found: dict[str, dict[int, str]] = {}
-    counts: dict[str, int] = {}
-    for text in strings:
-        m = _MARKER_RE.match(text)
-        if not m:
-            continue
-        field_name, index, count, piece = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        if field_name not in REGISTRY_VALUES or index >= count or counts.setdefault(field_name, count) != count:
-            raise EnrollmentError(f"{name}: the baked enrollment's {field_name} pieces are inconsistent", "rebuild the installer")
-        found.setdefault(field_name, {})[index] = piece
-    if not found:
-        return None
-    values = {}
-    for field_name in REGISTRY_VALUES:
-        pieces = found.get(field_name, {})
-        if len(pieces) != counts.get(field_name, -1):
-            raise EnrollmentError(f"{name}: the baked enrollment lacks (part of) {field_name}", "rebuild the installer")
-        values[field_name] = "".join(pieces[i] for i in range(len(pieces)))
-    return Enrollment(
-        account_id=values["account_id"],
-        group_id=values["group_id"],
-        token=Secret(values["enrollment_token"]),
-        console_url=values["console_url"],
     )
 
 
@@ -253,11 +167,9 @@ class ExeFormat:
         key = None if signers.unsigned else signers.authenticode
         if key is None and not signers.unsigned:
             raise UsageError("the EXE needs an Authenticode signing key", "give --sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11, or --no-sign")
-        if enrollment is not None:
-            log.register_secret(enrollment.token.reveal())
-            # makensis quotes a bad line in its error; a line holds one piece of the token.
-            for piece in split_pieces(enrollment.token.reveal()):
-                log.register_secret(piece)
+        if enrollment is not None and key is None:
+            raise UsageError("an EXE's enrollment lives in its Authenticode signature: an unsigned EXE cannot carry one",
+                             "sign it, or build an unsigned release (builder release --no-sign) for development")
         work = request.work
         folder = request.payload_dir(self.platform)
         relpaths = payload_files(folder, product)
@@ -271,12 +183,13 @@ class ExeFormat:
         shutil.rmtree(staged, ignore_errors=True)
         try:
             payload_bytes = _stage(folder, relpaths, staged, request.source_date_epoch)
+            relpaths = sorted([*relpaths, stage_trust(staged, request.trust, request.source_date_epoch)])
             sign_command = None
             if key is not None:
                 render.write_private(sign_script, _sign_script(key, request.source_date_epoch))
                 sign_script.chmod(0o700)
                 sign_command = f'"./{SIGN_SCRIPT_NAME}"'
-            text = render_script(product, version, enrollment, relpaths, payload_bytes=payload_bytes, sign_command=sign_command)
+            text = render_script(product, version, relpaths, payload_bytes=payload_bytes, sign_command=sign_command)
             render.write_private(script, text)
             makensis_seconds = nsis.compile_script(
                 script,
@@ -284,7 +197,7 @@ class ExeFormat:
                 stdin=key.stdin() if key is not None else None,
             )
         finally:
-            script.unlink(missing_ok=True)  # holds the token in clear
+            script.unlink(missing_ok=True)
             sign_script.unlink(missing_ok=True)
             shutil.rmtree(staged, ignore_errors=True)
         if not unsigned.is_file():
@@ -298,9 +211,10 @@ class ExeFormat:
             authenticode.sign(key, unsigned, final, signing_time=request.source_date_epoch)
         finally:
             unsigned.unlink(missing_ok=True)
-        if enrollment is None:
-            # A release: an empty slot in the signature, filled per group by `builder stamp`.
-            slotted.add_slot(final, "exe", product.slot_size)
+        # An empty slot in the signature, filled per group by `builder stamp`, or here.
+        slotted.add_slot(final, "exe", product.slot_size)
+        if enrollment is not None:
+            slotted.fill_slot(final, "exe", enrollment.jws.reveal().encode("ascii"))
         details["sign_seconds"] = round(time.perf_counter() - start, 3)
         return Built(path=final, signer=authenticode.signer_subject(key), details=details)
 
@@ -349,15 +263,20 @@ class ExeFormat:
         enrollment = uninstaller = None
         if inst.is_uninstaller:
             problems.append("this is an NSIS uninstaller, not an installer")
-        stamped = "script"
+        enrollment = None
         try:
-            enrollment = enrollment_from_strings(script_strings(data, inst, name), name)
             uninstaller = embedded_uninstaller(data, inst, name)
-            if enrollment is None:
-                enrollment, has_slot = slotted.stamped_enrollment(data, "exe", name)
-                stamped = "slot" if has_slot else None
-        except (FormatError, EnrollmentError) as exc:  # an EnrollmentError names the field, never the value
+        except FormatError as exc:
             problems.append(exc.message.removeprefix(f"{name}: "))
+        try:
+            jws, _ = slotted.stamped_jws(data, "exe", name)
+        except VerificationError as exc:
+            problems.append(exc.message.removeprefix(f"{name}: "))
+            jws = None
+        if jws is not None:
+            enrollment, problem = describe(jws, installed_trust(path, TRUST_FILE), int(time.time()))
+            if problem:
+                problems.append(problem)
         info = version_strings(data, inst.firstheader_offset)
         report = {
             "format": self.name,
@@ -368,10 +287,10 @@ class ExeFormat:
             "product": info.get("ProductName"),
             "version": info.get("ProductVersion"),
             "exe": {"manufacturer": info.get("CompanyName")},
-            # Baked into the script by `build`, or in the signature's slot by `stamp`; None for
-            # a release, whose slot is still empty.
-            "enrollment": enrollment.public() if enrollment else None,
-            "enrollment_source": stamped if enrollment else None,
+            # In the signature's slot (by `stamp` or `build`); None for a release, whose slot is
+            # still empty.
+            "enrollment": enrollment,
+            "enrollment_source": "slot" if enrollment else None,
             "signature": None,
         }
         return report, problems, uninstaller

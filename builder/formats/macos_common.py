@@ -7,11 +7,11 @@ Installed by the pkg (install-location "/", owner root:wheel, every mtime SOURCE
     /Library/LaunchDaemons/<launchd_label>.plist     runs `<agent> run --config <config>`
     /Library/Application Support/<install_folder>/enrollment.json    written by postinstall, 0600
 
-The postinstall (templates/macos/postinstall.sh.j2) takes the enrollment from values baked into
-it at build time, else from a sidecar file beside the package (`$(dirname "$1")/<sidecar>`, what
-a release pkg on a group's disk image uses), else keeps an existing config. A baked config is
-built with printf from shell-quoted values and equals `Enrollment.to_json_bytes()` byte for byte;
-a sidecar is copied byte for byte.
+The postinstall (templates/macos/postinstall.sh.j2) carries the release's pins (keys and console
+hosts) and takes the signed enrollment baked into it at build time, else from a sidecar file
+beside the package (`$(dirname "$1")/<sidecar>`, what a release pkg on a group's disk image
+uses), else keeps an existing config. It verifies a new enrollment (ES256 with openssl, expiry,
+console host) before it writes anything: the sidecar is not covered by any signature.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from builder.binfmt import udif
 from builder.binfmt import xar
 from builder.binfmt.cpio import PayloadStats, TreeEntry, iter_cpio, read_cpio, scan_tree, write_cpio_entries
 from builder.config import Product
-from builder.enrollment import Enrollment, Secret
-from builder.errors import EnrollmentError, FormatError, PayloadError
+from builder.errors import ConfigError, EnrollmentError, FormatError, PayloadError
+from builder.trust import TRUST_FILE, SignedEnrollment, Trust
 
 COMPONENT = "agent.pkg"  # the one component package inside the product archive
 DISTRIBUTION = "Distribution"
@@ -53,16 +53,11 @@ PACKAGE_INFO = f"{COMPONENT}/PackageInfo"
 MEMBERS = (DISTRIBUTION, BOM, PAYLOAD, SCRIPTS, PACKAGE_INFO)
 POSTINSTALL = "postinstall"
 CONFIG_NAME = "enrollment.json"  # the Windows formats' name for the same file
+SIDECAR_SUFFIX = ".enrollment.jws"  # a signed enrollment: base64url and dots, no newline
 INSTALL_ROOT_ENV = "BUILDER_INSTALL_ROOT"
 AGENT_NAME = "agent"  # a plain executable at the payload's top level wins over a .app
 ROOT_UID = 0
 WHEEL_GID = 0  # cpio's default is 80 (admin); the brief and launchd want root:wheel
-# printf format of the baked config: Enrollment.to_json_bytes() with the four values as %s, in
-# the order the template passes them (sorted keys).
-JSON_FIELDS = ("account_id", "console_url", "enrollment_token", "group_id")
-JSON_FORMAT = "{" + ",".join(f'"{name}":"%s"' for name in JSON_FIELDS) + "}"
-_BAKED_RE = re.compile(r"^(account_id|group_id|console_url|enrollment_token)=(.*)$", re.MULTILINE)
-_BAKED_MARKER = "# builder-enrollment/1: baked at build time"
 _MACHO_MAGICS = (b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"\xfe\xed\xfa\xce")
 _FAT_MAGICS = (b"\xca\xfe\xba\xbe", b"\xca\xfe\xba\xbf")
 
@@ -74,7 +69,14 @@ def plist_path(product: Product) -> str:
 def sidecar_name(product: Product) -> str:
     """The enrollment file a release pkg reads from beside itself. A leading dot: Finder hides it
     on the disk image, so the window shows the installer and the README only."""
-    return f".{product.bundle_id}.enrollment.json"
+    return f".{product.bundle_id}{SIDECAR_SUFFIX}"
+
+
+def sidecar_name_from_pkg(contents: "PkgContents") -> str:
+    """The sidecar name a pkg's postinstall reads (from the script itself, so a reader needs no
+    product configuration)."""
+    name = _baked_word(contents.postinstall or "", "postinstall", "sidecar_name")
+    return name or f".unknown{SIDECAR_SUFFIX}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,63 +218,57 @@ def render_distribution(product: Product, version: str, stats: PayloadStats) -> 
                          version=version, install_kbytes=stats.install_kbytes, component=COMPONENT)
 
 
-def _enrollment_values(enrollment: Enrollment) -> dict[str, str]:
-    return {
-        "account_id": enrollment.account_id,
-        "group_id": enrollment.group_id,
-        "console_url": enrollment.console_url,
-        "enrollment_token": enrollment.token.reveal(),
-    }
-
-
-def render_postinstall(product: Product, enrollment: Enrollment | None) -> str:
-    """The postinstall script. Holds the token in clear when `enrollment` is given."""
-    values = None
-    if enrollment is not None:
-        values = _enrollment_values(enrollment)
-        for name, value in values.items():
-            # printf writes the values into JSON unescaped: refuse anything JSON would escape
-            # (the enrollment rules already exclude '"', '\\' and control characters).
-            if json.dumps(value, ensure_ascii=False) != f'"{value}"' or "\n" in value:
-                raise EnrollmentError(f"the {name} has a character JSON must escape", "it cannot be baked into the macOS postinstall")
-        if (JSON_FORMAT % tuple(values[f] for f in JSON_FIELDS)).encode() != enrollment.to_json_bytes():
-            raise AssertionError("JSON_FORMAT no longer matches Enrollment.to_json_bytes()")
+def render_postinstall(product: Product, trust: Trust, enrollment: SignedEnrollment | None) -> str:
+    """The postinstall script, with the release's pins. Holds the token in clear when
+    `enrollment` is given (the signed enrollment, baked in)."""
     text = render.render(
         "macos/postinstall.sh.j2",
         install_dir=product.mac_install_folder,
         config_name=CONFIG_NAME,
+        trust_name=TRUST_FILE,
         plist_path=plist_path(product),
         label=product.launchd_label,
         sidecar_name=sidecar_name(product),
-        json_format=JSON_FORMAT,
-        enrollment=values,
+        trust_json=trust.to_json_bytes().decode(),
+        console_hosts=" ".join(trust.console_hosts),
+        keys=[{"kid": k.kid, "pem": k.pem()} for k in trust.keys],
+        enrollment=enrollment.jws.reveal() if enrollment is not None else None,
     )
     # What verify will read back must be what was meant: quoting round-trips or the build fails.
-    if baked_enrollment(text, "rendered postinstall") != enrollment:
-        raise AssertionError("the baked enrollment does not read back from the rendered postinstall")
+    if baked_jws(text, "rendered postinstall") != (enrollment.jws.reveal() if enrollment else None) \
+            or baked_trust(text, "rendered postinstall") != trust:
+        raise AssertionError("the baked enrollment or pins do not read back from the rendered postinstall")
     return text
 
 
-def baked_enrollment(script: str, name: str) -> Enrollment | None:
-    """The enrollment a postinstall writes from its baked values; None when it has none."""
-    found: dict[str, list[str]] = {}
-    for match in _BAKED_RE.finditer(script):
-        try:
-            words = shlex.split(match.group(2), comments=False, posix=True)
-        except ValueError:
-            raise EnrollmentError(f"{name}: the baked {match.group(1)} is not one shell word", "rebuild the installer") from None
-        if len(words) != 1:
-            raise EnrollmentError(f"{name}: the baked {match.group(1)} is not one shell word", "rebuild the installer")
-        found.setdefault(match.group(1), []).append(words[0])
+def _baked_word(script: str, name: str, var: str) -> str | None:
+    found = re.findall(rf"^{var}=(.*)$", script, re.MULTILINE)
     if not found:
-        if _BAKED_MARKER in script or "\nbaked=1\n" in script:
-            raise EnrollmentError(f"{name}: marked as baked but holds no values", "rebuild the installer")
         return None
-    missing = [f for f in JSON_FIELDS if len(found.get(f, [])) != 1]
-    if missing:
-        raise EnrollmentError(f"{name}: the baked enrollment lacks or repeats {', '.join(missing)}", "rebuild the installer")
-    return Enrollment(account_id=found["account_id"][0], group_id=found["group_id"][0],
-                      token=Secret(found["enrollment_token"][0]), console_url=found["console_url"][0])
+    words = None
+    try:
+        words = shlex.split(found[0], comments=False, posix=True)
+    except ValueError:
+        pass
+    if len(found) != 1 or words is None or len(words) > 1:
+        raise EnrollmentError(f"{name}: the baked {var} is not one shell word", "rebuild the installer")
+    return words[0] if words else ""
+
+
+def baked_jws(script: str, name: str) -> str | None:
+    """The signed enrollment a postinstall carries; None when it has none (a release's)."""
+    return _baked_word(script, name, "baked") or None
+
+
+def baked_trust(script: str, name: str) -> Trust | None:
+    """The pins a postinstall writes to trust.json; None when it has none (an older pkg)."""
+    raw = _baked_word(script, name, "trust_json")
+    if raw is None:
+        return None
+    try:
+        return Trust.from_json_bytes(raw.encode(), f"{name}: trust_json")
+    except ConfigError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +425,8 @@ class PkgContents:
     number_of_files: int | None
     payload_entries: int | None
     postinstall: str | None
-    enrollment: Enrollment | None
+    enrollment: str | None  # the baked signed enrollment (holds the token)
+    trust: Trust | None
     problems: tuple[str, ...]
     members: tuple[str, ...]
 
@@ -467,7 +464,7 @@ def read_pkg(source: bytes | Path, name: str, *, payload: bool = True) -> PkgCon
         identifier = version = None
         number_of_files = payload_count = None
         postinstall = None
-        enrollment = None
+        enrollment = trust = None
         if (data := member(DISTRIBUTION)) is not None:
             problems += _check_distribution(data)
         if (data := member(PACKAGE_INFO)) is not None:
@@ -495,12 +492,15 @@ def read_pkg(source: bytes | Path, name: str, *, payload: bool = True) -> PkgCon
                         problems.append("agent.pkg/Scripts: postinstall is not executable")
                     postinstall = script.data.decode("utf-8")
                     try:
-                        enrollment = baked_enrollment(postinstall, f"{name}: postinstall")
+                        enrollment = baked_jws(postinstall, f"{name}: postinstall")
+                        trust = baked_trust(postinstall, f"{name}: postinstall")
                     except EnrollmentError as exc:  # names the field, never the value
                         problems.append(exc.message)
+                    if trust is None:
+                        problems.append("the postinstall carries no pins (trust_json): agents would refuse every enrollment")
             except (FormatError, OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
                 problems.append(f"agent.pkg/Scripts: {getattr(exc, 'message', exc)}")
-    return PkgContents(identifier, version, number_of_files, payload_count, postinstall, enrollment,
+    return PkgContents(identifier, version, number_of_files, payload_count, postinstall, enrollment, trust,
                        tuple(problems), names)
 
 
@@ -568,7 +568,7 @@ def _check_payload(data: bytes) -> tuple[int, list[str]]:
     return count, problems
 
 
-def rebake(release_pkg: bytes | Path, enrollment: Enrollment, product: Product, epoch: int) -> bytes:
+def rebake(release_pkg: bytes | Path, enrollment: SignedEnrollment, product: Product, epoch: int) -> bytes:
     """A release pkg (signed or not) with `enrollment` baked into its postinstall: the same
     members with Scripts replaced, as an UNSIGNED product archive to sign.
 
@@ -582,7 +582,9 @@ def rebake(release_pkg: bytes | Path, enrollment: Enrollment, product: Product, 
     if contents.identifier != product.pkg_identifier:
         raise FormatError(f"{name}: its identifier is {contents.identifier!r}, the product's is {product.pkg_identifier!r}",
                           "use the release built for this product")
-    scripts = scripts_archive(render_postinstall(product, enrollment), epoch)
+    if contents.trust is None:
+        raise FormatError(f"{name}: its postinstall carries no pins", "rebuild the release")
+    scripts = scripts_archive(render_postinstall(product, contents.trust, enrollment), epoch)
     with xar.read_xar(release_pkg, name=name) as archive:
         members = [(m, scripts if m == SCRIPTS else archive.read(m)) for m in MEMBERS]
     return xar.build_xar(members, epoch=epoch)

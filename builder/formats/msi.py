@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,25 +23,28 @@ from pathlib import Path, PurePosixPath
 from builder import log, render
 from builder.binfmt.cfb import SIGNATURE as CFB_MAGIC
 from builder.config import TEMPLATES_DIR, Product
-from builder.enrollment import Enrollment, Secret
-from builder.errors import EnrollmentError, FormatError, ToolFailedError, UsageError
+from builder.errors import FormatError, ToolFailedError, UsageError, VerificationError
 from builder.formats.base import BuildRequest, Built
 from builder.formats import slotted
-from builder.formats.windows_payload import payload_files
+from builder.formats.windows_payload import installed_trust, payload_files, stage_trust
 from builder.signing import authenticode
 from builder.tools import msitools
+from builder.trust import TRUST_FILE, SignedEnrollment, describe
 
 TEMPLATE = "wix/agent.wxs.j2"
 AGENT_FILE_ID = "AgentExe"
+# The cabinet member name of trust.json (the File table key): `builder verify` reads it back.
+TRUST_FILE_ID = "TrustJson"
 CONFIG_NAME = "enrollment.json"
-# Public properties that carry the enrollment (templates/wix/agent.wxs.j2 writes each to the registry).
-ENROLLMENT_PROPERTIES = ("ACCOUNT_ID", "GROUP_ID", "CONSOLE_URL", "ENROLLMENT_TOKEN")
-TOKEN_PROPERTY = "ENROLLMENT_TOKEN"
+# The public property that carries the signed enrollment (templates/wix/agent.wxs.j2 stages it
+# in the registry for the agent), and the unsigned ones of earlier versions, which the MSI refuses.
+ENROLLMENT_PROPERTY = "ENROLLMENT"
+LEGACY_PROPERTIES = ("ACCOUNT_ID", "CONSOLE_URL", "ENROLLMENT_TOKEN", "GROUP_ID")
 UPGRADE_PROPERTY = "WIX_UPGRADE_DETECTED"
 DOWNGRADE_PROPERTY = "WIX_DOWNGRADE_DETECTED"
 # Passed from the client to the elevated server side of a per-machine install (what WiX's
 # Secure="yes" does; wixl drops that attribute and breaks when the property is set by hand).
-SECURE_PROPERTIES = (*sorted(ENROLLMENT_PROPERTIES), DOWNGRADE_PROPERTY, UPGRADE_PROPERTY)
+SECURE_PROPERTIES = (ENROLLMENT_PROPERTY, *LEGACY_PROPERTIES, DOWNGRADE_PROPERTY, UPGRADE_PROPERTY)
 # msidbUpgradeAttributesMigrateFeatures | msidbUpgradeAttributesVersionMaxInclusive
 UPGRADE_ATTRIBUTES = 1 | 512
 # CustomAction.Type bits: EXE in an installed file (18), ignore exit code (64), rollback (256),
@@ -48,7 +52,7 @@ UPGRADE_ATTRIBUTES = 1 | 512
 # immediate action, so every type is set again after the build and checked by inspect().
 _EXE_FILE, _CONTINUE, _ROLLBACK, _IN_SCRIPT, _NO_IMPERSONATE = 18, 64, 256, 1024, 2048
 CUSTOM_ACTION_TYPES = {
-    "AgentWriteConfig": _EXE_FILE | _IN_SCRIPT | _NO_IMPERSONATE,
+    "AgentEnrollFromRegistry": _EXE_FILE | _IN_SCRIPT | _NO_IMPERSONATE,
     "AgentForget": _EXE_FILE | _CONTINUE | _IN_SCRIPT | _NO_IMPERSONATE,
     "AgentForgetOnRollback": _EXE_FILE | _CONTINUE | _ROLLBACK | _IN_SCRIPT | _NO_IMPERSONATE,
 }
@@ -128,7 +132,7 @@ def _tree(relpaths: list[str], product: Product, staged_as: str) -> tuple[_Dir, 
             relpath=rel,
             source=wix_text(f"{staged_as}/{rel}"),
             name=wix_text(parts[-1]),
-            file_id=AGENT_FILE_ID if is_agent else _short_id("f", rel),
+            file_id=AGENT_FILE_ID if is_agent else TRUST_FILE_ID if rel == TRUST_FILE else _short_id("f", rel),
             component_id=_short_id("c", rel),
             guid=product.component_guid(rel),
             is_agent=is_agent,
@@ -138,13 +142,13 @@ def _tree(relpaths: list[str], product: Product, staged_as: str) -> tuple[_Dir, 
     return root, files
 
 
-def _input_digest(product: Product, version: str, enrollment: Enrollment | None, payload: dict[str, str]) -> str:
+def _input_digest(product: Product, version: str, enrollment: SignedEnrollment | None, payload: dict[str, str]) -> str:
     """Everything the MSI is made from. Equal inputs give equal product and package codes; a
     different group, payload byte or template line gives new ones."""
     h = hashlib.sha256(b"builder-msi-1\0")
     h.update(json.dumps(dataclasses.asdict(product), sort_keys=True).encode() + b"\0")
     h.update(version.encode() + b"\0")
-    h.update((enrollment.to_json_bytes() if enrollment else b"") + b"\0")
+    h.update((enrollment.jws.reveal().encode() if enrollment else b"") + b"\0")
     h.update((TEMPLATES_DIR / TEMPLATE).read_bytes() + b"\0")
     for rel, digest in sorted(payload.items()):
         h.update(f"{rel}\0{digest}\0".encode())
@@ -165,7 +169,7 @@ def agent_arguments(product: Product, command: str) -> str:
 def render_wxs(
     product: Product,
     version: str,
-    enrollment: Enrollment | None,
+    enrollment: SignedEnrollment | None,
     relpaths: list[str],
     *,
     product_code: str,
@@ -175,14 +179,8 @@ def render_wxs(
     render.write_private and delete it after the build. Every text value passes wix_text here;
     jinja escapes it for XML."""
     root, files = _tree(relpaths, product, staged_as)
-    enrollment_ctx = None
-    if enrollment is not None:
-        enrollment_ctx = {
-            "account_id": wix_text(enrollment.account_id),
-            "group_id": wix_text(enrollment.group_id),
-            "console_url": wix_text(enrollment.console_url),
-            "token": wix_text(enrollment.token.reveal()),  # the one place the token leaves its Secret
-        }
+    # The one place the signed enrollment (it holds the token) leaves its Secret.
+    enrollment_ctx = wix_text(enrollment.jws.reveal()) if enrollment is not None else None
     product_ctx = {k: wix_text(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(product).items()}
     return render.render(
         TEMPLATE,
@@ -253,6 +251,9 @@ class MsiFormat:
         if staged.exists():
             shutil.rmtree(staged)
         payload = _stage_payload(folder, relpaths, staged, request.source_date_epoch)
+        trust_rel = stage_trust(staged, request.trust, request.source_date_epoch)
+        payload[trust_rel] = hashlib.sha256(request.trust.to_json_bytes()).hexdigest()
+        relpaths = sorted([*relpaths, trust_rel])
         digest = _input_digest(product, version, enrollment, payload)
         product_code, package_code = _codes(digest, product)
 
@@ -284,7 +285,7 @@ class MsiFormat:
     def release_entry(self, path: Path, product: Product) -> dict:
         return slotted.release_entry(path, "msi")
 
-    def stamp(self, release, enrollment: Enrollment, signers, out: Path) -> Built:
+    def stamp(self, release, enrollment: SignedEnrollment, signers, out: Path) -> Built:
         """The baked per-group MSI (GPO, Intune): the release MSI with the enrollment as Property
         defaults, a new ProductCode (a same-version group swap is a major upgrade, not a repair)
         and PackageCode, then signed once. No wixl rebuild."""
@@ -293,16 +294,14 @@ class MsiFormat:
                              "--sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11; or stamp --format msi-tagged")
         base, product = release.file("msi"), release.product()
         log.register_secret(enrollment.token.reveal())
-        digest = hashlib.sha256(f"{base.entry['sha256']}\0".encode() + enrollment.to_json_bytes()).hexdigest()
+        digest = hashlib.sha256(f"{base.entry['sha256']}\0".encode() + enrollment.jws.reveal().encode()).hexdigest()
         product_code, package_code = _codes(digest, product)
         with tempfile.TemporaryDirectory(prefix="builder-msi-", dir=out.parent) as tmp:
             unsigned = Path(tmp) / "agent.msi"
             # The release's signature stream stays in the copy: the edits void it, and signing
             # replaces it (osslsigncode re-signs a signed MSI), which saves a removal pass.
             shutil.copyfile(base.path, unsigned)
-            values = {"ACCOUNT_ID": enrollment.account_id, "GROUP_ID": enrollment.group_id,
-                      "CONSOLE_URL": enrollment.console_url, TOKEN_PROPERTY: enrollment.token.reveal(),
-                      "ProductCode": "{" + product_code + "}"}
+            values = {ENROLLMENT_PROPERTY: enrollment.jws.reveal(), "ProductCode": "{" + product_code + "}"}
             stamp_time = _summary_time(release.manifest["source_date_epoch"])
             msitools.set_properties(unsigned, values, {9: "{" + package_code + "}", 12: stamp_time, 13: stamp_time})
             if signers.unsigned:
@@ -333,22 +332,27 @@ class MsiFormat:
         props = {row["Property"]: row["Value"] for row in tables.get("Property", [])}
         summary = {int(r["PropertyId"]): r["Value"] for r in tables.get("_SummaryInformation", []) if r.get("PropertyId", "").isdigit()}
 
-        enrollment, enrollment_error = _read_enrollment(props)
-        source = "properties" if enrollment else None
-        if enrollment_error:
-            problems.append(enrollment_error)
-        has_slot = False
-        if enrollment is None and not enrollment_error:
-            try:
-                enrollment, has_slot = slotted.stamped_enrollment(path.read_bytes(), "msi", str(path))
-            except EnrollmentError as exc:
-                problems.append(f"the enrollment in the signature slot is invalid: {exc.message}")
-                has_slot = True
-            source = "slot" if enrollment else None
-        if TOKEN_PROPERTY not in props.get("MsiHiddenProperties", "").split(";"):
-            problems.append(f"MsiHiddenProperties does not list {TOKEN_PROPERTY}: the token would be logged")
+        # Exactly what the agent would do with it: the property first, else the slot.
+        jws, source = props.get(ENROLLMENT_PROPERTY) or None, "property"
+        legacy = [p for p in LEGACY_PROPERTIES if props.get(p)]
+        if legacy:
+            problems.append(f"unsigned enrollment properties {', '.join(legacy)}: the MSI refuses to install")
+        try:
+            slot_jws, has_slot = slotted.stamped_jws(path.read_bytes(), "msi", str(path))
+        except VerificationError as exc:
+            problems.append(exc.message)
+            slot_jws, has_slot = None, True
+        if jws is None:
+            jws, source = slot_jws, "slot"
+        enrollment = None
+        if jws is not None:
+            enrollment, problem = describe(jws, installed_trust(path, TRUST_FILE_ID), int(time.time()))
+            if problem:
+                problems.append(problem)
+        if ENROLLMENT_PROPERTY not in props.get("MsiHiddenProperties", "").split(";"):
+            problems.append(f"MsiHiddenProperties does not list {ENROLLMENT_PROPERTY}: the token would be logged")
         secure = props.get("SecureCustomProperties", "").split(";")
-        missing_secure = [p for p in ENROLLMENT_PROPERTIES if p not in secure]
+        missing_secure = [p for p in (ENROLLMENT_PROPERTY, *LEGACY_PROPERTIES) if p not in secure]
         if missing_secure:
             problems.append(f"SecureCustomProperties lacks {', '.join(missing_secure)}")
         version = props.get("ProductVersion", "")
@@ -379,8 +383,9 @@ class MsiFormat:
                 "package_code": summary.get(9),
                 "created": summary.get(12),
             },
-            "enrollment": enrollment.public() if enrollment else None,
-            "enrollment_source": source,
+            "kind": "msi-tagged" if has_slot else "msi",
+            "enrollment": enrollment,
+            "enrollment_source": source if enrollment else None,
             "services": services,
             "custom_actions": {a: actions[a] for a in CUSTOM_ACTION_TYPES if a in actions},
             "files": len(tables.get("File", [])),
@@ -403,24 +408,6 @@ def _check_container(path: Path) -> None:
     if sector not in (512, 4096) or size % sector:
         raise FormatError(f"{path}: truncated or damaged MSI ({size} bytes is not a whole number of {sector}-byte sectors)",
                           "download or copy the file again")
-
-
-def _read_enrollment(props: dict[str, str]) -> tuple[Enrollment | None, str | None]:
-    present = [p for p in ENROLLMENT_PROPERTIES if props.get(p)]
-    if not present:
-        return None, None  # a release build: no stamped enrollment
-    if len(present) != len(ENROLLMENT_PROPERTIES):
-        missing = sorted(set(ENROLLMENT_PROPERTIES) - set(present))
-        return None, f"the stamped enrollment lacks {', '.join(missing)}"
-    try:
-        return Enrollment(
-            account_id=props["ACCOUNT_ID"],
-            group_id=props["GROUP_ID"],
-            token=Secret(props[TOKEN_PROPERTY]),
-            console_url=props["CONSOLE_URL"],
-        ), None
-    except EnrollmentError as exc:  # the message names the field, never the value
-        return None, f"the stamped enrollment is invalid: {exc.message}"
 
 
 def _covers_same_version(rows: list[dict[str, str]], version: str) -> bool:

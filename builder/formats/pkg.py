@@ -21,6 +21,7 @@ by replacing Scripts only; `sign_pkg` signs it.
 from __future__ import annotations
 
 import os
+import time
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from builder.binfmt.bom import build_bom_entries
 from builder.errors import FormatError, UsageError
 from builder.formats import macos_common as common
 from builder.formats.base import AppleKey, BuildRequest, Built
-from builder.enrollment import Enrollment
+from builder.trust import SignedEnrollment, describe
 
 UNSIGNED_NAME = "agent.unsigned.pkg"
 SIGNED_NAME = "agent.pkg"
@@ -78,7 +79,7 @@ def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path,
             entries = common.payload_entries(root, epoch)
             stats = common.write_payload(entries, payload_file)
             bom = build_bom_entries(entries)
-        script = common.render_postinstall(product, enrollment)
+        script = common.render_postinstall(product, request.trust, enrollment)
         scripts = common.scripts_archive(script, epoch)
         members = {
             common.DISTRIBUTION: common.render_distribution(product, request.version, stats).encode(),
@@ -144,7 +145,7 @@ class PkgFormat:
             unsigned.unlink(missing_ok=True)
         return final, common.identity_info(installer_key).subject, details
 
-    def stamp(self, release, enrollment: Enrollment, signers, out: Path) -> Built:
+    def stamp(self, release, enrollment: SignedEnrollment, signers, out: Path) -> Built:
         """A group's pkg from the release's: Scripts re-baked, then signed and notarized again."""
         base, product = release.file("pkg"), release.product()
         epoch = release.manifest["source_date_epoch"]
@@ -184,16 +185,22 @@ class PkgFormat:
 
 
 def contents_report(format_name: str, path: Path, contents: common.PkgContents) -> dict:
-    enrollment = contents.enrollment
+    problems = list(contents.problems)
+    enrollment = None
+    if contents.enrollment is not None:
+        enrollment, problem = describe(contents.enrollment, contents.trust, int(time.time()))
+        if problem:
+            problems.append(problem)
     return {
         "format": format_name,
         "path": str(path),
-        "ok": not contents.problems,
-        "detail": "; ".join(contents.problems) or "structure ok",
+        "ok": not problems,
+        "detail": "; ".join(problems) or "structure ok",
+        "pins": contents.trust.as_dict() if contents.trust else None,
         "identifier": contents.identifier,
         "version": contents.version,
         "payload_files": contents.payload_entries,
-        "enrollment": enrollment.public() if enrollment else None,
+        "enrollment": enrollment,
         "enrollment_source": ("baked into the postinstall" if enrollment
                               else "none baked in (a release reads the sidecar file beside the pkg at install time)"),
         "signature": None,

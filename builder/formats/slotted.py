@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from builder.binfmt import pe, tag
-from builder.enrollment import Enrollment
+from builder.binfmt.slot import empty_slot, encode_slot
 from builder.errors import FormatError, SlotError
 from builder.signing import authenticode
 
@@ -24,6 +24,22 @@ def add_slot(signed: Path, kind: str, size: int) -> Path:
     authenticode.add_enrollment_slot(signed, with_slot, kind, size)
     os.replace(with_slot, signed)
     return signed
+
+
+def fill_slot(path: Path, kind: str, payload: bytes) -> None:
+    """Stamp `payload` into the empty slot of `path` in place (a one-shot build's own file)."""
+    data = path.read_bytes()
+    extents = tag.slot_extents(data, kind, str(path))
+    size = sum(n for _, n in extents)
+    new = encode_slot(payload, size)
+    if kind == "exe" and pe.parse(data, str(path)).checksum and len(extents) == 1:
+        new = tag.checksum_neutral(new, empty_slot(size), extents[0][0])
+    with open(path, "r+b") as fh:
+        pos = 0
+        for offset, length in extents:
+            fh.seek(offset)
+            fh.write(new[pos:pos + length])
+            pos += length
 
 
 def release_entry(path: Path, kind: str) -> dict:
@@ -38,10 +54,16 @@ def release_entry(path: Path, kind: str) -> dict:
     return {"slot": entry}
 
 
-def stamped_enrollment(data: bytes, kind: str, name: str) -> tuple[Enrollment | None, bool]:
-    """(the enrollment in the slot or None, whether the file has a slot at all)."""
+def stamped_jws(data: bytes, kind: str, name: str) -> tuple[str | None, bool]:
+    """(the signed enrollment in the slot or None, whether the file has a slot at all).
+    A structure an agent would refuse (a second slot, bytes after the PKCS#7) raises."""
     try:
         payload = tag.read_slot(data, kind, name)
     except (SlotError, FormatError):
         return None, False
-    return (Enrollment.from_json_bytes(payload, name) if payload else None), True
+    if payload is None:
+        return None, True
+    try:
+        return payload.decode("ascii"), True
+    except UnicodeDecodeError:
+        return "\ufffd", True  # not a JWS: describe() reports it unsigned

@@ -7,7 +7,9 @@ import re
 from pathlib import Path, PurePosixPath
 
 from builder.config import Product
-from builder.errors import PayloadError
+from builder.errors import ConfigError, PayloadError
+from builder.tools import runner
+from builder.trust import TRUST_FILE, Trust
 
 # Names that need no quoting in WiX, NSIS or a Windows path, and are valid on NTFS.
 PAYLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-()+]*$")
@@ -29,4 +31,28 @@ def payload_files(folder: Path, product: Product) -> list[str]:
         if bad:
             raise PayloadError(f"{folder / rel}: the name {bad[0]!r} has a character outside {PAYLOAD_NAME_RE.pattern}",
                                "rename it in the payload")
+    if TRUST_FILE in found:
+        raise PayloadError(f"{folder / TRUST_FILE}: this name is the installer's own (the pinned keys and hosts)",
+                           "remove it from the payload; builder writes it from --enrollment-key and --console-host")
     return sorted(found)
+
+
+def stage_trust(staged: Path, trust: Trust, mtime: int) -> str:
+    """Write trust.json into the staged payload root (beside the agent, where agents look for
+    it); returns its relative path for the installer's file list."""
+    path = staged / TRUST_FILE
+    path.write_bytes(trust.to_json_bytes())
+    os.utime(path, (mtime, mtime))
+    return TRUST_FILE
+
+
+def installed_trust(installer: Path, member: str) -> Trust | None:
+    """The trust.json an installer would put beside its agent, read with 7-Zip (a reader of
+    NSIS and MSI cabinets we did not write); None when it carries none or it is malformed."""
+    result = runner.run("7z", ["e", "-so", "-bd", installer, member], check=False, log_stdout=False)
+    if result.returncode != 0 or not result.stdout:
+        return None
+    try:
+        return Trust.from_json_bytes(result.stdout, f"{installer}: {TRUST_FILE}")
+    except ConfigError:
+        return None

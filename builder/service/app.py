@@ -26,7 +26,7 @@ from builder import __version__, log
 from builder import enrollment as enrollment_rules
 from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret, validate_id, validate_token
 from builder.errors import BuilderError, EnrollmentError, FormatError, SigningError, StorageError, UsageError
-from builder.service.issuer import FORMATS, Issuer, Record, Revoked, UnknownRelease
+from builder.service.issuer import FORMATS, Issuer, NoEnrollmentKey, Record, Revoked, UnknownRelease
 from builder.storage import LinkStatus
 from builder.storage.errors import InvalidKeyError, StorageUnavailableError
 from builder.storage.links import check_link, sign_link
@@ -43,6 +43,8 @@ class ServiceSettings:
     link_ttl_s: int = 3600
     wait_s: float = 20.0
     download_route: str = "/v1/download"
+    # Lifetime of an enrollment from POST /v1/enrollments (None: it does not expire).
+    enrollment_ttl_s: int | None = None
     extra: dict = field(default_factory=dict)
 
     @staticmethod
@@ -82,6 +84,23 @@ class InstallerRequest(BaseModel):
     format: Literal[FORMATS]  # type: ignore[valid-type]
     release: str = Field(default="latest", max_length=32, json_schema_extra=_RELEASE_DOC)
     console_url: str | None = Field(default=None, max_length=2048, json_schema_extra=_URL_DOC)
+
+
+class EnrollmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    account_id: str = Field(min_length=1, max_length=128, json_schema_extra=_ID_DOC)
+    group_id: str = Field(min_length=1, max_length=128, json_schema_extra=_ID_DOC)
+    token: str = Field(min_length=1, max_length=MAX_TOKEN_BYTES, json_schema_extra=_TOKEN_DOC)
+    release: str = Field(default="latest", max_length=32, json_schema_extra=_RELEASE_DOC)
+    console_url: str | None = Field(default=None, max_length=2048, json_schema_extra=_URL_DOC)
+
+
+class EnrollmentResponse(BaseModel):
+    enrollment: str = Field(description="The signed enrollment (JWS). It holds the token: treat it as a secret.")
+    key_id: str
+    release: str
+    expires_at: int | None = None
+    msiexec: str = Field(description="The command line for a generic MSI of this release (GPO, Intune, SCCM).")
 
 
 class RevocationRequest(BaseModel):
@@ -288,6 +307,24 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
                             account_id=rec.account_id, group_id=rec.group_id, token_fp=rec.token_fingerprint, sha256=rec.sha256)
         return answer(request, installer_id, rec)
 
+    @app.post("/v1/enrollments", response_model=EnrollmentResponse, responses=_ERRORS, tags=["installers"])
+    def create_enrollment(body: EnrollmentRequest, who: str = Depends(caller)):
+        """One group's signed enrollment, for `msiexec /i <the release's msi-tagged or release MSI>
+        ENROLLMENT=<it> /qn`: one generic MSI for every group, the group passed as a parameter."""
+        token = Secret(body.token)
+        validate_token(token)
+        log.register_secret(body.token)
+        version = issuer.resolve(body.release)
+        enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
+                                console_url=body.console_url or issuer.default_console_url(version))
+        version, signed = issuer.enrollment(who, release=version, enrollment=enrollment,
+                                            expires_in=settings.enrollment_ttl_s)
+        jws = signed.jws.reveal()
+        body_out = EnrollmentResponse(enrollment=jws, key_id=signed.key_id, release=version, expires_at=signed.expires_at,
+                                      msiexec=f"msiexec /i {issuer.msi_name(version)} ENROLLMENT={jws} /qn")
+        # Not through _problem/redact: the signed enrollment is what was asked for.
+        return JSONResponse(body_out.model_dump())
+
     @app.get("/v1/releases", tags=["releases"], responses=_ERRORS)
     def releases(_who: str = Depends(caller)) -> dict:
         versions = issuer.release_versions()
@@ -337,7 +374,7 @@ def _http_words(message: str) -> str:
 
 
 def _status_of(exc: BuilderError) -> int:
-    if isinstance(exc, StorageUnavailableError):
+    if isinstance(exc, (StorageUnavailableError, NoEnrollmentKey)):
         return 503
     if isinstance(exc, (EnrollmentError, InvalidKeyError)):
         return 422

@@ -34,6 +34,7 @@ from builder.errors import BuilderError, FormatError, StorageError, UsageError
 from builder.fileio import iter_range
 from builder.formats.base import Signers
 from builder.release import Release
+from builder.trust import SignedEnrollment, verify as verify_signed
 from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError, content_key
 from builder.storage.release import INDEX_FORMAT
 
@@ -50,6 +51,12 @@ class UnknownRelease(BuilderError):
 
 class Revoked(BuilderError):
     exit_code = 12
+
+
+class NoEnrollmentKey(BuilderError):
+    """The service was started without an enrollment key: it cannot sign enrollments."""
+
+    exit_code = 2
 
 
 class StampFailed(BuilderError):
@@ -137,9 +144,12 @@ class Issuer:
     """Turns requests into stored installers. Thread-safe; one per process."""
 
     def __init__(self, store: Store, *, signers: Signers, cache_dir: Path, audit: Audit,
-                 releases_prefix: str = "dist", ca: Path | None = None, workers: int = 2):
+                 releases_prefix: str = "dist", ca: Path | None = None, workers: int = 2, enrollment_key=None):
         self.store = store
         self.signers = signers
+        # Signs each group's enrollment (builder.signing.enrollment_key); workers never need it:
+        # they receive enrollments already signed.
+        self.enrollment_key = enrollment_key
         self.cache_dir = cache_dir
         self.audit = audit
         self.prefix = releases_prefix
@@ -240,6 +250,11 @@ class Issuer:
                     base = rel.file(name)
                     _pieces_sha256(base.path, [("base", 0, base.slot["extents"][0][0])])
 
+    def msi_name(self, version: str) -> str:
+        """The file name of the release's MSI (what `msiexec /i` names in a ready command line)."""
+        rel = self.open_release(version)[0]
+        return rel.file("msi").path.name if "msi" in rel.manifest["files"] else "agent.msi"
+
     def default_console_url(self, version: str) -> str:
         return self.open_release(version)[0].product().console_url
 
@@ -290,6 +305,34 @@ class Issuer:
 
     # -- issuing ------------------------------------------------------------------------------
 
+    def sign(self, version: str, enrollment: Enrollment, expires_in: int | None = None) -> SignedEnrollment:
+        """`enrollment` signed for release `version`'s agents; EnrollmentError (422, naming
+        console_url) when its pins would refuse it."""
+        if self.enrollment_key is None:
+            raise NoEnrollmentKey("this service has no enrollment key, so it cannot sign enrollments",
+                                  "start it with --enrollment-key or --enrollment-key-pkcs11")
+        now = int(time.time())
+        return self.enrollment_key.sign(enrollment, self.open_release(version)[0].trust(), issued_at=now,
+                                        expires_at=now + expires_in if expires_in else None)
+
+    def parse_signed(self, version: str, jws: str) -> SignedEnrollment:
+        """A signed enrollment handed to a worker, checked against the release's pins."""
+        return verify_signed(jws, self.open_release(version)[0].trust(), int(time.time()))
+
+    def enrollment(self, caller: str, *, release: str, enrollment: Enrollment, expires_in: int | None) -> tuple[str, SignedEnrollment]:
+        """(version, signed enrollment) for `msiexec ... ENROLLMENT=`, revocation and pins checked."""
+        version = self.resolve(release)
+        log.register_secret(enrollment.token.reveal())
+        fp = token_fingerprint(enrollment.token)
+        if self.is_revoked(enrollment.account_id, enrollment.group_id, fp):
+            self.audit.record(caller, "refused-revoked", release=version, fmt="enrollment", account_id=enrollment.account_id,
+                              group_id=enrollment.group_id, token_fp=fp)
+            raise Revoked("this group's enrollment token was revoked", "request an enrollment with the group's current token")
+        signed = self.sign(version, enrollment, expires_in)
+        self.audit.record(caller, "enrollment", release=version, fmt="enrollment", account_id=enrollment.account_id,
+                          group_id=enrollment.group_id, token_fp=fp, detail=f"key_id={signed.key_id}")
+        return version, signed
+
     def request(self, caller: str, *, release: str, fmt: str, enrollment: Enrollment, wait_s: float) -> tuple[str, Record | None]:
         """(id, record once ready). The same request twice gives the same id and installer;
         concurrent identical requests share one piece of work."""
@@ -308,14 +351,17 @@ class Issuer:
                                  f"it has: {', '.join(rel.manifest['files'])}")
         installer_id = request_id(version, fmt, enrollment)
         rec = self.record(installer_id)
+        key_id = None
         if rec is None:
-            rec = self._run(installer_id, version, fmt, enrollment, wait_s)
+            signed = self.sign(version, enrollment)
+            key_id = signed.key_id
+            rec = self._run(installer_id, version, fmt, signed, wait_s)
         self.audit.record(caller, "issue" if rec else "queued", installer_id=installer_id, release=version, fmt=fmt,
                           account_id=enrollment.account_id, group_id=enrollment.group_id, token_fp=fp,
-                          sha256=rec.sha256 if rec else None)
+                          sha256=rec.sha256 if rec else None, detail=f"key_id={key_id}" if key_id else None)
         return installer_id, rec
 
-    def _run(self, installer_id: str, version: str, fmt: str, enrollment: Enrollment, wait_s: float) -> Record | None:
+    def _run(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment, wait_s: float) -> Record | None:
         if self.queue is not None:
             self.queue.submit(installer_id, version, fmt, enrollment)
             deadline = time.monotonic() + wait_s
@@ -365,7 +411,7 @@ class Issuer:
         with self._inflight_lock:
             self._inflight.pop(installer_id, None)
 
-    def produce(self, installer_id: str, version: str, fmt: str, enrollment: Enrollment) -> Record:
+    def produce(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment) -> Record:
         """Stamp, store (create-if-absent), then write the record. Safe to run twice anywhere."""
         rec = self.record(installer_id)
         if rec is not None:

@@ -31,7 +31,7 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError, StopRequested
 from rq.job import Job
 
 from builder import log, stamp
-from builder.enrollment import Enrollment
+from builder.trust import SignedEnrollment
 from builder.errors import BuilderError, UsageError
 from builder.storage.errors import StorageUnavailableError
 
@@ -120,9 +120,10 @@ class RedisQueue:
         self.fernet = fernet
         self.job_timeout = job_timeout
 
-    def submit(self, installer_id: str, version: str, fmt: str, enrollment: Enrollment) -> None:
+    def submit(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment) -> None:
+        # Signed by the service: workers check it against the release's pins, and hold no key.
         payload = json.dumps({"id": installer_id, "release": version, "format": fmt,
-                              "enrollment": enrollment.to_json_bytes().decode()}).encode()
+                              "enrollment": enrollment.jws.reveal()}).encode()
         sealed = self.fernet.encrypt(payload)
         try:
             self._enqueue(installer_id, sealed, fmt, version)
@@ -205,7 +206,7 @@ def _open(sealed: bytes) -> dict:
 
 
 def _produce(doc: dict) -> dict:
-    enrollment = Enrollment.from_json_bytes(doc["enrollment"].encode(), "job")
+    enrollment = WORKER_ISSUER.parse_signed(doc["release"], doc["enrollment"])
     log.register_secret(enrollment.token.reveal())
     rec = WORKER_ISSUER.produce(doc["id"], doc["release"], doc["format"], enrollment)
     return {"id": rec.id, "sha256": rec.sha256, "key": rec.key}

@@ -24,6 +24,7 @@ class ServiceOptions:
     signers: Signers
     ca: Path | None = None
     redis_url: str | None = None
+    enrollment_key: object | None = None  # builder.signing.enrollment_key.EnrollmentKey
 
 
 def make_issuer(opts: ServiceOptions, environ=os.environ) -> Issuer:
@@ -33,7 +34,7 @@ def make_issuer(opts: ServiceOptions, environ=os.environ) -> Issuer:
     cache = opts.state_dir / "cache"
     cache.mkdir(exist_ok=True)
     issuer = Issuer(store, signers=opts.signers, cache_dir=cache, audit=Audit(opts.state_dir / "audit.sqlite"),
-                    releases_prefix=RELEASES_PREFIX, ca=opts.ca)
+                    releases_prefix=RELEASES_PREFIX, ca=opts.ca, enrollment_key=opts.enrollment_key)
     if opts.redis_url:
         from builder.service import jobs
 

@@ -53,7 +53,7 @@ TOOLS: dict[str, Tool] = {
         Tool("openssl", "openssl", ("version",), "development keys"),
         Tool("xorriso", "xorriso", ("-version",), "DMG builds"),
         Tool("wine", "wine", ("--version",), "install tests"),
-        Tool("7z", "p7zip-full", (), "archive inspection in tests"),
+        Tool("7z", "p7zip-full", (), "reading the pins (trust.json) out of an EXE or MSI, and HFS+ volumes"),
     )
 }
 

@@ -32,6 +32,9 @@ import pytest
 
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
+from builder.trust import SignedEnrollment, Trust, describe
+from tests.support import signed as oracle
+from tests.support.enrollkeys import KEY, new_key, trust_of
 from builder.errors import FormatError, PayloadError, UsageError
 from builder.formats import macos_common
 from builder.formats.base import AppleKey, BuildRequest, Signers
@@ -76,8 +79,18 @@ HOSTILE = [
 ]
 
 
+# The release's pins: the suite's enrollment key and the hosts of the enrollments above.
+TRUST = trust_of(KEY, hosts=("console.example.com", "h.example:8443", "c.example"))
+SIGNED = [KEY.sign(e, TRUST, issued_at=EPOCH) for e in HOSTILE]
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def config_of(signed) -> bytes:
+    """enrollment.json as the postinstall (and the agents) write it."""
+    return json.dumps({"enrollment": signed.jws.reveal()}).encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,11 +121,11 @@ def mac_signers(dev_keys) -> Signers:
     )
 
 
-def request(payload: Path, work: Path, enrollment: Enrollment | None, signers: Signers, product=PRODUCT,
-            epoch: int = EPOCH) -> BuildRequest:
+def request(payload: Path, work: Path, enrollment: SignedEnrollment | None, signers: Signers, product=PRODUCT,
+            epoch: int = EPOCH, trust: Trust = TRUST) -> BuildRequest:
     work.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return BuildRequest(product=product, version="1.2.3", payload=payload, enrollment=enrollment, work=work,
-                        source_date_epoch=epoch, signers=signers)
+    return BuildRequest(product=product, version="1.2.3", payload=payload, enrollment=enrollment, trust=trust,
+                        work=work, source_date_epoch=epoch, signers=signers)
 
 
 def build_pkg(payload, work, enrollment, signers, **kw) -> Path:
@@ -122,7 +135,7 @@ def build_pkg(payload, work, enrollment, signers, **kw) -> Path:
 
 @pytest.fixture(scope="session")
 def signed_pkg(mac_payload, mac_signers, tmp_path_factory) -> Path:
-    return build_pkg(mac_payload, tmp_path_factory.mktemp("pkg-baked"), HOSTILE[0], mac_signers)
+    return build_pkg(mac_payload, tmp_path_factory.mktemp("pkg-baked"), SIGNED[0], mac_signers)
 
 
 @pytest.fixture(scope="session")
@@ -323,14 +336,15 @@ def test_agent_code_is_signed_before_it_goes_into_the_payload(signed_pkg, dev_ke
 def test_verify_and_inspect_report_the_masked_enrollment(signed_pkg, dev_keys):
     report = PkgFormat().verify(signed_pkg, dev_keys.ca_cert)
     text = json.dumps(report)
-    leaked = HOSTILE[0].token.reveal() in text  # never `assert token not in`: pytest would print it
+    leaked = HOSTILE[0].token.reveal() in text or SIGNED[0].jws.reveal() in text  # never `assert token not in`
     assert not leaked
     assert report["ok"], report["detail"]
     assert report["signature"]["ok"] and report["signature"]["signer"].startswith("Developer ID Installer")
-    assert report["enrollment"] == HOSTILE[0].public()
+    assert report["enrollment"] == {"state": "valid", **SIGNED[0].public()}
     assert report["enrollment_source"] == "baked into the postinstall"
+    assert report["pins"] == TRUST.as_dict()
     inspected = PkgFormat().inspect(signed_pkg)
-    assert inspected["signature"] is None and inspected["enrollment"] == HOSTILE[0].public()
+    assert inspected["signature"] is None and inspected["enrollment"] == report["enrollment"]
 
 
 def test_verify_rejects_a_tampered_payload(signed_pkg, dev_keys, tmp_path):
@@ -358,7 +372,7 @@ def test_verify_with_another_ca_fails(signed_pkg, tmp_path):
 @pytest.mark.parametrize("index", range(len(HOSTILE)))
 def test_postinstall_writes_the_baked_enrollment_exactly(mac_payload, tmp_path, shell, index):
     enrollment = HOSTILE[index]
-    pkg = build_pkg(mac_payload, tmp_path / "work", enrollment, Signers(unsigned=True))
+    pkg = build_pkg(mac_payload, tmp_path / "work", SIGNED[index], Signers(unsigned=True))
     root = tmp_path / "root"
     script = install_like_installer(pkg, root, tmp_path / "x")
     pkg_copy = root / "Volumes" / "Example Agent" / "Example Remote Access Agent.pkg"
@@ -368,8 +382,9 @@ def test_postinstall_writes_the_baked_enrollment_exactly(mac_payload, tmp_path, 
     leaked = enrollment.token.reveal() in proc.stdout + proc.stderr
     assert not leaked
     config = under(root, CONFIG)
-    got, want = sha(config.read_bytes()), sha(enrollment.to_json_bytes())
+    got, want = sha(config.read_bytes()), sha(config_of(SIGNED[index]))
     assert got == want
+    assert under(root, f"{INSTALL_DIR}/trust.json").read_bytes() == TRUST.to_json_bytes()
     st = config.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600
     if os.geteuid() == 0:
@@ -383,25 +398,24 @@ def test_baked_enrollment_wins_over_a_sidecar(signed_pkg, tmp_path):
     pkg_copy = root / "dmg" / "agent.pkg"
     pkg_copy.parent.mkdir()
     shutil.copyfile(signed_pkg, pkg_copy)
-    (pkg_copy.parent / macos_common.sidecar_name(PRODUCT)).write_bytes(HOSTILE[1].to_json_bytes())
+    (pkg_copy.parent / macos_common.sidecar_name(PRODUCT)).write_bytes(SIGNED[1].jws.reveal().encode())
     run_postinstall(script, root, pkg_copy)
-    got, want = sha(under(root, CONFIG).read_bytes()), sha(HOSTILE[0].to_json_bytes())
+    got, want = sha(under(root, CONFIG).read_bytes()), sha(config_of(SIGNED[0]))
     assert got == want
 
 
 @pytest.mark.parametrize("shell", ["sh", "bash"])
-def test_release_postinstall_copies_the_sidecar_byte_for_byte(release_pkg, tmp_path, shell):
+def test_release_postinstall_takes_a_genuine_sidecar(release_pkg, tmp_path, shell):
     root = tmp_path / "root"
     script = install_like_installer(release_pkg, root, tmp_path / "x")
     folder = root / "Volumes" / "Example Remote Access Agent"
     folder.mkdir(parents=True)
     pkg_copy = folder / "Example Remote Access Agent.pkg"
     shutil.copyfile(release_pkg, pkg_copy)
-    sidecar = HOSTILE[0].to_json_bytes()
-    (folder / macos_common.sidecar_name(PRODUCT)).write_bytes(sidecar)
+    (folder / macos_common.sidecar_name(PRODUCT)).write_bytes(SIGNED[0].jws.reveal().encode())
     run_postinstall(script, root, pkg_copy, shell=shell)
     config = under(root, CONFIG)
-    got, want = sha(config.read_bytes()), sha(sidecar)
+    got, want = sha(config.read_bytes()), sha(config_of(SIGNED[0]))
     assert got == want
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
 
@@ -417,7 +431,7 @@ def test_release_postinstall_without_sidecar(release_pkg, tmp_path):
     assert proc.returncode == 1 and macos_common.sidecar_name(PRODUCT) in proc.stderr
     assert not under(root, CONFIG).exists()
     # An upgrade keeps the config an earlier install wrote.
-    earlier = HOSTILE[1].to_json_bytes()
+    earlier = config_of(SIGNED[1])
     under(root, CONFIG).write_bytes(earlier)
     run_postinstall(script, root, pkg_copy)
     assert sha(under(root, CONFIG).read_bytes()) == sha(earlier)
@@ -440,19 +454,97 @@ def test_postinstall_leaves_launchctl_alone_in_an_install_root(signed_pkg, tmp_p
     assert 'launchctl bootstrap system "$plist"' in text and 'launchctl bootout "system/$label"' in text
 
 
-def test_render_refuses_values_json_would_escape():
-    # Enrollment's own rules already refuse these; the render-time check is a second line.
-    class Raw:
-        account_id, group_id, console_url = 'a"b', "g", "https://x.example"
-        token = Secret("t")
+# --------------------------------------------------------------------------------------------
+# The sidecar is not signed: the postinstall verifies it before it writes anything
 
-        def to_json_bytes(self):
-            return b""
 
-    from builder.errors import EnrollmentError
+def release_install(release_pkg: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(postinstall, install root, the pkg's copy on a "disk image" folder where a sidecar goes)."""
+    root = tmp_path / "root"
+    script = install_like_installer(release_pkg, root, tmp_path / "x")
+    folder = root / "Volumes" / "Agent"
+    folder.mkdir(parents=True)
+    pkg_copy = folder / "agent.pkg"
+    shutil.copyfile(release_pkg, pkg_copy)
+    return script, root, pkg_copy
 
-    with pytest.raises(EnrollmentError, match="account_id"):
-        macos_common.render_postinstall(PRODUCT, Raw())
+
+def attacks() -> dict[str, bytes]:
+    """Sidecars an attacker could put beside the release's signed pkg."""
+    genuine = SIGNED[0].jws.reveal()
+    pinned_key = oracle.new_key()  # stands in for nothing: an attacker's own key
+    return {
+        "unpinned-key": KEY_OF_ATTACKER.sign(HOSTILE[0], trust_of(KEY_OF_ATTACKER, hosts=("console.example.com",)),
+                                             issued_at=EPOCH).jws.reveal().encode(),
+        "edited-payload": oracle.tamper(genuine, 1, 40).encode(),
+        "edited-signature": oracle.tamper(genuine, 2, 10).encode(),
+        "edited-header": oracle.tamper(genuine, 0, 12).encode(),
+        "trailing-newline": (genuine + "\n").encode(),
+        "two-enrollments": (genuine + "\n" + SIGNED[1].jws.reveal()).encode(),
+        "plain-json": HOSTILE[0].to_json_bytes(),
+        "expired": KEY.sign(HOSTILE[0], TRUST, issued_at=EPOCH, expires_at=EPOCH + 60).jws.reveal().encode(),
+        "host-not-pinned": KEY.sign(HOSTILE[0].__class__(account_id="a", group_id="g", token=HOSTILE[0].token,
+                                                        console_url="https://console.example.com:8443/"),
+                                    trust_of(KEY, hosts=("console.example.com:8443",)), issued_at=EPOCH).jws.reveal().encode(),
+        "kid-of-pinned-key-signed-by-another": oracle.sign(pinned_key, key_id=KEY.kid, issued_at=EPOCH).encode(),
+        "empty": b"",
+    }
+
+
+KEY_OF_ATTACKER = new_key()
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_postinstall_refuses_every_forged_sidecar_and_writes_nothing(release_pkg, tmp_path, shell):
+    for name, sidecar in attacks().items():
+        script, root, pkg_copy = release_install(release_pkg, tmp_path / name)
+        (pkg_copy.parent / macos_common.sidecar_name(PRODUCT)).write_bytes(sidecar)
+        proc = run_postinstall(script, root, pkg_copy, shell=shell, check=False)
+        leaked = HOSTILE[0].token.reveal() in proc.stdout + proc.stderr
+        assert not leaked, name
+        assert proc.returncode == 1 and "refused" in proc.stderr, f"{name}: {proc.stderr[-500:]}"
+        written = sorted(p.name for p in under(root, INSTALL_DIR).iterdir() if p.name.endswith((".json",)) or p.name.startswith("."))
+        assert written == [], f"{name}: wrote {written}"
+
+
+def test_a_forged_sidecar_over_an_install_keeps_the_old_enrollment(release_pkg, tmp_path):
+    script, root, pkg_copy = release_install(release_pkg, tmp_path)
+    sidecar = pkg_copy.parent / macos_common.sidecar_name(PRODUCT)
+    sidecar.write_bytes(SIGNED[1].jws.reveal().encode())
+    run_postinstall(script, root, pkg_copy)
+    before = under(root, CONFIG).read_bytes()
+    sidecar.write_bytes(attacks()["unpinned-key"])
+    proc = run_postinstall(script, root, pkg_copy, check=False)
+    assert proc.returncode == 1
+    assert under(root, CONFIG).read_bytes() == before
+
+
+def test_builder_verify_and_the_postinstall_agree_on_every_sidecar(release_pkg, tmp_path):
+    """`builder verify` of a dmg shows what the postinstall will do with its sidecar."""
+    cases = {**attacks(), "genuine-0": SIGNED[0].jws.reveal().encode(), "genuine-2": SIGNED[2].jws.reveal().encode()}
+    for name, sidecar in cases.items():
+        script, root, pkg_copy = release_install(release_pkg, tmp_path / name)
+        (pkg_copy.parent / macos_common.sidecar_name(PRODUCT)).write_bytes(sidecar)
+        installed = run_postinstall(script, root, pkg_copy, check=False).returncode == 0
+        _, problem = describe(sidecar.decode("ascii", "replace"), TRUST, int(time.time()))
+        assert installed == (problem is None), f"{name}: postinstall {'accepted' if installed else 'refused'}, verify: {problem}"
+        assert installed == name.startswith("genuine"), name
+
+
+def test_the_pins_are_in_the_signed_package(release_pkg, dev_keys, tmp_path):
+    contents = macos_common.read_pkg(release_pkg, "release.pkg")
+    assert contents.trust == TRUST
+    # Editing the pins in the Scripts member breaks the package's signature.
+    data = release_pkg.read_bytes()
+    members = bsdtar_extract(release_pkg, tmp_path / "m")
+    scripts = (members / "agent.pkg" / "Scripts").read_bytes()
+    at = data.find(scripts)
+    assert at > 0
+    forged = bytearray(data)
+    forged[at + len(scripts) // 2] ^= 0x01
+    bad = tmp_path / "forged.pkg"
+    bad.write_bytes(bytes(forged))
+    assert not PkgFormat().verify(bad, dev_keys.ca_cert)["ok"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,22 +553,22 @@ def test_render_refuses_values_json_would_escape():
 
 def test_rebake_equals_a_baked_build(mac_payload, release_pkg, mac_signers, dev_keys, tmp_path):
     unsigned_release = build_pkg(mac_payload, tmp_path / "release", None, Signers(unsigned=True))
-    baked = build_pkg(mac_payload, tmp_path / "baked", HOSTILE[1], Signers(unsigned=True))
+    baked = build_pkg(mac_payload, tmp_path / "baked", SIGNED[1], Signers(unsigned=True))
     started = time.perf_counter()
-    from_unsigned = macos_common.rebake(unsigned_release, HOSTILE[1], PRODUCT, EPOCH)
+    from_unsigned = macos_common.rebake(unsigned_release, SIGNED[1], PRODUCT, EPOCH)
     seconds = time.perf_counter() - started
     print(f"rebake: {seconds:.3f}s")
     assert sha(from_unsigned) == sha(baked.read_bytes())
     # The signed release's payload carries signed code, so compare with a signed-payload build:
     # same members but Scripts, and a signature away from a finished group pkg.
-    from_signed = macos_common.rebake(release_pkg.read_bytes(), HOSTILE[1], PRODUCT, EPOCH)
+    from_signed = macos_common.rebake(release_pkg.read_bytes(), SIGNED[1], PRODUCT, EPOCH)
     group = tmp_path / "group.unsigned.pkg"
     group.write_bytes(from_signed)
     signed = tmp_path / "group.pkg"
     sign_pkg(mac_signers.apple_installer, group, signed, EPOCH)
     report = PkgFormat().verify(signed, dev_keys.ca_cert)
     assert report["ok"], report["detail"]
-    assert report["enrollment"] == HOSTILE[1].public()
+    assert report["enrollment"] == {"state": "valid", **SIGNED[1].public()}
     release_members = bsdtar_extract(release_pkg, tmp_path / "r")
     group_members = bsdtar_extract(signed, tmp_path / "g")
     for member in ("Distribution", "agent.pkg/Bom", "agent.pkg/Payload", "agent.pkg/PackageInfo"):
@@ -486,7 +578,7 @@ def test_rebake_equals_a_baked_build(mac_payload, release_pkg, mac_signers, dev_
 def test_rebake_refuses_another_products_pkg(release_pkg):
     other = load_product(overrides={"pkg_identifier": "org.other.agent.pkg"})
     with pytest.raises(FormatError, match="identifier"):
-        macos_common.rebake(release_pkg, HOSTILE[0], other, EPOCH)
+        macos_common.rebake(release_pkg, SIGNED[0], other, EPOCH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,8 +586,8 @@ def test_rebake_refuses_another_products_pkg(release_pkg):
 
 
 def test_unsigned_builds_are_byte_identical(mac_payload, tmp_path):
-    a = build_pkg(mac_payload, tmp_path / "a", HOSTILE[0], Signers(unsigned=True))
-    b = build_pkg(mac_payload, tmp_path / "b", HOSTILE[0], Signers(unsigned=True))
+    a = build_pkg(mac_payload, tmp_path / "a", SIGNED[0], Signers(unsigned=True))
+    b = build_pkg(mac_payload, tmp_path / "b", SIGNED[0], Signers(unsigned=True))
     assert sha(a.read_bytes()) == sha(b.read_bytes())
 
 
@@ -531,7 +623,7 @@ def test_plain_agent_executable_is_accepted(tmp_path):
     agent = payload / "macos" / "agent"
     agent.write_text("#!/bin/sh\nexit 0\n")
     agent.chmod(0o755)
-    pkg = build_pkg(payload, tmp_path / "work", HOSTILE[2], Signers(unsigned=True))
+    pkg = build_pkg(payload, tmp_path / "work", SIGNED[2], Signers(unsigned=True))
     report = PkgFormat().inspect(pkg)
     assert report["ok"], report["detail"]
     root = gunzip_cpio(bsdtar_extract(pkg, tmp_path / "m") / "agent.pkg" / "Payload", tmp_path / "root")
@@ -579,9 +671,9 @@ def test_parallel_gzip_reads_back_with_gzip_and_ignores_thread_count(tmp_path):
 def test_signed_builds_are_byte_identical(mac_payload, mac_signers, dev_keys, tmp_path):
     """Same inputs and SOURCE_DATE_EPOCH, same signed pkg: the CMS signing time is the epoch
     (clamped into the certificate's validity), not the wall clock."""
-    a = build_pkg(mac_payload, tmp_path / "a", HOSTILE[0], mac_signers)
+    a = build_pkg(mac_payload, tmp_path / "a", SIGNED[0], mac_signers)
     time.sleep(1.1)  # a different second, so a wall-clock time anywhere would show
-    b = build_pkg(mac_payload, tmp_path / "b", HOSTILE[0], mac_signers)
+    b = build_pkg(mac_payload, tmp_path / "b", SIGNED[0], mac_signers)
     assert sha(a.read_bytes()) == sha(b.read_bytes())
     report = PkgFormat().verify(a, dev_keys.ca_cert)
     assert report["ok"] and report["signature"]["trusted"] is True, report["detail"]

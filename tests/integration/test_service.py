@@ -30,6 +30,9 @@ from builder.formats.base import Signers
 from builder.service.app import ServiceSettings, create_app
 from builder.service.issuer import Issuer, token_fingerprint
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer
+from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey
+from builder.release import Release
+from builder.trust import verify as verify_signed
 from builder.enrollment import Secret
 from builder.signing.authenticode import SigningKey
 from builder.storage import publish_release
@@ -97,10 +100,14 @@ def write_keys_file(folder: Path) -> Path:
 
 
 def start_service(root: Path, storage_url: str, environ: dict, *, signers: Signers, ca: Path, publish: Path | None,
-                  served: bool = True, **settings) -> Service:
-    """The service as `builder serve` assembles it; `publish` uploads a release folder first."""
+                  served: bool = True, enrollment_key="dev", **settings) -> Service:
+    """The service as `builder serve` assembles it; `publish` uploads a release folder first.
+    It signs enrollments with the development enrollment key beside `ca` unless told otherwise."""
     environ = {"BUILDER_API_KEYS_FILE": str(write_keys_file(root)), **environ}
-    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=root / "state", signers=signers, ca=ca), environ)
+    if enrollment_key == "dev":
+        enrollment_key = FileEnrollmentKey(ca.parent / DEV_KEY_NAME)
+    issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=root / "state", signers=signers, ca=ca,
+                                        enrollment_key=enrollment_key), environ)
     if publish is not None:
         publish_release(publish, issuer.store, RELEASES_PREFIX, version=RELEASE_VERSION)
     service_settings = ServiceSettings(api_keys=api_keys_from(environ), link_secret=link_secret_of(issuer), **settings)
@@ -645,3 +652,64 @@ def test_unknown_paths_and_methods_answer_in_the_same_error_format(local):
                                  ("PUT", "/v1/installers", 405), ("DELETE", f"/v1/installers/{'0' * 32}", 405)):
         answer = local.client.request(method, path, headers=auth())
         assert answer.status_code == status and isinstance(answer.json()["error"], str), (method, path)
+
+
+# -- signed enrollments (the repointing attacks) ------------------------------------------------
+
+
+@pytest.mark.parametrize("console_url, why", [
+    ("https://attacker.example/", "not among the pinned console hosts"),
+    ("https://user:pass@console.example.com/", "user information"),
+    ("https://console.example.com@attacker.example/", "user information"),
+    ("https://203.0.113.7/", "not an IP address"),
+    ("http://console.example.com/", "https"),
+    ("https://console.example.com:8443/", "not among the pinned console hosts"),
+])
+def test_console_urls_the_agents_would_refuse_are_422_naming_console_url(local, console_url, why):
+    for fmt in ("exe", "msi"):
+        body = {"account_id": ACCOUNT, "group_id": "group-repoint", "token": new_token("repoint"), "format": fmt,
+                "console_url": console_url}
+        answer = local.post(body)
+        assert answer.status_code == 422, answer.text
+        assert "console_url" in answer.json()["error"] and why in answer.json()["error"]
+        enrollment = local.client.post("/v1/enrollments", json={k: v for k, v in body.items() if k != "format"},
+                                       headers=auth())
+        assert enrollment.status_code == 422 and "console_url" in enrollment.json()["error"]
+
+
+def test_the_audit_log_records_the_enrollment_key_that_signed(local, dev_keys):
+    body = {"account_id": ACCOUNT, "group_id": "group-audit-kid", "token": new_token("kid"), "format": "exe"}
+    assert local.post(body).status_code == 200
+    kid = FileEnrollmentKey(dev_keys.folder / DEV_KEY_NAME).kid
+    rows = [r for r in local.issuer.audit.rows() if r["group_id"] == "group-audit-kid" and r["action"] == "issue"]
+    assert rows and rows[0]["detail"] == f"key_id={kid}"
+
+
+def test_post_enrollments_gives_a_signed_enrollment_and_the_msiexec_line(local, release_dir, tmp_path):
+    token = new_token("generic")
+    body = {"account_id": ACCOUNT, "group_id": "group-generic", "token": token}
+    answer = local.client.post("/v1/enrollments", json=body, headers=auth())
+    assert answer.status_code == 200, answer.text
+    doc = answer.json()
+    # Verified with the release's own pins, as the agent of that release's MSI will.
+    rel = Release.open(release_dir, verify=False)
+    signed = verify_signed(doc["enrollment"], rel.trust(), int(time.time()))
+    assert (signed.account_id, signed.group_id, signed.token.reveal() == token) == (ACCOUNT, "group-generic", True)
+    assert doc["key_id"] == signed.key_id and doc["release"] == RELEASE_VERSION
+    assert doc["msiexec"] == f"msiexec /i {rel.file('msi').path.name} ENROLLMENT={doc['enrollment']} /qn"
+    # A revoked token gets no enrollment either.
+    assert local.client.post("/v1/revocations", json=body, headers=auth()).status_code == 200
+    refused = local.client.post("/v1/enrollments", json=body, headers=auth())
+    assert refused.status_code == 403
+
+
+def test_a_service_without_an_enrollment_key_answers_503(release_dir, dev_keys, hmac_key, tmp_path):
+    service = start_service(tmp_path, (tmp_path / "store").as_uri(), {"BUILDER_STORAGE_HMAC_KEY": hmac_key},
+                            signers=signers_for(dev_keys), ca=dev_keys.ca_cert, publish=release_dir,
+                            served=False, enrollment_key=None)
+    try:
+        body = {"account_id": ACCOUNT, "group_id": "group-nokey", "token": new_token("nokey"), "format": "exe"}
+        answer = service.post(body)
+        assert answer.status_code == 503 and "enrollment key" in answer.json()["error"]
+    finally:
+        service.close()

@@ -21,7 +21,7 @@ from schemathesis.checks import (
 from builder.service.app import ServiceSettings, create_app
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, link_secret_of, make_issuer
 from builder.storage import publish_release
-from tests.support.service import RELEASE_VERSION, build_release, signers_for
+from tests.support.service import RELEASE_VERSION, build_release, signers_for, enrollment_key_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,7 +34,8 @@ def service(dev_keys, test_payload, tmp_path_factory):
     release_dir = build_release(dev_keys, test_payload, root / "release")
     environ = {"BUILDER_STORAGE_HMAC_KEY": secrets.token_hex(32)}
     issuer = make_issuer(ServiceOptions(storage_url=(root / "store").as_uri(), state_dir=root / "state",
-                                        signers=signers_for(dev_keys), ca=dev_keys.ca_cert), environ)
+                                        signers=signers_for(dev_keys), ca=dev_keys.ca_cert,
+                                        enrollment_key=enrollment_key_for(dev_keys)), environ)
     publish_release(release_dir, issuer.store, RELEASES_PREFIX, version=RELEASE_VERSION)
     app = create_app(issuer, ServiceSettings(api_keys=ServiceSettings.parse_api_keys(f"schema:{API_KEY}"),
                                              link_secret=link_secret_of(issuer), wait_s=10))
@@ -52,7 +53,7 @@ def api_schema(service):
 # One test per operation and generation mode. (schemathesis.pytest.from_fixture, the lazy loader
 # that would parametrize from the fixture, fails under pytest 9: it reads `request.node._nodeid`.)
 OPERATIONS = [("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/installers"), ("GET", "/v1/installers/{installer_id}"),
-              ("GET", "/v1/releases"), ("POST", "/v1/revocations"), ("GET", "/v1/download/{installer_id}")]
+              ("GET", "/v1/releases"), ("POST", "/v1/revocations"), ("POST", "/v1/enrollments"), ("GET", "/v1/download/{installer_id}")]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 

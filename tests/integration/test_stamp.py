@@ -36,6 +36,8 @@ from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret
 from builder.errors import FormatError, SlotError, UsageError, VerificationError
 from builder.formats.base import AppleKey, Signers
 from builder.signing.authenticode import SigningKey
+from builder.signing.enrollment_key import DEV_KEY_NAME
+from builder.trust import SignedEnrollment, Trust
 from tests.integration.test_cli import run_cli
 from tests.integration.test_dmg import hfs_listing
 from tests.integration.test_exe import ARP_ROOT, config_bytes, registry_doc
@@ -114,9 +116,11 @@ def signed_content_sha(data: bytes) -> str:
 
 
 def cli_stamp(release_dir: Path, fmt: str, out: Path, ca: Path, *extra) -> subprocess.CompletedProcess:
+    # The development enrollment key lies beside the development CA (`builder dev-keys`).
     return run_cli("stamp", "--release", release_dir, "--format", fmt, "--account-id", ENROLLMENT.account_id,
                    "--group-id", ENROLLMENT.group_id, "--console-url", ENROLLMENT.console_url,
-                   "--token-env", TOKEN_ENV, "--out", out, "--ca", ca, *extra, env={TOKEN_ENV: TOKEN})
+                   "--token-env", TOKEN_ENV, "--out", out, "--ca", ca, "--enrollment-key", ca.parent / DEV_KEY_NAME,
+                   *extra, env={TOKEN_ENV: TOKEN, "SOURCE_DATE_EPOCH": str(EPOCH)})
 
 
 def assert_one_error(proc: subprocess.CompletedProcess, code: int, words: str) -> None:
@@ -142,15 +146,21 @@ def signers(dev_keys) -> Signers:
     )
 
 
-def make_release(out: Path, format_names: list[str], payload: Path, signers: Signers, product=PRODUCT) -> Path:
+def make_release(out: Path, format_names: list[str], payload: Path, signers: Signers, trust: Trust, product=PRODUCT) -> Path:
     release.release(format_names=format_names, product=product, version=VERSION, payload=payload,
-                    signers=signers, out=out, source_date_epoch=EPOCH)
+                    signers=signers, trust=trust, out=out, source_date_epoch=EPOCH)
     return out
 
 
 @pytest.fixture(scope="module")
-def release_dir(test_payload, signers, tmp_path_factory) -> Path:
-    return make_release(tmp_path_factory.mktemp("release"), ["exe", "msi", "pkg", "dmg"], test_payload, signers)
+def signed_enrollment(enrollment_key, trust) -> SignedEnrollment:
+    """ENROLLMENT signed as `builder stamp` signs it (issued at SOURCE_DATE_EPOCH)."""
+    return enrollment_key.sign(ENROLLMENT, trust, issued_at=EPOCH)
+
+
+@pytest.fixture(scope="module")
+def release_dir(test_payload, signers, trust, tmp_path_factory) -> Path:
+    return make_release(tmp_path_factory.mktemp("release"), ["exe", "msi", "pkg", "dmg"], test_payload, signers, trust)
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +178,17 @@ class Stamps:
 
 
 @pytest.fixture(scope="module")
-def stamped(rel, signers, tmp_path_factory) -> Stamps:
+def stamped(rel, signers, signed_enrollment, tmp_path_factory) -> Stamps:
     out = tmp_path_factory.mktemp("stamped")
-    results = {fmt: stamp.stamp(rel, fmt, ENROLLMENT, signers, out / OUT_NAMES[fmt]) for fmt in stamp.STAMP_FORMATS}
+    results = {fmt: stamp.stamp(rel, fmt, signed_enrollment, signers, out / OUT_NAMES[fmt]) for fmt in stamp.STAMP_FORMATS}
     return Stamps(results, time.monotonic())
 
 
 @pytest.fixture(scope="module")
-def built(test_payload, signers, tmp_path_factory) -> dict[str, Path]:
+def built(test_payload, signers, signed_enrollment, trust, tmp_path_factory) -> dict[str, Path]:
     """`builder build` of the same enrollment, the same version and SOURCE_DATE_EPOCH."""
     outputs = build.build(format_names=["exe", "msi", "pkg"], product=PRODUCT, version=VERSION, payload=test_payload,
-                          enrollment=ENROLLMENT, signers=signers, out=tmp_path_factory.mktemp("built"),
+                          enrollment=signed_enrollment, trust=trust, signers=signers, out=tmp_path_factory.mktemp("built"),
                           source_date_epoch=EPOCH)
     return {o.format: o.path for o in outputs}
 
@@ -201,7 +211,7 @@ def test_release_reserves_an_empty_slot_in_exe_and_msi(rel):
 # --- signatures and bytes --------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt, resigned", [("exe", False), ("msi-tagged", False), ("msi", True)])
-def test_stamped_windows_installers_verify_with_osslsigncode(stamped, dev_keys, fmt, resigned):
+def test_stamped_windows_installers_verify_with_osslsigncode(stamped, dev_keys, signed_enrollment, fmt, resigned):
     assert stamped.results[fmt].resigned is resigned
     proc = osslsigncode_verify(stamped.path(fmt), dev_keys.ca_cert)
     output = proc.stdout + proc.stderr
@@ -211,12 +221,12 @@ def test_stamped_windows_installers_verify_with_osslsigncode(stamped, dev_keys, 
     # And `builder verify` reads the enrollment back (masked) from where the stamp put it.
     report = formats.for_file(stamped.path(fmt)).verify(stamped.path(fmt), dev_keys.ca_cert)
     assert report["ok"], report["detail"]
-    assert report["enrollment"] == ENROLLMENT.public()
-    assert report["enrollment_source"] == ("properties" if fmt == "msi" else "slot")
+    assert report["enrollment"] == {"state": "valid", **signed_enrollment.public()}
+    assert report["enrollment_source"] == ("property" if fmt == "msi" else "slot")
 
 
 @pytest.mark.parametrize("fmt", ["exe", "msi-tagged"])
-def test_a_slotted_stamp_changes_only_the_slot(rel, stamped, fmt):
+def test_a_slotted_stamp_changes_only_the_slot(rel, stamped, signed_enrollment, fmt):
     base_file = rel.file(stamp.STAMP_FORMATS[fmt])
     base, out = base_file.path.read_bytes(), stamped.path(fmt).read_bytes()
     assert len(out) == len(base)
@@ -227,20 +237,20 @@ def test_a_slotted_stamp_changes_only_the_slot(rel, stamped, fmt):
         pos = offset + length
     assert out[pos:] == base[pos:], f"bytes changed after {pos}"
     slot = b"".join(out[offset:offset + length] for offset, length in extents)
-    payload = ENROLLMENT.to_json_bytes()
+    payload = signed_enrollment.jws.reveal().encode()
     filled = slot[:12 + len(payload)] == SLOT_MAGIC + struct.pack("<I", len(payload)) + payload
-    assert filled, "the slot does not hold the enrollment as the agent reads it"
-    pieces = stamp.stamp_ranges(base_file, ENROLLMENT)
+    assert filled, "the slot does not hold the signed enrollment as the agent reads it"
+    pieces = stamp.stamp_ranges(base_file, signed_enrollment)
     streamed = tag.apply_pieces(base, pieces) == out
     assert streamed, "stamp_ranges describes another file than the one stamp() wrote"
     assert stamped.results[fmt].bytes_written == base_file.slot["size"]
 
 
 @pytest.mark.parametrize("fmt", ["exe", "msi-tagged", "msi", "pkg", "dmg"])
-def test_stamping_is_deterministic(rel, stamped, signers, tmp_path, fmt):
+def test_stamping_is_deterministic(rel, stamped, signers, signed_enrollment, tmp_path, fmt):
     # In another second than the first stamp, so that a wall-clock time would show.
     time.sleep(max(0.0, 1.1 - (time.monotonic() - stamped.made_at)))
-    again = stamp.stamp(rel, fmt, ENROLLMENT, signers, tmp_path / OUT_NAMES[fmt])
+    again = stamp.stamp(rel, fmt, signed_enrollment, signers, tmp_path / OUT_NAMES[fmt])
     assert again.sha256 == sha(again.path.read_bytes())
     assert again.sha256 == stamped.results[fmt].sha256
 
@@ -510,18 +520,18 @@ def test_stamped_dmg_installs_like_a_built_pkg(stamped, rel, built_pkg_install, 
 # --- what a stamp refuses ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def small_slot_release(test_payload, signers, tmp_path_factory) -> Path:
+def small_slot_release(test_payload, signers, trust, tmp_path_factory) -> Path:
     product = load_product(None, {"slot_size": "1024"})
-    return make_release(tmp_path_factory.mktemp("release-1k"), ["exe", "msi"], test_payload, signers, product)
+    return make_release(tmp_path_factory.mktemp("release-1k"), ["exe", "msi"], test_payload, signers, trust, product)
 
 
-def test_an_enrollment_larger_than_the_slot_is_refused(small_slot_release, signers, dev_keys, tmp_path):
+def test_an_enrollment_larger_than_the_slot_is_refused(small_slot_release, signers, signed_enrollment, dev_keys, tmp_path):
     rel = release.Release.open(small_slot_release, ca=dev_keys.ca_cert)
     assert rel.file("exe").slot["size"] == 1024
     out = tmp_path / "out"
     for fmt in ("exe", "msi-tagged"):
         with pytest.raises(SlotError) as info:
-            stamp.stamp(rel, fmt, ENROLLMENT, signers, out / OUT_NAMES[fmt])
+            stamp.stamp(rel, fmt, signed_enrollment, signers, out / OUT_NAMES[fmt])
         assert "1024-byte slot" in str(info.value)
     assert leftovers(out) == []
     proc = cli_stamp(small_slot_release, "exe", out / "cli.exe", dev_keys.ca_cert)
@@ -591,10 +601,10 @@ def test_truncated_and_foreign_inputs_are_format_errors(release_dir, stamped, de
         assert leftovers(out) == []
 
 
-def test_an_unknown_stamp_format_is_a_usage_error(rel, release_dir, signers, dev_keys, tmp_path):
+def test_an_unknown_stamp_format_is_a_usage_error(rel, release_dir, signers, signed_enrollment, dev_keys, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UsageError) as info:
-        stamp.stamp(rel, "rpm", ENROLLMENT, signers, out / "group.rpm")
+        stamp.stamp(rel, "rpm", signed_enrollment, signers, out / "group.rpm")
     assert info.value.exit_code == 2 and "rpm" in str(info.value)
     proc = cli_stamp(release_dir, "rpm", out / "group.rpm", dev_keys.ca_cert)
     leaked = TOKEN in proc.stdout + proc.stderr
@@ -605,11 +615,11 @@ def test_an_unknown_stamp_format_is_a_usage_error(rel, release_dir, signers, dev
 
 # --- the command line ------------------------------------------------------------------------
 
-def test_cli_release_then_stamp(test_payload, dev_keys, signers, tmp_path):
+def test_cli_release_then_stamp(test_payload, dev_keys, signers, signed_enrollment, tmp_path):
     folder = tmp_path / "release"
     proc = run_cli("release", "--format", "exe", "--version", VERSION, "--payload", test_payload, "--out", folder,
                    "--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert,
-                   "--json", env={"SOURCE_DATE_EPOCH": str(EPOCH)})
+                   "--enrollment-key", dev_keys.folder / DEV_KEY_NAME, "--json", env={"SOURCE_DATE_EPOCH": str(EPOCH)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads(proc.stdout)
     assert manifest == json.loads((folder / release.MANIFEST).read_text())
@@ -623,7 +633,7 @@ def test_cli_release_then_stamp(test_payload, dev_keys, signers, tmp_path):
     doc = json.loads(proc.stdout)
     assert doc["sha256"] == sha(out.read_bytes()) and doc["size"] == out.stat().st_size
     assert (doc["format"], doc["release"], doc["resigned"]) == ("exe", VERSION, False)
-    assert doc["enrollment"] == ENROLLMENT.public()
+    assert doc["enrollment"] == signed_enrollment.public()
     # The command line carried every hostile value intact: the library gives the same file.
-    library = stamp.stamp(release.Release.open(folder, ca=dev_keys.ca_cert), "exe", ENROLLMENT, signers, tmp_path / "lib" / "group.exe")
+    library = stamp.stamp(release.Release.open(folder, ca=dev_keys.ca_cert), "exe", signed_enrollment, signers, tmp_path / "lib" / "group.exe")
     assert library.sha256 == doc["sha256"]

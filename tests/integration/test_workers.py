@@ -36,7 +36,7 @@ from builder.service.jobs import QUEUE_NAME
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer
 from builder.storage import StorageSettings, open_store, publish_release
 from tests.support.redisserver import RedisServer, redis_server
-from tests.support.service import RELEASE_VERSION, build_release, serve, signers_for
+from tests.support.service import RELEASE_VERSION, build_release, serve, signers_for, enrollment_key_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -142,7 +142,8 @@ def worker_environ(queue_key: str, hmac_key: str, extra: dict | None = None) -> 
 
 def service_for(redis_url: str, storage_url: str, state: Path, environ: dict, dev_keys, **settings):
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state, signers=signers_for(dev_keys),
-                                        ca=dev_keys.ca_cert, redis_url=redis_url), environ)
+                                        ca=dev_keys.ca_cert, redis_url=redis_url,
+                                        enrollment_key=enrollment_key_for(dev_keys)), environ)
     app = create_app(issuer, ServiceSettings(api_keys=api_keys_from(environ), link_secret=link_secret_of(issuer), **settings))
     return issuer, app
 

@@ -15,6 +15,8 @@ from builder import release
 from builder.config import load_product
 from builder.formats.base import Signers
 from builder.signing.authenticode import SigningKey
+from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey
+from builder.trust import Trust
 from tests.support.servers import free_ports
 
 RELEASE_VERSION = "1.0.0"
@@ -27,10 +29,20 @@ def signers_for(dev_keys) -> Signers:
     return Signers(authenticode=SigningKey(cert=dev_keys.sign_cert, key=dev_keys.sign_key), verify_ca=dev_keys.ca_cert)
 
 
+def enrollment_key_for(dev_keys) -> FileEnrollmentKey:
+    """The development enrollment key (`builder dev-keys` makes it beside the CA)."""
+    return FileEnrollmentKey(dev_keys.folder / DEV_KEY_NAME)
+
+
+def trust_for(dev_keys) -> Trust:
+    """What the suite's releases pin: the development enrollment key, the default console host."""
+    return Trust((enrollment_key_for(dev_keys).pin,), ("console.example.com",))
+
+
 def build_release(dev_keys, payload: Path, out: Path, formats=("exe", "msi")) -> Path:
     """A signed release (base installers with empty slots + manifest.json) in `out`."""
     release.release(format_names=list(formats), product=load_product(), version=RELEASE_VERSION, payload=payload,
-                    signers=signers_for(dev_keys), out=out, source_date_epoch=SOURCE_DATE_EPOCH)
+                    signers=signers_for(dev_keys), trust=trust_for(dev_keys), out=out, source_date_epoch=SOURCE_DATE_EPOCH)
     return out
 
 

@@ -1,8 +1,7 @@
 """The NSIS script and the reading back of an installer, without running makensis.
 
-The script is checked against a model of what makensis does to a quoted string: compile-time
-expansion of `$%ENV%` and `${define}` first (which `$$` does not stop), then the run-time
-escapes. Hostile values must come out of that model unchanged.
+The script holds no enrollment: every EXE reads its signed enrollment from the slot in its own
+signature, and checks it with the agent it carries before it touches an installed agent.
 """
 
 from __future__ import annotations
@@ -12,155 +11,61 @@ import struct
 import zlib
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from builder.binfmt import nsis
 from builder.config import load_product
-from builder.enrollment import Enrollment, Secret
-from builder.errors import EnrollmentError, FormatError, PayloadError
+from builder.enrollment import Secret
+from builder.errors import FormatError, PayloadError
 from builder.formats import exe
 from builder.signing.authenticode import SigningKey
 
-HOSTILE_URL = "https://console.example.com:8443/p$INSTDIR/a%20b?x=1&y='2';(z)!*+,=$%PATH%$$R0$(Name)$\\~#frag"
-# A backslash is not allowed in a console URL; the URL above without it.
-HOSTILE_URL = HOSTILE_URL.replace("\\", "")
-TOKEN = "tok" + "Aa0-_+/.=~" * 409 + "Zz0"  # 4096 bytes, every token character
-assert len(TOKEN) == 4096
-
-
-def hostile() -> Enrollment:
-    return Enrollment(account_id="acct:1@corp.example-x_y", group_id="0grp.B:@-_", token=Secret(TOKEN),
-                      console_url=HOSTILE_URL)
-
-
-def render(enrollment=None, relpaths=("agent.exe",), **kw) -> str:
-    return exe.render_script(load_product(), "1.2.3", enrollment, list(relpaths), **kw)
-
-
-# --- a model of makensis' string handling ---------------------------------------------------
-
-def compile_time_safe(literal: str) -> bool:
-    """makensis (3.08, as Debian builds it) replaces `$%NAME%` and `${NAME}` wherever they
-    appear in a line, `$$` or not."""
-    return "$%" not in literal and "${" not in literal
-
-
-def runtime_value(literal: str) -> str:
-    """The string NSIS stores for a double-quoted literal; AssertionError on a variable
-    reference (which would be replaced at run time)."""
-    out, i = [], 0
-    escapes = {'$\\"': '"', "$\\'": "'", "$\\`": "`", "$\\n": "\n", "$\\r": "\r", "$\\t": "\t", "$$": "$"}
-    while i < len(literal):
-        if literal[i] == "$":
-            pair = literal[i:i + 3] if literal[i + 1:i + 2] == "\\" else literal[i:i + 2]
-            assert pair in escapes, f"unescaped ${literal[i + 1:i + 2]!r} at {i}"
-            out.append(escapes[pair])
-            i += len(pair)
-        else:
-            out.append(literal[i])
-            i += 1
-    return "".join(out)
-
-
-_PIECE_LINE = re.compile(r'^\s*StrCpy \$R1 "(.*)" "" (\d+)$')
-
-
-def values_from_script(text: str) -> dict[str, str]:
-    """What the installer writes for each enrollment field, read from the rendered script."""
-    pieces: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        m = _PIECE_LINE.match(line)
-        if not m:
-            continue
-        # Results go to variables first: pytest would print an asserted call's arguments.
-        literal, skip = m.group(1), int(m.group(2))
-        safe = compile_time_safe(literal)
-        assert safe, "a piece would be expanded by makensis"
-        stored = runtime_value(literal)
-        mk = exe._MARKER_RE.match(stored)
-        assert mk is not None, "a piece without its marker"
-        marker_length = len(stored) - len(mk.group(4))
-        assert skip == marker_length, "StrCpy skips a different length than the marker's"
-        fits = len(stored) < 1024
-        assert fits, "longer than NSIS_MAX_STRLEN"
-        pieces.setdefault(mk.group(1), []).append(stored[skip:])
-    return {k: "".join(v) for k, v in pieces.items()}
-
-
-# --- pieces ---------------------------------------------------------------------------------
-
-URL_CHARS = "abcXYZ019-._~:/?#@!$&'()*+,;=%"
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=URL_CHARS, min_size=1, max_size=1600))
-def test_pieces_join_back_and_never_hold_an_expansion(value):
-    pieces = exe.split_pieces(value)
-    assert "".join(pieces) == value
-    for piece in pieces:
-        assert 0 < len(piece) <= exe.PIECE_CHARS
-        assert "$%" not in piece and "${" not in piece
-
-
-def test_pieces_cut_between_dollar_and_percent():
-    assert exe.split_pieces("a$%PATH%") == ["a$", "%PATH%"]
-    assert exe.split_pieces("$$%x") == ["$$", "%x"]
-    assert exe.split_pieces("x" * 1001) == ["x" * 500, "x" * 500, "x"]
+def render(relpaths=("agent.exe",), **kw) -> str:
+    return exe.render_script(load_product(), "1.2.3", [*relpaths, "trust.json"], **kw)
 
 
 # --- the rendered script --------------------------------------------------------------------
 
-def test_hostile_values_survive_makensis_exactly():
-    got = values_from_script(render(hostile()))
-    expected = {"account_id": "acct:1@corp.example-x_y", "group_id": "0grp.B:@-_", "console_url": HOSTILE_URL,
-                "enrollment_token": TOKEN}
-    differing = sorted(k for k in expected if got.get(k) != expected[k])  # names only: never print the token
-    assert not differing and set(got) == set(expected), f"changed by makensis: {differing}"
-
-
 def test_every_quoted_string_is_safe_for_makensis():
     """Not only the pieces: no line anywhere carries `$%` (an environment variable of the build
     machine) and every `${...}` is one of the script's own defines or LogicLib macros."""
-    text = render(hostile(), sign_command='"./sign-uninstaller.sh"')
+    text = render(sign_command='"./sign-uninstaller.sh"')
     assert "$%" not in text
     defines = set(re.findall(r"^!define (\w+)", text, re.MULTILINE)) | {"If", "ElseIf", "Else", "EndIf", "OrIf", "AndIf", "Do", "Loop", "Break", "UN"}
     used = set(re.findall(r"\$\{([^}]*)\}", text))
     assert used <= defines, f"unknown ${{...}}: {sorted(used - defines)}"
 
 
-def test_token_appears_only_in_the_pieces():
-    text = render(hostile())
-    pieces = exe.split_pieces(TOKEN)
-    assert len(pieces) == 9
-    outside = [n for n, line in enumerate(text.splitlines(), 1) if any(p in line for p in pieces)
-               and not line.lstrip().startswith('StrCpy $R1 "builder-enrollment/1:enrollment_token:')]
-    assert outside == [], f"the token shows outside its pieces on lines {outside}"
-    whole = TOKEN in text  # never on one line: makensis quotes a line it fails on
-    assert not whole
+def test_the_enrollment_is_checked_before_an_installed_agent_is_touched():
+    text = render()
+    check = text.index('verify-enrollment --installer "$EXEPATH"')
+    assert 'SetOutPath "$PLUGINSDIR\\agent"' in text[:check]
+    assert 'File "files/agent.exe"' in text[:check] and 'File "files/trust.json"' in text[:check]
+    # A refusal aborts before RemoveService (the installed agent keeps running) and files.
+    abort = text.index("Abort", check)
+    assert abort < text.index("Call RemoveService") < text.index('SetOutPath "$INSTDIR"')
+    assert "SetErrorLevel 5" in text[check:abort]
 
 
-def test_values_go_to_the_registry_names_the_agent_reads():
-    text = render(hostile())
-    names = re.findall(r'^\s*StrCpy \$R1 "(\w+)"\n\s*Call WriteEnrollmentValue', text, re.MULTILINE)
-    assert names == ["AccountId", "GroupId", "ConsoleUrl", "EnrollmentToken"]
-    for name in names:
-        assert f'DeleteRegValue HKLM "${{REGKEY}}" "{name}"' in text
-
-
-def test_release_build_runs_enroll_from_installer_and_bakes_nothing():
-    text = render(None)
-    assert "builder-enrollment/" not in text
-    assert "WriteEnrollmentValue" not in text  # an unused function is a makensis warning
+def test_no_enrollment_in_the_script_only_where_to_read_it():
+    text = render()
+    assert "builder-enrollment/" not in text and "WriteEnrollmentValue" not in text
     assert 'enroll-from-installer --installer "$EXEPATH" ${AGENT_ARGS}' in text
     assert "write-config" not in text
+    # trust.json is installed beside the agent, where agents look for the pins.
+    assert 'File "files/trust.json"' in text.split('SetOutPath "$INSTDIR"', 1)[1]
+
+
+def test_uninstall_removes_the_enrollment_values():
+    text = render()
+    for name in ("Enrollment", "PendingEnrollment", "AccountId", "GroupId", "ConsoleUrl", "EnrollmentToken"):
+        assert f'DeleteRegValue HKLM "${{REGKEY}}" "{name}"' in text
 
 
 def test_product_values_come_from_the_config():
     product = load_product(overrides={"name": "Acme Agent (x64)", "vendor": "Acme, Inc", "service_name": "AcmeSvc", "service_display_name": "Acme Service",
                                       "install_folder": "Acme/Remote Agent", "registry_key": "SOFTWARE\\Acme\\RA",
                                       "agent_exe": "acme-agent.exe"})
-    text = exe.render_script(product, "2.0.7", None, ["acme-agent.exe", "lib/x.dll"])
+    text = exe.render_script(product, "2.0.7", ["acme-agent.exe", "lib/x.dll", "trust.json"])
     assert '!define PRODUCT_NAME "Acme Agent (x64)"' in text
     assert '!define REGKEY "SOFTWARE\\Acme\\RA"' in text
     assert '!define INSTALL_FOLDER "Acme\\Remote Agent"' in text
@@ -177,13 +82,13 @@ def test_product_values_come_from_the_config():
 
 
 def test_no_timestamp_in_the_script():
-    assert render(hostile()) == render(hostile())
-    assert not re.search(r"__(DATE|TIME|TIMESTAMP)__", render(hostile()))
+    assert render() == render()
+    assert not re.search(r"__(DATE|TIME|TIMESTAMP)__", render())
 
 
 def test_signing_hook_only_when_signing():
-    assert "!uninstfinalize" not in render(hostile())
-    assert "!uninstfinalize '\"./sign-uninstaller.sh\" \"%1\"' = 0" in render(hostile(), sign_command='"./sign-uninstaller.sh"')
+    assert "!uninstfinalize" not in render()
+    assert "!uninstfinalize '\"./sign-uninstaller.sh\" \"%1\"' = 0" in render(sign_command='"./sign-uninstaller.sh"')
 
 
 def test_sign_script_keeps_the_password_off_its_command_line(tmp_path):
@@ -208,6 +113,14 @@ def test_payload_names_are_checked(tmp_path):
     (tmp_path / "sub" / "$INSTDIR.dll").write_bytes(b"x")
     with pytest.raises(PayloadError, match=r"\$INSTDIR\.dll"):
         exe.payload_files(tmp_path, product)
+
+
+def test_a_payload_cannot_bring_its_own_pins(tmp_path):
+    # trust.json is written by builder from the release's keys and hosts, never taken from a payload.
+    (tmp_path / "agent.exe").write_bytes(b"MZ")
+    (tmp_path / "trust.json").write_text('{"keys": [], "console_hosts": ["evil.example"]}')
+    with pytest.raises(PayloadError, match="trust.json"):
+        exe.payload_files(tmp_path, load_product())
 
 
 def test_missing_agent_is_a_payload_error(tmp_path):
@@ -252,37 +165,6 @@ def fake_installer(strings: list[str], *, flags: int = 0, extra_blocks: list[byt
     return bytes(pe) + first + body + b"CRC!"
 
 
-def pieces_for(enrollment: Enrollment) -> list[str]:
-    out = []
-    for value in exe.enrollment_context(enrollment):
-        for piece in value["pieces"]:
-            out.append(piece["marker"] + piece["text"])
-    return out
-
-
-def test_enrollment_reads_back_from_the_string_table():
-    e = hostile()
-    data = fake_installer(["Example", *pieces_for(e), "$INSTDIR"])
-    inst = nsis.locate(data, "setup.exe")
-    got = exe.enrollment_from_strings(nsis.script_strings(data, inst, "setup.exe"), "setup.exe")
-    assert got == e, "the enrollment read back differs"
-    assert got.public() == e.public()
-
-
-def test_no_markers_means_a_release():
-    data = fake_installer(["Example", "enroll-from-installer"])
-    inst = nsis.locate(data, "setup.exe")
-    assert exe.enrollment_from_strings(nsis.script_strings(data, inst, "setup.exe"), "setup.exe") is None
-
-
-def test_a_missing_piece_is_reported_by_field_not_value():
-    strings = [s for s in pieces_for(hostile()) if ":enrollment_token:3/" not in s]
-    with pytest.raises(EnrollmentError) as err:
-        exe.enrollment_from_strings(strings, "setup.exe")
-    leaked = TOKEN[:40] in str(err.value)
-    assert "enrollment_token" in err.value.message and not leaked
-
-
 def test_embedded_uninstaller_is_found():
     uninstaller = fake_installer(["un"], flags=1)
     data = fake_installer(["x"], extra_blocks=[b"MZ not an nsis file" * 10, uninstaller])
@@ -307,7 +189,7 @@ def test_version_strings_are_read_from_the_stub():
 
 @pytest.mark.parametrize("cut", [100, 0x300, 0x420, -10])
 def test_truncated_input_names_the_file(cut):
-    data = fake_installer(pieces_for(hostile()))
+    data = fake_installer(["Example", "$INSTDIR"] * 50)
     with pytest.raises(FormatError, match="setup.exe") as err:
         nsis.locate(data[:cut], "setup.exe")
     assert "truncated" in err.value.message or "not a PE" in err.value.message
@@ -322,7 +204,7 @@ def test_not_a_pe_and_not_nsis():
 
 
 def test_damaged_header_is_a_format_error_inside_not_a_crash():
-    data = bytearray(fake_installer(pieces_for(hostile())))
+    data = bytearray(fake_installer(["Example", "$INSTDIR"] * 50))
     data[0x400 + 28 + 4 + 10] ^= 0xFF
     inst = nsis.locate(bytes(data), "setup.exe")
     with pytest.raises(FormatError, match="setup.exe"):
@@ -356,5 +238,5 @@ def test_names_too_long_for_an_nsis_string_are_refused():
     long_folder = "/".join(["Very Long Vendor Folder Name"] * 12)
     product = load_product(overrides={"install_folder": long_folder, "registry_key": "SOFTWARE\\" + "\\".join(["Key Part"] * 20)})
     with pytest.raises(ConfigError, match="1023"):
-        exe.render_script(product, "1.0.0", None, ["agent.exe"])
+        exe.render_script(product, "1.0.0", ["agent.exe", "trust.json"])
     exe.check_string_lengths(load_product())  # the defaults fit

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
+from builder.trust import SignedEnrollment
+from tests.support.enrollkeys import signed
 from builder.errors import FormatError, PayloadError
 from builder.formats import msi
 from builder.tools import msitools
@@ -28,12 +30,12 @@ TOKEN = ("Aa0-_+/.=~" * 410)[:4096]
 HOSTILE_FILES = ["agent.exe", "lib/a&b'c $(env.PATH)$$.dll", "lib/deeper/data.bin", "x (1).txt"]
 
 
-def hostile() -> Enrollment:
-    return Enrollment(account_id="acct:0042@example.com", group_id="grp-A_1.x:y@z", token=Secret(TOKEN),
-                      console_url=HOSTILE_URL)
+def hostile() -> SignedEnrollment:
+    return signed(Enrollment(account_id="acct:0042@example.com", group_id="grp-A_1.x:y@z", token=Secret(TOKEN),
+                             console_url=HOSTILE_URL), issued_at=1767225600)
 
 
-def render(enrollment: Enrollment | None = None, relpaths=("agent.exe",)) -> str:
+def render(enrollment: SignedEnrollment | None = None, relpaths=("agent.exe",)) -> str:
     return msi.render_wxs(load_product(), "1.2.3", enrollment, list(relpaths),
                           product_code="11111111-2222-3333-4444-555555555555")
 
@@ -92,17 +94,23 @@ def test_wix_text_survives_the_preprocessor(value):
     assert wixl_eval(msi.wix_text(value), {"Dollar": "$"}) == value
 
 
-def test_hostile_enrollment_round_trips_through_xml_and_preprocessor():
+def test_signed_enrollment_round_trips_through_xml_and_preprocessor():
     e = hostile()
     root, variables = parsed(render(e))
     assert variables == {"Dollar": "$"}
     props = values(root, variables, "Property", "Id", "Value")
-    assert props["ACCOUNT_ID"] == e.account_id
-    assert props["GROUP_ID"] == e.group_id
-    assert props["CONSOLE_URL"] == HOSTILE_URL
-    same = props["ENROLLMENT_TOKEN"] == TOKEN  # never let pytest print the token
-    assert same, "ENROLLMENT_TOKEN does not carry the token unchanged"
-    assert props["MsiHiddenProperties"] == "ENROLLMENT_TOKEN"
+    same = props["ENROLLMENT"] == e.jws.reveal()  # never let pytest print the token
+    assert same, "ENROLLMENT does not carry the signed enrollment unchanged"
+    assert not set(msi.LEGACY_PROPERTIES) & set(props)
+    assert props["MsiHiddenProperties"] == "ENROLLMENT"
+
+
+def test_unsigned_per_field_properties_are_refused_by_a_launch_condition():
+    # CONSOLE_URL=https://attacker on the msiexec line must not install, not be ignored.
+    root, _ = parsed(render(hostile()))
+    (condition,) = [c for c in root.iter(WIX + "Condition") if "CONSOLE_URL" in (c.text or "")]
+    assert condition.text == "NOT (ACCOUNT_ID OR GROUP_ID OR CONSOLE_URL OR ENROLLMENT_TOKEN)"
+    assert "ENROLLMENT=" in condition.get("Message")
 
 
 def test_no_dollar_reaches_wixl_unescaped():
@@ -111,9 +119,10 @@ def test_no_dollar_reaches_wixl_unescaped():
     assert body.count("$") == 1 and '<?define Dollar = "$" ?>' in body
 
 
-def test_token_appears_once_in_the_source():
-    count = render(hostile()).count(TOKEN)
-    assert count == 1, f"token written {count} times"
+def test_signed_enrollment_appears_once_and_the_token_never_in_clear():
+    text = render(hostile())
+    count, clear = text.count(hostile().jws.reveal()), TOKEN in text
+    assert count == 1 and not clear, f"signed enrollment written {count} times; token in clear: {clear}"
 
 
 def test_hostile_file_names_round_trip():
@@ -167,7 +176,7 @@ def test_service_and_custom_actions():
     control = root.find(f".//{WIX}ServiceControl")
     assert (control.get("Start"), control.get("Stop"), control.get("Remove")) == ("install", "both", "uninstall")
     actions = {a.get("Id"): a for a in root.iter(WIX + "CustomAction")}
-    assert wixl_eval(actions["AgentWriteConfig"].get("ExeCommand"), variables) == f"write-config {where}"
+    assert wixl_eval(actions["AgentEnrollFromRegistry"].get("ExeCommand"), variables) == f"enroll-from-registry {where}"
     assert wixl_eval(actions["AgentForget"].get("ExeCommand"), variables) == f"forget {where}"
     for a in actions.values():
         assert a.get("FileKey") == "AgentExe" and a.get("Impersonate") == "no"
@@ -175,22 +184,23 @@ def test_service_and_custom_actions():
     # Standard actions: StopServices 1900 < forget < DeleteServices 2000 ... RemoveFiles 3500;
     # InstallFiles 4000 < WriteRegistryValues 5000 < InstallServices 5800 < write-config < StartServices 5900.
     assert 1900 < sequence["AgentForget"][0] < 2000
-    assert 5800 < sequence["AgentForgetOnRollback"][0] < sequence["AgentWriteConfig"][0] < 5900
-    assert sequence["AgentWriteConfig"][1] == 'NOT REMOVE~="ALL"'
+    assert 5800 < sequence["AgentForgetOnRollback"][0] < sequence["AgentEnrollFromRegistry"][0] < 5900
+    assert sequence["AgentEnrollFromRegistry"][1] == 'NOT REMOVE~="ALL"'
     assert "NOT UPGRADINGPRODUCTCODE" in sequence["AgentForget"][1]
     regs = {r.get("Name"): r for r in root.iter(WIX + "RegistryValue")}
-    assert {n: r.get("Value") for n, r in regs.items()} == {
-        "AccountId": "[ACCOUNT_ID]", "GroupId": "[GROUP_ID]", "ConsoleUrl": "[CONSOLE_URL]", "EnrollmentToken": "[ENROLLMENT_TOKEN]"}
+    # Only the staging value: the agent writes Enrollment itself, once it verified it.
+    assert {n: r.get("Value") for n, r in regs.items()} == {"PendingEnrollment": "[ENROLLMENT]"}
     assert {(r.get("Root"), r.get("Key")) for r in regs.values()} == {("HKLM", product.registry_key)}
 
 
 def test_release_build_has_no_enrollment_and_enrolls_only_when_told():
     root, _ = parsed(render(None))
     props = {p.get("Id"): p.get("Value") for p in root.iter(WIX + "Property")}
-    assert not set(msi.ENROLLMENT_PROPERTIES) & set(props)
-    assert props["MsiHiddenProperties"] == "ENROLLMENT_TOKEN"
+    assert "ENROLLMENT" not in props and not set(msi.LEGACY_PROPERTIES) & set(props)
+    assert props["MsiHiddenProperties"] == "ENROLLMENT"
     custom = {c.get("Action"): c.text for c in root.iter(WIX + "Custom")}
-    assert "ENROLLMENT_TOKEN" in custom["AgentWriteConfig"]
+    assert custom["AgentEnrollFromRegistry"].endswith("AND ENROLLMENT")
+    assert custom["AgentEnrollFromInstaller"].endswith("AND NOT ENROLLMENT")
 
 
 # --- payload walk, codes, reading back ------------------------------------------------------
@@ -210,7 +220,8 @@ def test_codes_are_stable_and_follow_every_input():
     base = msi._input_digest(product, "1.0.0", hostile(), {"agent.exe": "00"})
     again = msi._input_digest(product, "1.0.0", hostile(), {"agent.exe": "00"})
     assert msi._codes(base, product) == msi._codes(again, product)
-    other_group = Enrollment(account_id="acct:0042@example.com", group_id="grp-B", token=Secret(TOKEN), console_url=HOSTILE_URL)
+    other_group = signed(Enrollment(account_id="acct:0042@example.com", group_id="grp-B", token=Secret(TOKEN),
+                                    console_url=HOSTILE_URL), issued_at=1767225600)
     others = [
         msi._input_digest(product, "1.0.1", hostile(), {"agent.exe": "00"}),
         msi._input_digest(product, "1.0.0", other_group, {"agent.exe": "00"}),

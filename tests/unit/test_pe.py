@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builder.binfmt import pe
-from builder.errors import FormatError
+from builder.errors import FormatError, VerificationError
 
 E_LFANEW = 0x40
 
@@ -80,11 +80,26 @@ def test_pkcs7_of_strips_the_padding():
     assert pe.pkcs7_span(data) == (0x408, len(FAKE_PKCS7))
 
 
-def test_pkcs7_of_skips_other_certificate_types():
+def test_a_second_certificate_entry_is_refused():
+    # A second WIN_CERTIFICATE is a place for bytes no signature covers: agents refuse it.
     x509_entry = win_certificate(b"\x30\x03\x02\x01\x01", cert_type=1)
     data = make_pe(certs=x509_entry + win_certificate(FAKE_PKCS7))
     assert [c.cert_type for c in pe.certificates(data)] == [1, 2]
-    assert pe.pkcs7_of(data) == FAKE_PKCS7
+    with pytest.raises(VerificationError, match="2 WIN_CERTIFICATE entries"):
+        pe.pkcs7_of(data)
+
+
+def test_bytes_after_the_pkcs7_inside_win_certificate_are_refused():
+    # The CVE-2013-3900 place: dwLength and the table grown over an appended blob.
+    data = make_pe(certs=win_certificate(FAKE_PKCS7 + b"\0" * 16 + b"ENRSLOT1" + b"x" * 24))
+    with pytest.raises(VerificationError, match="bytes after the PKCS#7"):
+        pe.pkcs7_of(data)
+
+
+def test_data_after_the_certificate_table_is_refused():
+    data = make_pe(certs=win_certificate(FAKE_PKCS7)) + b"ENRSLOT1" + bytes(8)
+    with pytest.raises(VerificationError, match="data after its certificate table"):
+        pe.pkcs7_of(data)
 
 
 def test_unsigned_pe_has_no_pkcs7():

@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from builder.binfmt.pkcs7 import SLOT_OID, add_slot, element_size, find_slot, oid_der
 from builder.binfmt.slot import empty_slot
-from builder.errors import FormatError, SlotError
+from builder.errors import FormatError, SlotError, VerificationError
+from builder.binfmt import pkcs7
 
 TIMESTAMP_OID = "1.3.6.1.4.1.311.3.3.1"
 
@@ -156,3 +157,21 @@ def test_damaged_input_raises_only_builder_errors(data):
     except (FormatError, SlotError):
         return
     assert 0 <= offset and offset + length <= cut
+
+
+def test_a_second_slot_attribute_is_refused():
+    # Two slots: which one would a reader take? Agents refuse the question, and so does builder.
+    one = add_slot(TIMESTAMPED, 64)
+    signer = pkcs7._signer_path(one)[-1]
+    attrs = pkcs7._unsigned_attrs(one, signer)
+    slot_attr = pkcs7._slot_attribute(one, attrs)
+    extra = bytes(one[slot_attr.start:slot_attr.end])
+    new_attrs = pkcs7._rewrap(one, attrs, one[attrs.header_end:attrs.end] + extra)
+    new = pkcs7._rewrap(one, signer, one[signer.header_end:attrs.start] + new_attrs + one[attrs.end:signer.end])
+    path = pkcs7._signer_path(one)
+    replaced = signer
+    for outer in reversed(path[:-1]):
+        new = pkcs7._rewrap(one, outer, one[outer.header_end:replaced.start] + new + one[replaced.end:outer.end])
+        replaced = outer
+    with pytest.raises(VerificationError, match="2 enrollment slots"):
+        find_slot(new)

@@ -19,6 +19,9 @@ import pytest
 from cryptography.fernet import Fernet
 
 from builder.enrollment import Enrollment, Secret
+from builder.signing.enrollment_key import FileEnrollmentKey
+from builder.trust import Trust, verify
+from cryptography.hazmat.primitives.asymmetric import ec
 from builder.service import jobs
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,6 +32,11 @@ class FakeRecord:
         self.id, self.sha256, self.key = installer_id, "0" * 64, f"installers/{group_id}"
 
 
+# A fixed key: the helper is a spawned process and must verify what the test signed.
+KEY = FileEnrollmentKey.from_private_key(ec.derive_private_key(0x5EED, ec.SECP256R1()))
+TRUST = Trust((KEY.pin,), ("console.example.com",))
+
+
 class FakeIssuer:
     """produce() by group id: "slow-*" sleeps, "fail-*" raises with the token in the message."""
 
@@ -37,6 +45,9 @@ class FakeIssuer:
 
     def warm(self) -> None:
         pass
+
+    def parse_signed(self, version, jws):
+        return verify(jws, TRUST, int(time.time()))
 
     def produce(self, installer_id, version, fmt, enrollment: Enrollment):
         (self.marks / f"{installer_id}.{os.getpid()}").touch()
@@ -72,8 +83,9 @@ def helper(tmp_path, queue_key):
 
 def sealed(fernet: Fernet, installer_id: str, group: str, token: str) -> bytes:
     enrollment = Enrollment(account_id="acct", group_id=group, token=Secret(token), console_url="https://console.example.com")
+    signed = KEY.sign(enrollment, TRUST)
     return fernet.encrypt(json.dumps({"id": installer_id, "release": "1.0.0", "format": "msi",
-                                      "enrollment": enrollment.to_json_bytes().decode()}).encode())
+                                      "enrollment": signed.jws.reveal()}).encode())
 
 
 def helper_pids(tmp_path: Path, installer_id: str) -> set[int]:

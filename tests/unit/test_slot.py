@@ -10,8 +10,8 @@ def test_layout_is_magic_length_payload_padding():
     assert len(slot) == 32
 
 
-def test_default_size_is_8192():
-    assert SLOT_SIZE == 8192
+def test_default_size_fits_the_largest_signed_enrollment():
+    assert SLOT_SIZE == 12288
     assert len(empty_slot()) == SLOT_SIZE == len(encode_slot(b"x"))
 
 
