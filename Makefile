@@ -52,6 +52,9 @@ payload: $(STAMPS)/venv
 dev-keys: $(STAMPS)/venv
 	$(PY) -m builder dev-keys $(DEMO_KEYS)
 
+# Enrollments are signed with the DEVELOPMENT enrollment key `builder dev-keys` makes; every
+# installer pins its public key and the console host (builder/resources/defaults.toml).
+DEMO_ENROLL = --enrollment-key $(DEMO_KEYS)/enrollment.key
 DEMO_SIGN = --sign-cert $(DEMO_KEYS)/codesign.pem --sign-key $(DEMO_KEYS)/codesign.key --ca $(DEMO_KEYS)/ca.pem \
 	--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-application.p12 \
 	--mac-sign-pkcs12 $(DEMO_KEYS)/mac-developer-id-installer.p12
@@ -62,21 +65,25 @@ demo: deps payload-test dev-keys
 		--format msi --format exe --format pkg --format dmg \
 		--version 1.0.0 --account-id demo-account --group-id demo-group \
 		--token-env DEMO_TOKEN --console-url https://console.example.com \
-		--payload payload/build --out $(DEMO_OUT) $(DEMO_SIGN)
+		--payload payload/build --out $(DEMO_OUT) $(DEMO_SIGN) $(DEMO_ENROLL)
 	$(PY) -m builder verify --ca $(DEMO_KEYS)/ca.pem $(DEMO_OUT)/*.msi $(DEMO_OUT)/*.exe $(DEMO_OUT)/*.pkg $(DEMO_OUT)/*.dmg
 	@echo "== release: every format signed once, with an empty enrollment slot"
 	BUILDER_MAC_SIGN_PASSWORD=development $(PY) -m builder release --version 1.0.0 --payload payload/build \
-		--out $(DEMO_OUT)/release $(DEMO_SIGN)
+		--out $(DEMO_OUT)/release $(DEMO_SIGN) $(DEMO_ENROLL)
 	@echo "== publish the release to the local store, then issue one group's installer the way the service does"
 	$(PY) -m builder publish $(DEMO_OUT)/release --to file://$(CURDIR)/$(DEMO_OUT)/store
 	@test -s $(DEMO_KEYS)/demo-link-key || $(PY) -c "import secrets; print(secrets.token_hex(32))" > $(DEMO_KEYS)/demo-link-key
 	DEMO_TOKEN=demo-group-token-$$(date +%s) BUILDER_STORAGE_HMAC_KEY=$$(cat $(DEMO_KEYS)/demo-link-key) \
 		$(PY) -m builder issue --format exe --account-id demo-account \
 		--group-id demo-group-2 --token-env DEMO_TOKEN --storage file://$(CURDIR)/$(DEMO_OUT)/store \
-		--state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem
+		--state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem $(DEMO_ENROLL)
+	@echo "== one generic MSI for every group: the console hands out a signed enrollment for msiexec"
+	DEMO_TOKEN=demo-group-token-$$(date +%s) $(PY) -m builder enrollment --account-id demo-account \
+		--group-id demo-group-3 --token-env DEMO_TOKEN --release $(DEMO_OUT)/release $(DEMO_ENROLL) --json \
+		| $(PY) -c "import json, sys; d = json.load(sys.stdin); print('key', d['key_id'], 'signed enrollment of', len(d['enrollment']), 'characters: msiexec /i <release msi> ENROLLMENT=<it> /qn')"
 	@echo "The link works once the service runs (README.md has the console's two curl calls):"
 	@echo "  BUILDER_API_KEYS=demo:demo-api-key-0123456789 BUILDER_STORAGE_HMAC_KEY=\$$(cat $(DEMO_KEYS)/demo-link-key) \\"
-	@echo "    .venv/bin/builder serve --port 8080 --storage file://$(CURDIR)/$(DEMO_OUT)/store --state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem"
+	@echo "    .venv/bin/builder serve --port 8080 --storage file://$(CURDIR)/$(DEMO_OUT)/store --state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem $(DEMO_ENROLL)"
 
 test: deps payload-test
 	$(PY) -m pytest -q -p no:cacheprovider tests

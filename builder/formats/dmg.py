@@ -211,6 +211,9 @@ def make_dmg(pkg: Path, out: Path, product: Product, epoch: int, *, key: AppleKe
     """A disk image of the signed `pkg` (+ README, + a sidecar enrollment when given), signed
     with `key` (None: unsigned), at `out`. Returns details for the build summary.
     `keep_raw`: where to keep the raw HFS+ disk the image holds (Linux path; for tests)."""
+    if sidecar is not None and not re.fullmatch(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+", sidecar):
+        # The postinstall would refuse it on the customer's Mac: refuse it here.
+        raise EnrollmentError("the sidecar enrollment is not a signed enrollment (JWS)", "stamp it with `builder stamp`")
     with tempfile.TemporaryDirectory(prefix="builder-dmg-", dir=work) as tmp:
         tmp_path = Path(tmp)
         readme = tmp_path / README_NAME

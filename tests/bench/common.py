@@ -13,6 +13,8 @@ from builder.enrollment import Enrollment, Secret
 from builder.formats.base import AppleKey, Signers
 from builder.signing import devca
 from builder.signing.authenticode import SigningKey
+from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey, create_dev_key
+from builder.trust import SignedEnrollment, Trust
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_PAYLOAD = REPO / "payload" / "build"
@@ -30,10 +32,20 @@ class Bench:
     signers: Signers
     product: Product
     epoch: int
+    enrollment_key: FileEnrollmentKey
+    trust: Trust
 
-    def enrollment(self, group: str) -> Enrollment:
+    def plain(self, group: str) -> Enrollment:
         return Enrollment(account_id="bench-account", group_id=group, token=Secret(secrets.token_urlsafe(32)),
                           console_url=self.product.console_url)
+
+    def enrollment(self, group: str) -> SignedEnrollment:
+        """A group's enrollment, signed as `builder stamp` signs it."""
+        return self.enrollment_key.sign(self.plain(group), self.trust)
+
+    @property
+    def enrollment_key_file(self) -> Path:
+        return self.keys.folder / DEV_KEY_NAME
 
     def data_file(self, platform: str) -> Path:
         return self.payload / platform / EXTRA_FILES[platform]
@@ -62,5 +74,7 @@ def make_bench(work: Path) -> Bench:
         verify_ca=keys.ca_cert,
     )
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or 1767225600)
+    key = FileEnrollmentKey(create_dev_key(keys.folder))
     return Bench(work=work, payload=make_payload(work / "payload"), keys=keys, signers=signers,
-                 product=product, epoch=epoch)
+                 product=product, epoch=epoch, enrollment_key=key,
+                 trust=Trust((key.pin,), product.console_hosts))

@@ -48,7 +48,7 @@ def _build(bench: Bench, fmt: str, n: int) -> tuple[float, dict]:
     log.take_timings()
     start = time.perf_counter()
     build.build(format_names=[fmt], product=bench.product, version=VERSION, payload=bench.payload,
-                enrollment=enrollment, signers=bench.signers, out=out, source_date_epoch=bench.epoch)
+                enrollment=enrollment, trust=bench.trust, signers=bench.signers, out=out, source_date_epoch=bench.epoch)
     total = time.perf_counter() - start
     steps: dict[str, float] = {}
     for title, seconds in log.take_timings():

@@ -109,7 +109,8 @@ class Service:
         self.port = free_ports(1)[0]
         self.base = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "builder", "-q", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--storage", storage_url, "--state", str(bench.work / "service" / name), "--ca", str(bench.keys.ca_cert)]
+                "--storage", storage_url, "--state", str(bench.work / "service" / name), "--ca", str(bench.keys.ca_cert),
+                "--enrollment-key", str(bench.enrollment_key_file)]
         if redis_url:
             argv += ["--redis", redis_url]
         self.proc = procs.start(name, argv, env=env, logs=bench.work / "service" / "logs")

@@ -38,7 +38,7 @@ def _one(bench: Bench, clock: ToolClock, formats: list[str], n: int) -> dict:
     cpu = _cpu()
     start = time.perf_counter()
     outputs = build.build(format_names=formats, product=bench.product, version=VERSION, payload=bench.payload,
-                          enrollment=enrollment, signers=bench.signers, out=out, source_date_epoch=bench.epoch)
+                          enrollment=enrollment, trust=bench.trust, signers=bench.signers, out=out, source_date_epoch=bench.epoch)
     total = time.perf_counter() - start
     cpu = _cpu() - cpu
     tools = clock.take()

@@ -26,9 +26,15 @@ def assert_no_token(proc):
     assert not leaked, "the token leaked into the output"
 
 
-def base_args(out, payload):
+@pytest.fixture(scope="session")
+def enrollment_key_file(dev_keys) -> Path:
+    return dev_keys.folder / "enrollment.key"
+
+
+def base_args(out, payload, key: Path):
     return ["build", "--version", "1.0.0", "--account-id", "acct-1", "--group-id", "grp-1",
-            "--console-url", "https://console.example.com", "--payload", payload, "--out", out]
+            "--console-url", "https://console.example.com", "--payload", payload, "--out", out,
+            "--enrollment-key", key]
 
 
 def test_exit_codes_are_distinct():
@@ -47,9 +53,9 @@ def test_exit_codes_are_distinct():
         (["--format", "msi", "--token-env", "TOK", "--sign-pkcs12", "x.p12"], errors.UsageError.exit_code, "BUILDER_SIGN_PASSWORD"),
     ],
 )
-def test_bad_input_gives_one_line_and_its_exit_code(tmp_path, test_payload, extra, code, words):
+def test_bad_input_gives_one_line_and_its_exit_code(tmp_path, test_payload, enrollment_key_file, extra, code, words):
     out = tmp_path / "out"
-    proc = run_cli(*base_args(out, test_payload), *extra, env={"TOK": TOKEN})
+    proc = run_cli(*base_args(out, test_payload, enrollment_key_file), *extra, env={"TOK": TOKEN})
     assert proc.returncode == code, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and words in lines[0]
@@ -58,25 +64,25 @@ def test_bad_input_gives_one_line_and_its_exit_code(tmp_path, test_payload, extr
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_unknown_format_is_refused(tmp_path, test_payload):
-    proc = run_cli(*base_args(tmp_path / "o", test_payload), "--format", "rpm", "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
+def test_unknown_format_is_refused(tmp_path, test_payload, enrollment_key_file):
+    proc = run_cli(*base_args(tmp_path / "o", test_payload, enrollment_key_file), "--format", "rpm", "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
     assert proc.returncode == 2 and "rpm" in proc.stderr
 
 
-def test_missing_or_empty_payload(tmp_path):
+def test_missing_or_empty_payload(tmp_path, enrollment_key_file):
     empty = tmp_path / "payload"
     (empty / "windows").mkdir(parents=True)
     for payload in (tmp_path / "nope", empty):
         out = tmp_path / "out"
-        proc = run_cli(*base_args(out, payload), "--format", "exe", "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
+        proc = run_cli(*base_args(out, payload, enrollment_key_file), "--format", "msi", "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
         assert proc.returncode == errors.PayloadError.exit_code, proc.stderr
         assert "--payload" in proc.stderr
         assert not out.exists() or not any(out.iterdir())
 
 
-def test_token_file_and_stdin_are_accepted(tmp_path, test_payload, dev_keys):
+def test_token_file_and_stdin_are_accepted(tmp_path, test_payload, dev_keys, enrollment_key_file):
     out = tmp_path / "out"
-    proc = run_cli(*base_args(out, test_payload), "--format", "msi", "--token-file", "-", "--json",
+    proc = run_cli(*base_args(out, test_payload, enrollment_key_file), "--format", "msi", "--token-file", "-", "--json",
                    "--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert, stdin=TOKEN + "\n")
     assert proc.returncode == 0, proc.stderr
     assert_no_token(proc)
@@ -90,7 +96,7 @@ def test_token_file_and_stdin_are_accepted(tmp_path, test_payload, dev_keys):
     assert proc.returncode == 0, proc.stderr
     assert_no_token(proc)
     report = json.loads(proc.stdout)
-    assert report["enrollment"]["account_id"] == "acct-1"
+    assert report["enrollment"]["account_id"] == "acct-1" and report["enrollment"]["state"] == "valid"
     assert report["enrollment"]["token_fingerprint"] == doc["enrollment"]["token_fingerprint"]
     # without the development CA the signature does not chain to a trusted root
     proc = run_cli("verify", inst["path"])
@@ -113,3 +119,31 @@ def test_doctor_lists_tools():
     rows = json.loads(proc.stdout)
     assert {r["tool"] for r in rows} >= {"wixl", "makensis", "osslsigncode"}
     assert proc.returncode == (0 if all(r["version"] for r in rows) else 6)
+
+
+def test_build_without_an_enrollment_key_is_refused_before_anything_is_built(tmp_path, test_payload):
+    out = tmp_path / "out"
+    args = [a for a in base_args(out, test_payload, Path("x")) if a not in ("--enrollment-key", Path("x"))]
+    proc = run_cli(*args, "--format", "msi", "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
+    assert proc.returncode == errors.UsageError.exit_code and "--enrollment-key" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_enrollment_command_prints_a_signed_enrollment(tmp_path, dev_keys, enrollment_key_file):
+    from builder.signing.enrollment_key import load_public_key
+    from builder.trust import Trust, verify
+
+    proc = run_cli("enrollment", "--account-id", "acct-1", "--group-id", "grp-1", "--token-env", "TOK",
+                   "--enrollment-key", enrollment_key_file, "--expires-in", "3600", env={"TOK": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    jws = proc.stdout.strip()
+    assert proc.stdout == jws + "\n" and TOKEN not in proc.stdout and TOKEN not in proc.stderr
+    pin = load_public_key(dev_keys.folder / "enrollment.pub.pem")
+    import time as _time
+
+    signed = verify(jws, Trust((pin,), ("console.example.com",)), int(_time.time()))
+    assert signed.token.reveal() == TOKEN and signed.expires_at is not None
+    refused = run_cli("enrollment", "--account-id", "acct-1", "--group-id", "grp-1", "--token-env", "TOK",
+                      "--console-url", "https://attacker.example", "--enrollment-key", enrollment_key_file, env={"TOK": TOKEN})
+    assert refused.returncode == errors.EnrollmentError.exit_code and "console-url" in refused.stderr
+    assert refused.stdout == ""

@@ -24,6 +24,8 @@ from tests.integration.test_pkg import (  # noqa: F401 (fixtures)
     CONFIG,
     EPOCH,
     HOSTILE,
+    SIGNED,
+    config_of,
     PRODUCT,
     install_like_installer,
     mac_payload,
@@ -43,7 +45,7 @@ def build_dmg(payload, work, enrollment, signers, **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def signed_dmg(mac_payload, mac_signers, tmp_path_factory) -> Path:
-    return build_dmg(mac_payload, tmp_path_factory.mktemp("dmg-baked"), HOSTILE[0], mac_signers)
+    return build_dmg(mac_payload, tmp_path_factory.mktemp("dmg-baked"), SIGNED[0], mac_signers)
 
 
 def hfs_listing(dmg: Path, tmp: Path) -> tuple[Path, str]:
@@ -104,7 +106,7 @@ def test_verify_reports_signatures_and_masked_enrollment(signed_dmg, dev_keys):
     assert report["signature"]["ok"] and report["signature"]["signer"].startswith("Developer ID Application")
     assert report["pkg_signature"]["ok"] and report["pkg_signature"]["signer"].startswith("Developer ID Installer")
     assert report["volume_name"] == PRODUCT.name
-    assert report["enrollment"] == HOSTILE[0].public()
+    assert report["enrollment"] == {"state": "valid", **SIGNED[0].public()}
     assert DmgFormat().inspect(signed_dmg)["signature"] is None
 
 
@@ -120,12 +122,12 @@ def test_tampered_image_fails(signed_dmg, dev_keys, tmp_path):
 
 def test_release_dmg_with_a_group_sidecar_installs_that_group(release_pkg, mac_signers, dev_keys, tmp_path):
     """The stamp stage's path: the release's signed pkg, a group's enrollment beside it."""
-    group = HOSTILE[0]
+    group = SIGNED[0]
     dmg = tmp_path / "group.dmg"
-    make_dmg(release_pkg, dmg, PRODUCT, EPOCH, key=mac_signers.apple_application, sidecar=group.to_json_bytes())
+    make_dmg(release_pkg, dmg, PRODUCT, EPOCH, key=mac_signers.apple_application, sidecar=group.jws.reveal().encode())
     report = DmgFormat().verify(dmg, dev_keys.ca_cert)
     assert report["ok"], report["detail"]
-    assert report["enrollment"] == group.public()
+    assert report["enrollment"] == {"state": "valid", **group.public()}
     assert report["enrollment_source"].startswith("sidecar")
     # Installed from the volume as 7-Zip sees it: $1 is the pkg there, the sidecar beside it.
     hfs, listing = hfs_listing(dmg, tmp_path)
@@ -138,7 +140,7 @@ def test_release_dmg_with_a_group_sidecar_installs_that_group(release_pkg, mac_s
     assert sha(pkg.read_bytes()) == sha(release_pkg.read_bytes())
     script = install_like_installer(pkg, root, tmp_path / "x")
     run_postinstall(script, root, pkg)
-    got, want = sha(under(root, CONFIG).read_bytes()), sha(group.to_json_bytes())
+    got, want = sha(under(root, CONFIG).read_bytes()), sha(config_of(group))
     assert got == want
 
 
@@ -147,11 +149,24 @@ def test_broken_sidecar_is_refused(release_pkg, tmp_path):
 
     with pytest.raises(EnrollmentError):
         make_dmg(release_pkg, tmp_path / "x.dmg", PRODUCT, EPOCH, key=None, sidecar=b"{not json")
+    with pytest.raises(EnrollmentError):  # the attacker's trailing newline
+        make_dmg(release_pkg, tmp_path / "y.dmg", PRODUCT, EPOCH, key=None, sidecar=SIGNED[0].jws.reveal().encode() + b"\n")
+    assert not (tmp_path / "x.dmg").exists() and not (tmp_path / "y.dmg").exists()
+
+
+def test_verify_of_a_dmg_with_a_forged_sidecar_fails(release_pkg, mac_signers, dev_keys, tmp_path):
+    from tests.integration.test_pkg import attacks
+
+    dmg = tmp_path / "forged.dmg"
+    make_dmg(release_pkg, dmg, PRODUCT, EPOCH, key=mac_signers.apple_application,
+             sidecar=attacks()["unpinned-key"])
+    report = DmgFormat().verify(dmg, dev_keys.ca_cert)
+    assert not report["ok"] and report["enrollment"]["state"] == "invalid" and "not pinned" in report["detail"]
 
 
 def test_unsigned_builds_are_byte_identical(mac_payload, tmp_path):
-    a = build_dmg(mac_payload, tmp_path / "a", HOSTILE[1], Signers(unsigned=True))
-    b = build_dmg(mac_payload, tmp_path / "b", HOSTILE[1], Signers(unsigned=True))
+    a = build_dmg(mac_payload, tmp_path / "a", SIGNED[1], Signers(unsigned=True))
+    b = build_dmg(mac_payload, tmp_path / "b", SIGNED[1], Signers(unsigned=True))
     assert sha(a.read_bytes()) == sha(b.read_bytes())
 
 
@@ -204,9 +219,9 @@ def test_linux_writer_refuses_settings_it_cannot_honour(tmp_path, monkeypatch):
 
 def test_signed_builds_are_byte_identical(mac_payload, mac_signers, dev_keys, tmp_path):
     """Same inputs and SOURCE_DATE_EPOCH, same signed dmg, the signed pkg inside it included."""
-    a = build_dmg(mac_payload, tmp_path / "a", HOSTILE[1], mac_signers)
+    a = build_dmg(mac_payload, tmp_path / "a", SIGNED[1], mac_signers)
     time.sleep(1.1)  # a different second, so a wall-clock time anywhere would show
-    b = build_dmg(mac_payload, tmp_path / "b", HOSTILE[1], mac_signers)
+    b = build_dmg(mac_payload, tmp_path / "b", SIGNED[1], mac_signers)
     assert sha(a.read_bytes()) == sha(b.read_bytes())
     report = DmgFormat().verify(a, dev_keys.ca_cert)
     assert report["ok"] and report["pkg_signature"]["ok"], report["detail"]

@@ -306,7 +306,7 @@ def test_msi_tampered_table_fails_verify(pki, msi, tmp_path):
 
 def test_payload_too_large_for_the_slot(exe):
     with pytest.raises(SlotError, match="larger slot"):
-        encode_slot(PAYLOAD * 2, SLOT_SIZE)
+        encode_slot(b"x" * SLOT_SIZE, SLOT_SIZE)
 
 
 def test_signature_without_slot_raises_slot_error(exe, msi):
