@@ -209,11 +209,12 @@ def verify(files, ca, as_json):
     else:
         for f, d in zip(files, docs):
             _print_report(f, d)
-    bad = [d["file"] for d in docs if not d.get("ok")]
+    bad = [d for d in docs if not d.get("ok")]
     if bad:
         from builder.errors import VerificationError
 
-        raise VerificationError(f"{', '.join(bad)}: does not verify", "rebuild it, or give the right --ca")
+        raise VerificationError("; ".join(f"{d['file']}: does not verify ({d.get('detail')})" for d in bad),
+                                "rebuild it, or give the right --ca")
 
 
 @main.command()
