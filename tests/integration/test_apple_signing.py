@@ -698,3 +698,42 @@ def test_an_unreachable_notary_service_fails_fast(signed_pkg, tmp_path, monkeypa
     der = credentials.private_key.read_bytes()
     assert base64.b64encode(der).decode()[:40] not in str(info.value)
     assert signed_pkg.read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# Apple's roots bundled: trusted without --ca
+
+
+def test_openssl_chains_the_bundled_intermediates_to_the_bundled_root(tmp_path):
+    pem = tmp_path / "root.pem"
+    subprocess.run(["openssl", "x509", "-inform", "DER", "-in", apple.APPLE_RESOURCES / "AppleRootCA.cer", "-out", pem], check=True)
+    for name in ("DeveloperIDCA.cer", "DeveloperIDG2CA.cer"):
+        out = subprocess.run(["openssl", "verify", "-CAfile", pem, "-attime", "1767225600",
+                              apple.APPLE_RESOURCES / name], capture_output=True, text=True)
+        assert out.returncode == 0 and ": OK" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_chain_to_a_bundled_root_is_trusted_without_ca(tmp_path, apple_pki, monkeypatch):
+    """The genuine root cannot sign a test certificate, so the bundled folder is pointed at the
+    Apple-layout test PKI's root and intermediate: the same code path as a genuine chain."""
+    key = AppleKey(pkcs12=apple_pki.p12("Developer ID Installer", "bundled.p12"),
+                   password=Secret(applepki.PASSWORD.decode()))
+    src = _unsigned_pkg(tmp_path)
+    apple.sign_flat_package(key, src, tmp_path / "signed.pkg")
+    assert apple.open_identity(key).apple_issued is False  # Apple's names, not Apple's keys
+    untrusted = apple.verify_flat_package(tmp_path / "signed.pkg", None)
+    assert untrusted["ok"] and untrusted["trusted"] is None
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "AppleRootCA.cer").write_bytes(apple_pki.root.public_bytes(serialization.Encoding.DER))
+    (bundled / "DeveloperIDG2CA.cer").write_bytes(apple_pki.ca.public_bytes(serialization.Encoding.DER))
+    monkeypatch.setattr(apple, "APPLE_RESOURCES", bundled)
+    apple._apple_certificates.cache_clear()
+    try:
+        result = apple.verify_flat_package(tmp_path / "signed.pkg", None)
+        assert result["ok"] and result["trusted"] is True, result["detail"]
+        assert "chain to Apple Root CA (Apple's, bundled with builder)" in result["checked"]
+        assert apple.open_identity(key).apple_issued is True
+    finally:
+        apple._apple_certificates.cache_clear()
