@@ -894,6 +894,7 @@ def _check_chain(report: _Report, leaf: x509.Certificate, pool: list[x509.Certif
                                   "and no --ca was given")
     else:
         report.trusted = False
+        report.extra["root_missing"] = True
         report.problems.append(f"certificate chain ends at '{_common_name(chain[-1])}', which is not "
                                f"issued by a certificate in {ca} or by Apple Root CA")
 

@@ -166,10 +166,12 @@ class Verification:
     timestamp: str | None  # only a timestamp that verified
     detail: str
     timestamp_problem: str | None = None  # a timestamp is present and does not verify: why
+    # Failed only because a chain ends at a root not in the CA file: the file's digest matches.
+    root_missing: bool = False
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "signer": self.signer, "timestamp": self.timestamp, "detail": self.detail,
-                "timestamp_problem": self.timestamp_problem}
+                "timestamp_problem": self.timestamp_problem, "root_missing": self.root_missing}
 
 
 _SUBJECT_RE = re.compile(r"^\s*Signer #0:\s*\n\s*Subject:\s*(.+)$", re.MULTILINE)
@@ -177,6 +179,19 @@ _TS_RE = re.compile(r"Timestamp time:\s*(.+)$", re.MULTILINE)
 _TS_RESULT = "Timestamp Server Signature verification: "
 _VERIFY_TIME_RE = re.compile(r"^Signature verification time:\s*(.+)$", re.MULTILINE)
 _ERROR_RE = re.compile(r"^\s*Error:\s*(.+)$", re.MULTILINE)
+_ANY_ERROR_RE = re.compile(r"(?:^\s*Error:|Verify error:)\s*(.+)$", re.MULTILINE)
+# PE: "Current/Calculated message digest"; MSI: "Current/Calculated DigitalSignature".
+_DIGESTS_RE = re.compile(r"^Current (message digest|DigitalSignature)\s*:\s*(\S+)\s*\nCalculated \1\s*:\s*(\S+)", re.MULTILINE)
+# OpenSSL's words for a chain that cannot reach a trusted root.
+_NO_ROOT = ("unable to get local issuer certificate", "self-signed certificate in certificate chain",
+            "self signed certificate in certificate chain", "unable to get issuer certificate")
+
+
+def _only_root_missing(out: str) -> bool:
+    digests = _DIGESTS_RE.findall(out)
+    errors = _ANY_ERROR_RE.findall(out)
+    return (bool(digests) and all(current == calculated for _, current, calculated in digests) and "MISMATCH" not in out
+            and bool(errors) and all(any(words in e for words in _NO_ROOT) for e in errors))
 
 
 def _timestamp_problem(out: str, when: str) -> str | None:
@@ -234,7 +249,7 @@ def verify(path: Path, ca: Path | None = None, tsa_ca: Path | None = None) -> Ve
     else:
         detail = runner.last_line(out)
     return Verification(ok, subject.group(1).strip() if subject else None, when if ok or not problem else None,
-                        detail, problem)
+                        detail, problem, root_missing=not ok and _only_root_missing(out))
 
 
 def signer_subject(key: SigningKey) -> str | None:
