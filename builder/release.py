@@ -34,7 +34,8 @@ def release(*, format_names: list[str], product: Product, version: str, payload:
     for o in outputs:
         fmt = formats.get(o.format)
         entry = {"file": o.path.name, "size": o.size, "sha256": o.sha256, "signer": o.signer,
-                 "timestamp": o.details.get("timestamp"), "notarized": o.notarized}
+                 "timestamp": o.details.get("timestamp"), "notarized": o.notarized,
+                 "notarization": o.details.get("notarization")}
         entry.update(fmt.release_entry(o.path, product) if hasattr(fmt, "release_entry") else {})
         files[o.format] = entry
     manifest = {

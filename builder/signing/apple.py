@@ -1396,8 +1396,12 @@ def verify_dmg(path: Path, ca: Path | None) -> dict:
 
 
 def stapled_ticket(path: Path) -> bool:
-    """Whether a notarization ticket is stapled to `path`, as apple-platform's signature reader
-    sees it (a ticket blob or entry anywhere in what it reports)."""
+    """Whether a notarization ticket is stapled to `path`: read where Apple's stapler writes it
+    (builder.binfmt.ticket), or, as a second opinion, anywhere apple-platform's reader sees one."""
+    from builder.signing import notary
+
+    if notary.stapled_ticket(path) is not None:
+        return True
     if ap is None:
         return False
     try:
@@ -1417,124 +1421,37 @@ def stapled_ticket(path: Path) -> bool:
 
 def notarization_report(path: Path) -> dict:
     """The `notarized` fields of a verify report."""
+    from builder.signing import notary
+
+    ticket = notary.stapled_ticket(path)
+    if ticket is not None:
+        return {"notarized": True, "ticket_bytes": len(ticket),
+                "notarization": f"a notarization ticket is stapled ({len(ticket)} bytes; Apple's signature "
+                                "on it is checked by Gatekeeper, not here)"}
     if stapled_ticket(path):
         return {"notarized": True, "notarization": "a notarization ticket is stapled"}
     return {"notarized": False, "notarization": "no stapled ticket; Gatekeeper checks online or warns"}
 
 
 # ------------------------------------------------------------------------------------------
-# Notarization
-
-
-@dataclass(frozen=True, kw_only=True)
-class NotaryCredentials:
-    """An App Store Connect API key: issuer id, key id, and the AuthKey_<id>.p8 private key file."""
-
-    issuer_id: str
-    key_id: str
-    private_key: Path
-
-    def __repr__(self) -> str:  # the key file's path is not secret, its content is never read here
-        return f"NotaryCredentials(issuer_id={self.issuer_id!r}, key_id={self.key_id!r}, private_key={str(self.private_key)!r})"
-
-
-@dataclass(frozen=True)
-class NotaryResult:
-    notarized: bool
-    reason: str
-    stapled: bool = False
-    submission_id: str | None = None
-    status: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"notarized": self.notarized, "stapled": self.stapled, "reason": self.reason,
-                "submission_id": self.submission_id, "status": self.status}
+# Notarization (builder.signing.notary does the talking)
 
 
 NO_CREDENTIALS = "no App Store Connect credentials"
 _warned: set[str] = set()
 
 
-def notarize(path: Path, credentials: NotaryCredentials | None, *, wait_seconds: int = 1800,
-             staple: bool = True) -> NotaryResult:
-    """Submit `path` (pkg, dmg, or zipped .app) to Apple's notary service, wait, and staple the
-    ticket to `path` in place. Without credentials: a "not notarized" result and one warning
-    per process. Any failure with credentials (network, bad key, rejection) is NotarizationError.
-    """
+def notarize(path: Path, notary_settings, *, staple: bool = True):
+    """Submit `path` (a signed pkg or dmg) to Apple's notary service, wait, and staple the ticket
+    to `path` in place. `notary_settings` is a builder.signing.notary.Notary, or None: then a
+    "not notarized" result and one warning per process. Any failure with credentials (network,
+    bad key, rejection) is NotarizationError, exit 13."""
+    from builder.signing import notary
+
     path = Path(path)
-    if credentials is None:
+    if notary_settings is None:
         if NO_CREDENTIALS not in _warned:
             _warned.add(NO_CREDENTIALS)
             log.warning(f"not notarized: {NO_CREDENTIALS} (Gatekeeper will warn on first open)")
-        return NotaryResult(notarized=False, reason=NO_CREDENTIALS)
-    _require_library()
-    with _notary_key_file(credentials) as key_file, log.step(f"Notarizing {path.name} (Apple notary service)"):
-        library_credentials = ap.notarize.NotaryCredentials(api_key_path=str(key_file))
-        try:
-            submitted = ap.notarize.submit(path, library_credentials, wait_seconds=wait_seconds)
-        except ap_errors.ApplePlatformError as exc:
-            raise NotarizationError(f"notarizing {path.name}: {_library_text(exc)}",
-                                    "check the network and the App Store Connect API key") from None
-        submission = submitted.get("submission_id")
-        response = submitted.get("response")
-        if response is None:
-            raise NotarizationError(f"notarizing {path.name}: no verdict within {wait_seconds}s "
-                                    f"(submission {submission})", "wait and check it with `rcodesign notary-log`")
-        statuses = [s for s in ap.reading.find_values(response, "status") if isinstance(s, str)]
-        status = statuses[0] if statuses else "unknown"
-        if status.lower() != "accepted":
-            summary = _notary_log_summary(submission, library_credentials)
-            raise NotarizationError(f"notarizing {path.name}: Apple says {status} (submission {submission}){summary}",
-                                    "fix what the notary log names, re-sign and rebuild")
-        if staple:
-            try:
-                ap.notarize.staple(path)
-            except ap_errors.ApplePlatformError as exc:
-                raise NotarizationError(f"{path.name} is notarized (submission {submission}) but stapling "
-                                        f"failed: {_library_text(exc)}", "rerun the staple step; "
-                                        "Gatekeeper can also fetch the ticket online") from None
-    return NotaryResult(notarized=True, stapled=staple, reason="accepted", submission_id=submission,
-                        status=status)
-
-
-def _library_text(exc: Exception) -> str:
-    chain = [str(exc), *getattr(exc, "source", [])]
-    return " / ".join(dict.fromkeys(c for c in chain if c))
-
-
-def _notary_log_summary(submission: str | None, credentials) -> str:
-    if not submission:
-        return ""
-    try:
-        issues = ap.reading.find_values(ap.notarize.fetch_log(submission, credentials), "message")
-    except ap_errors.ApplePlatformError:
-        return ""
-    return (": " + "; ".join(str(i) for i in issues[:5])) if issues else ""
-
-
-@contextlib.contextmanager
-def _notary_key_file(credentials: NotaryCredentials) -> Iterator[Path]:
-    """rcodesign's unified API key JSON (issuer, key id, base64 DER key) in a private temp file."""
-    if not credentials.issuer_id or not credentials.key_id:
-        raise NotarizationError("the App Store Connect issuer id and key id must both be given",
-                                "find them under Users and Access > Integrations in App Store Connect")
-    try:
-        key = serialization.load_pem_private_key(Path(credentials.private_key).read_bytes(), password=None)
-    except OSError as exc:
-        raise NotarizationError(f"App Store Connect key {credentials.private_key}: cannot read it ({exc.strerror})",
-                                "check the path") from None
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise NotarizationError(f"App Store Connect key {credentials.private_key} is not a PEM private key",
-                                "give the AuthKey_<key id>.p8 file downloaded from App Store Connect") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise NotarizationError(f"App Store Connect key {credentials.private_key} is not an EC (P-256) key",
-                                "give the AuthKey_<key id>.p8 file downloaded from App Store Connect")
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    encoded = base64.b64encode(der).decode()
-    log.register_secret(encoded)
-    with tempfile.TemporaryDirectory(prefix="builder-notary-") as tmp:
-        path = Path(tmp) / "api-key.json"
-        _write_private(path, json.dumps({"issuer_id": credentials.issuer_id, "key_id": credentials.key_id,
-                                         "private_key": encoded}).encode())
-        yield path
+        return notary.NotaryResult(notarized=False, reason=NO_CREDENTIALS)
+    return notary.notarize(path, notary_settings, staple_ticket=staple)
