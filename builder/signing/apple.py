@@ -830,9 +830,10 @@ def apple_intermediates() -> tuple[x509.Certificate, ...]:
 
 
 def _check_chain(report: _Report, leaf: x509.Certificate, pool: list[x509.Certificate],
-                 ca: Path | None, expected_kind: str) -> None:
-    """Leaf kind, validity, critical extensions, and the chain through `pool` (and Apple's
-    bundled intermediates) up to a certificate of `ca` or Apple Root CA (bundled)."""
+                 ca: Path | None, expected_kind: str, *, now: dt.datetime | None = None) -> None:
+    """Leaf kind, validity at `now` (default: the clock), critical extensions, and the chain
+    through `pool` (and Apple's bundled intermediates) up to a certificate of `ca` or Apple Root
+    CA (bundled)."""
     report.signer = _common_name(leaf)
     kind = developer_id_kind(leaf)
     if kind != expected_kind:
@@ -841,7 +842,7 @@ def _check_chain(report: _Report, leaf: x509.Certificate, pool: list[x509.Certif
                                f"({describe_certificate(leaf)}); '{expected_kind}' expected")
     else:
         report.checked.append(f"signer is a {expected_kind} identity")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.timezone.utc)
     chain = [leaf]
     given = _load_ca(ca) if ca is not None else []
     bundled = list(apple_roots())

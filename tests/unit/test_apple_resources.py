@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 from cryptography import x509
 
@@ -32,3 +33,25 @@ def test_the_intermediates_are_signed_by_apple_root_ca():
         assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     devid = [c for c in intermediates if "Developer ID" in c.subject.rfc4514_string()]
     assert len(devid) == 2 and all(c.extensions.get_extension_for_oid(apple.OID_DEVID_CA) for c in devid)
+
+
+GENUINE = Path(__file__).resolve().parents[1] / "data" / "apple" / "developer-id-application-getsentry.cer"
+
+
+def test_a_genuine_developer_id_certificate_is_classified_and_trusted_without_ca():
+    """A real Developer ID Application certificate (tests/data/apple/README.md says where it is
+    from): recognised by Apple's markers, chained through the bundled intermediate to the bundled
+    root, trusted with no --ca. Checked at a fixed time inside its validity."""
+    import datetime as dt
+
+    cert = x509.load_der_x509_certificate(GENUINE.read_bytes())
+    assert hashlib.sha256(GENUINE.read_bytes()).hexdigest() == "dc4f1d4c1136a21483c9cbd65c2201e593d3c57707877318c36a878d867cf705"
+    assert apple.developer_id_kind(cert) == apple.APPLICATION
+    report = apple._Report()
+    apple._check_chain(report, cert, [], None, apple.APPLICATION, now=dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc))
+    assert not report.problems, report.problems
+    assert report.trusted is True
+    assert "chain to Apple Root CA (Apple's, bundled with builder)" in report.checked
+    assert "issued by a Developer ID Certification Authority" in report.checked
+    assert [c.split("CN=")[1].split(",")[0] for c in report.chain] == [
+        "Developer ID Application: GetSentry LLC (97JCY7859U)", "Developer ID Certification Authority", "Apple Root CA"]
