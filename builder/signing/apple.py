@@ -196,8 +196,6 @@ def developer_id_kind(cert: x509.Certificate) -> str | None:
     return kind if extensions[mark].critical and eku in ekus else None
 
 
-_kind_of = developer_id_kind
-
 
 def _oid_name(oid: x509.ObjectIdentifier) -> str:
     name = getattr(oid, "_name", "Unknown OID")

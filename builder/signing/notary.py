@@ -315,10 +315,16 @@ def notarize(path: Path, notary: Notary, *, staple_ticket: bool = True) -> Notar
     summary when Apple rejected it."""
     path, service, credentials = Path(path), notary.service, notary.credentials
     what = f"notarizing {path.name}"
-    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    # A stamp notarizes its output before renaming it into place (".group.pkg.partial"):
+    # Apple's records show the name it will have.
+    name = path.name[1:-len(".partial")] if path.name.startswith(".") and path.name.endswith(".partial") else path.name
     token = make_jwt(credentials)
     created = _call("POST", f"{service.api_url}/submissions", service, token=token,
-                    body={"submissionName": path.name, "sha256": sha256}, what=what)
+                    body={"submissionName": name, "sha256": digest.hexdigest()}, what=what)
     try:
         submission = created["data"]["id"]
         attributes = created["data"]["attributes"]
