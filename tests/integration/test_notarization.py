@@ -138,6 +138,8 @@ def test_a_dmg_is_notarized_and_stapled_into_its_signature(tmp_path, keys, api_k
     assert report["ok"], report["detail"]
     assert apple.notarization_report(dmg)["notarized"] is True
     assert ap.packaging.dmg_info(dmg)["has_code_signature"]
+    # apple-platform's own signature reader (rcodesign's) finds the ticket slot too.
+    assert "Ticket (65538)" in json.dumps(ap.read_signature(dmg))
 
 
 def test_a_rejection_is_exit_13_with_apples_log_summary(tmp_path, keys, api_key, standin):
@@ -230,12 +232,14 @@ def test_cli_build_release_stamp_notarize_and_verify(tmp_path, keys, api_key, st
     said = " ".join(_cli("verify", "--ca", pki.root_pem, pkg).stderr.split())
     assert "notarized: yes (a notarization ticket is stapled" in said
 
-    proc = _cli("release", "--format", "pkg", "--version", "1.0.0", "--payload", test_payload,
+    proc = _cli("release", "--format", "pkg", "--format", "dmg", "--version", "1.0.0", "--payload", test_payload,
                 "--out", tmp_path / "release", *mac, *notarize, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "release" / "manifest.json").read_text())
-    entry = manifest["files"]["pkg"]
-    assert entry["notarized"] is True and entry["notarization"]["status"] == "Accepted"
+    for fmt in ("pkg", "dmg"):
+        entry = manifest["files"][fmt]
+        assert entry["notarized"] is True and entry["notarization"]["status"] == "Accepted"
+        assert entry["notarization"]["submission_id"] in standin.submissions
 
     proc = _cli("stamp", "--release", tmp_path / "release", "--format", "pkg", *enrollment,
                 "--out", tmp_path / "group.pkg", *mac, *notarize, "--json")
@@ -243,6 +247,13 @@ def test_cli_build_release_stamp_notarize_and_verify(tmp_path, keys, api_key, st
     stamped = json.loads(proc.stdout)
     assert stamped["notarization"]["status"] == "Accepted" and stamped["notarization"]["stapled"] is True
     assert apple.notarization_report(tmp_path / "group.pkg")["notarized"] is True
+    assert standin.submissions[stamped["notarization"]["submission_id"]].name == "group.pkg"
+    proc = _cli("stamp", "--release", tmp_path / "release", "--format", "dmg", *enrollment,
+                "--out", tmp_path / "group.dmg", *mac, *notarize, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["notarization"]["status"] == "Accepted"
+    verified = _cli("verify", "--ca", pki.root_pem, tmp_path / "group.dmg", "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["notarized"] is True
 
 
 def test_cli_rejection_exits_13_with_the_log_and_without_credentials_says_not_notarized(
