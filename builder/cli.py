@@ -199,8 +199,8 @@ def _notarization_cell(notarization) -> str:
         return "-"
     if notarization.get("notarized"):
         return (f"{notarization.get('status')}{', stapled' if notarization.get('stapled') else ''} "
-                f"(submission {notarization.get('submission_id')})")
-    return f"not notarized ({notarization.get('reason')})"
+                f"({notarization.get('submission_id')})")
+    return "not notarized"  # the reason is in --json and in the warning above the table
 
 
 def _report(path: Path, ca: Path | None, check: bool) -> dict:
