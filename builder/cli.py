@@ -153,6 +153,11 @@ def signing_options(fn):
             click.option("--timestamp-url", help="RFC 3161 timestamp server."),
             click.option("--test-tsa", "test_tsa", type=click.Path(path_type=Path), help="Development key folder whose test TSA timestamps offline (tests only).", hidden=True),
             click.option("--mac-sign-pkcs12", type=click.Path(path_type=Path), multiple=True, help=f"Developer ID Application/Installer PKCS#12 (repeatable); password from ${MAC_SIGN_PASSWORD_ENV}."),
+            click.option("--notarize-key", type=click.Path(path_type=Path),
+                         help="App Store Connect API key JSON (issuer_id, key_id, private_key) to notarize pkg and dmg; "
+                              "or $BUILDER_NOTARY_ISSUER, $BUILDER_NOTARY_KEY_ID, $BUILDER_NOTARY_KEY."),
+            click.option("--notary-url", hidden=True,
+                         help="Base URL of a stand-in for Apple's notary service and ticket lookup (tests only)."),
             click.option("--no-sign", is_flag=True, help="Build unsigned installers (development only)."),
             click.option("--ca", type=click.Path(path_type=Path), help="Trusted root for verifying what was signed (default: system roots)."),
         ]
@@ -161,11 +166,27 @@ def signing_options(fn):
     return fn
 
 
+def resolve_notary(notarize_key, notary_url, environ=os.environ):
+    """The notarization key and service: --notarize-key FILE over the BUILDER_NOTARY_* variables;
+    None when neither is given (pkg and dmg are then "not notarized")."""
+    from builder.signing import notary
+
+    credentials = (notary.credentials_from_file(notarize_key) if notarize_key
+                   else notary.credentials_from_env(environ))
+    if credentials is None:
+        if notary_url:
+            raise UsageError("--notary-url needs a notarization key", "give --notarize-key FILE")
+        return None
+    service = notary.NotaryService.local(notary_url) if notary_url else notary.NotaryService()
+    return notary.Notary(credentials=credentials, service=service)
+
+
 def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
-                    mac_sign_pkcs12, no_sign, ca, product, environ=os.environ) -> Signers:
+                    mac_sign_pkcs12, no_sign, ca, product, notarize_key=None, notary_url=None,
+                    environ=os.environ) -> Signers:
     # Called with the signing options as click parsed them (`**signing` in each command).
     """All signing options resolved once, into one frozen object."""
-    any_key = any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12])
+    any_key = any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12, notarize_key])
     if no_sign:
         if any_key:
             raise UsageError("--no-sign was given together with signing options", "drop one of them")
@@ -193,7 +214,9 @@ def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_mod
         mac_password = Secret(environ[MAC_SIGN_PASSWORD_ENV])
         log.register_secret(mac_password.reveal())
         apple_app, apple_installer = apple.classify_identities([AppleKey(pkcs12=p, password=mac_password) for p in mac_sign_pkcs12])
-    return Signers(authenticode=authenticode, apple_application=apple_app, apple_installer=apple_installer, verify_ca=ca)
+    notary = resolve_notary(notarize_key, notary_url, environ)
+    return Signers(authenticode=authenticode, apple_application=apple_app, apple_installer=apple_installer,
+                   notary=notary, verify_ca=ca)
 
 
 def source_date_epoch(environ=os.environ) -> int:
@@ -242,9 +265,19 @@ def build(format_names, version, account_id, group_id, token_file, token_env, co
     else:
         log.summary_table(
             "Installers",
-            ["format", "file", "size", "sha256", "signer"],
-            [[o.format, str(o.path), f"{o.size:,}", o.sha256[:16] + "…", o.signer or "UNSIGNED"] for o in outputs],
+            ["format", "file", "size", "sha256", "signer", "notarization"],
+            [[o.format, str(o.path), f"{o.size:,}", o.sha256[:16] + "…", o.signer or "UNSIGNED",
+              _notarization_cell(o.details.get("notarization"))] for o in outputs],
         )
+
+
+def _notarization_cell(notarization) -> str:
+    if not notarization:
+        return "-"
+    if notarization.get("notarized"):
+        return (f"{notarization.get('status')}{', stapled' if notarization.get('stapled') else ''} "
+                f"({notarization.get('submission_id')})")
+    return "not notarized"  # the reason is in --json and in the warning above the table
 
 
 def _report(path: Path, ca: Path | None, check: bool) -> dict:
@@ -290,11 +323,12 @@ def verify(files, ca, as_json):
     else:
         for f, d in zip(files, docs):
             _print_report(f, d)
-    bad = [d["file"] for d in docs if not d.get("ok")]
+    bad = [d for d in docs if not d.get("ok")]
     if bad:
         from builder.errors import VerificationError
 
-        raise VerificationError(f"{', '.join(bad)}: does not verify", "rebuild it, or give the right --ca")
+        raise VerificationError("; ".join(f"{d['file']}: does not verify ({d.get('detail')})" for d in bad),
+                                "rebuild it, or give the right --ca")
 
 
 @main.command()
@@ -406,9 +440,10 @@ def release_cmd(format_names, version, payload, out, console_hosts, public_keys,
     if as_json:
         emit_json(manifest)
     else:
-        log.summary_table(f"Release {version}", ["format", "file", "size", "sha256", "slot"],
+        log.summary_table(f"Release {version}", ["format", "file", "size", "sha256", "slot", "notarization"],
                           [[f, e["file"], f"{e['size']:,}", e["sha256"][:16] + "…",
-                            f"{e['slot']['size']} B at {e['slot']['extents'][0][0]}" if e.get("slot") else "-"]
+                            f"{e['slot']['size']} B at {e['slot']['extents'][0][0]}" if e.get("slot") else "-",
+                            _notarization_cell(e.get("notarization"))]
                            for f, e in manifest["files"].items()])
 
 
@@ -446,13 +481,15 @@ def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, con
         emit_json(doc)
     else:
         log.info(f"{result.path}: {result.size:,} bytes, sha256 {result.sha256}, "
-                 f"{'re-signed' if result.resigned else 'signature kept'}, {result.bytes_written:,} bytes written")
+                 f"{'re-signed' if result.resigned else 'signature kept'}, {result.bytes_written:,} bytes written"
+                 + (f", notarization: {_notarization_cell(result.notarization)}" if result.notarization else ""))
 
 
 # --- storage and service --------------------------------------------------------------------
 
 def _any_key(signing: dict) -> bool:
-    return any(signing[k] for k in ("sign_cert", "sign_key", "sign_pkcs12", "sign_pkcs11", "mac_sign_pkcs12"))
+    return any(signing[k] for k in ("sign_cert", "sign_key", "sign_pkcs12", "sign_pkcs11", "mac_sign_pkcs12",
+                                    "notarize_key"))
 
 
 def _service_signers(signing: dict) -> Signers:

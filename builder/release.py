@@ -36,7 +36,8 @@ def release(*, format_names: list[str], product: Product, version: str, payload:
     for o in outputs:
         fmt = formats.get(o.format)
         entry = {"file": o.path.name, "size": o.size, "sha256": o.sha256, "signer": o.signer,
-                 "timestamp": o.details.get("timestamp"), "notarized": o.notarized}
+                 "timestamp": o.details.get("timestamp"), "notarized": o.notarized,
+                 "notarization": o.details.get("notarization")}
         entry.update(fmt.release_entry(o.path, product) if hasattr(fmt, "release_entry") else {})
         files[o.format] = entry
     manifest = {
@@ -114,17 +115,53 @@ class Release:
         if manifest.get("schema") != SCHEMA:
             raise FormatError(f"--release {folder}: manifest schema {manifest.get('schema')} is not {SCHEMA}", "re-run `builder release` with this builder")
         rel = cls(Path(folder), manifest)
+        hashes = []
         for fmt in manifest["files"]:
             f = rel.file(fmt)
             if not f.path.is_file() or f.path.stat().st_size != f.entry["size"]:
                 raise FormatError(f"release file {f.path} is missing or has changed size", "re-run `builder release`")
             if verify:
-                if build.sha256_file(f.path) != f.entry["sha256"]:
+                digest = build.sha256_file(f.path)
+                if digest != f.entry["sha256"]:
                     raise VerificationError(f"release file {f.path} does not match its sha256 in the manifest", "re-run `builder release`")
-                if manifest.get("signed"):
-                    report = formats.get(fmt).verify(f.path, ca)
-                    if not (report.get("signature") or {}).get("ok"):
-                        raise VerificationError(f"release file {f.path}: signature does not verify ({(report.get('signature') or {}).get('detail')})",
-                                                "re-run `builder release`, or give the right --ca")
+                hashes.append(digest)
+        # The files are the ones the manifest names (their hashes matched): their signatures
+        # need checking once per release and CA in a process, not on every open.
+        key = (str(Path(folder).resolve()), tuple(hashes), str(ca) if ca else None)
+        if verify and manifest.get("signed") and key not in _verified:
+            for fmt in manifest["files"]:
+                _check_signature(rel.file(fmt), ca)
+            _verified.add(key)
         log.debug(f"release {folder} {rel.version}: {', '.join(manifest['files'])}")
         return rel
+
+
+# (release folder, file hashes, CA) whose signatures verified in this process.
+_verified: set[tuple] = set()
+
+
+def _signatures(report: dict) -> list[dict]:
+    found = [report.get("signature"), report.get("pkg_signature"), (report.get("uninstaller") or {}).get("signature")]
+    return [s for s in found if s]
+
+
+def _check_signature(f: ReleaseFile, ca: Path | None) -> None:
+    """VerificationError unless `f`'s signatures verify. A chain that fails only because its root
+    is not trusted here is a warning without --ca (the file's hash matches the manifest the
+    release wrote after verifying it) and an error with a --ca that lacks the root."""
+    fmt = formats.get(f.format)
+    report = fmt.verify(f.path, ca)
+    if report.get("ok"):
+        return
+    failing = [s for s in _signatures(report) if not s.get("ok")]
+    root_only = bool(failing) and all(s.get("root_missing") for s in failing) and fmt.inspect(f.path).get("ok")
+    detail = "; ".join(str(s.get("detail")) for s in failing) or report.get("detail")
+    if root_only and ca is None:
+        log.warning(f"release {f.format}: {f.path.name} is signed by a root this machine does not trust; its hash "
+                    "matches the manifest, its chain is not checked (give --ca ROOT.pem to check it)")
+        return
+    if root_only:
+        raise VerificationError(f"release {f.format}: {f.path.name}'s signing root is not in --ca {ca} ({detail})",
+                                f"give --ca the root certificate the release's {f.format} was signed under")
+    raise VerificationError(f"release {f.format}: {f.path}: signature does not verify ({detail})",
+                            "re-run `builder release`" + ("" if ca else ", or give --ca ROOT.pem if its root is private"))

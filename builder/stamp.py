@@ -47,10 +47,12 @@ class Stamped:
     signer: str | None
     resigned: bool
     bytes_written: int
+    notarization: dict | None = None  # pkg and dmg: builder.signing.notary.NotaryResult.as_dict()
 
     def as_dict(self) -> dict:
         return {"format": self.format, "path": str(self.path), "size": self.size, "sha256": self.sha256,
-                "signer": self.signer, "resigned": self.resigned, "bytes_written": self.bytes_written}
+                "signer": self.signer, "resigned": self.resigned, "bytes_written": self.bytes_written,
+                "notarization": self.notarization}
 
 
 def stamp_ranges(base: ReleaseFile, enrollment: SignedEnrollment) -> list[tag.Piece]:
@@ -125,6 +127,7 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
         raise OutputError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
     partial = out.with_name(f".{out.name}.partial")
     partial.unlink(missing_ok=True)
+    notarization = None
     try:
         if fmt in SLOTTED:
             with log.step(f"{fmt}: stamp the enrollment slot"):
@@ -134,8 +137,9 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
             with log.step(f"{fmt}: bake and sign"):
                 built = formats.get(fmt).stamp(release, enrollment, signers, partial)
             written, signer, resigned = partial.stat().st_size, built.signer, not signers.unsigned
+            notarization = (built.details or {}).get("notarization")
         os.replace(partial, out)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return Stamped(fmt, out, out.stat().st_size, build.sha256_file(out), signer, resigned, written)
+    return Stamped(fmt, out, out.stat().st_size, build.sha256_file(out), signer, resigned, written, notarization)

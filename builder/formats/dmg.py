@@ -283,10 +283,11 @@ class DmgFormat:
         finally:
             pkg_path.unlink(missing_ok=True)
         # One notarization for the image: Apple's service also notarizes the pkg inside it.
-        notarized, reason = pkgformat.notarize(final, request)
+        notarization = pkgformat.notarize(final, signers)
         signer = common.identity_info(key).subject if key is not None else None
-        return Built(path=final, signer=signer, notarized=notarized,
-                     details={**details, "pkg_signer": pkg_signer, "agent": pkg_details["agent"], "notarization": reason})
+        return Built(path=final, signer=signer, notarized=notarization["notarized"],
+                     details={**details, "pkg_signer": pkg_signer, "agent": pkg_details["agent"],
+                              "notarization": notarization})
 
     def stamp(self, release, enrollment: SignedEnrollment, signers, out: Path) -> Built:
         """A group's dmg: the release's signed pkg, unchanged, plus the group's enrollment
@@ -297,12 +298,9 @@ class DmgFormat:
             raise UsageError("a group's dmg is signed: give a Developer ID Application identity", "--mac-sign-pkcs12 FILE")
         make_dmg(base.path, out, product, release.manifest["source_date_epoch"], key=key,
                  sidecar=enrollment.jws.reveal().encode("ascii"), work=out.parent)
-        notarized = False
-        if key is not None:
-            from builder.signing import apple
-
-            notarized = apple.notarize(out, signers.notary).notarized
-        return Built(path=out, signer=common.identity_info(key).subject if key else None, notarized=notarized)
+        notarization = pkgformat.notarize(out, signers)
+        return Built(path=out, signer=common.identity_info(key).subject if key else None,
+                     notarized=notarization["notarized"], details={"notarization": notarization})
 
     def verify(self, path: Path, ca: Path | None) -> dict:
         return self._read(Path(path), ca, check_signatures=True)

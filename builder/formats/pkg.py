@@ -109,12 +109,13 @@ def sign_pkg(key: AppleKey, src: Path, dst: Path, epoch: int) -> None:
     _apple().sign_flat_package(key, src, dst, signing_time=common.signing_time(epoch, key))
 
 
-def notarize(path: Path, request: BuildRequest) -> tuple[bool, str]:
-    """(notarized, reason). Without credentials apple.notarize says "not notarized" once per run."""
-    if request.signers.unsigned:
-        return False, "unsigned build: not notarized"
-    result = _apple().notarize(path, request.signers.notary)
-    return result.notarized, result.reason
+def notarize(path: Path, signers) -> dict:
+    """{"notarized", "stapled", "reason", "submission_id", "status"}: what the summary, --json and
+    the manifest record. Without credentials apple.notarize says "not notarized" once per run."""
+    if signers.unsigned:
+        return {"notarized": False, "stapled": False, "reason": "unsigned build: not notarized",
+                "submission_id": None, "status": None}
+    return _apple().notarize(path, signers.notary).as_dict()
 
 
 class PkgFormat:
@@ -124,8 +125,9 @@ class PkgFormat:
 
     def build(self, request: BuildRequest) -> Built:
         path, signer, details = self.build_signed(request)
-        notarized, reason = notarize(path, request)
-        return Built(path=path, signer=signer, notarized=notarized, details={**details, "notarization": reason})
+        notarization = notarize(path, request.signers)
+        return Built(path=path, signer=signer, notarized=notarization["notarized"],
+                     details={**details, "notarization": notarization})
 
     def build_signed(self, request: BuildRequest) -> tuple[Path, str | None, dict]:
         """The signed (not notarized) pkg in request.work: (path, signer, details). The DMG uses it."""
@@ -161,10 +163,9 @@ class PkgFormat:
                 sign_pkg(key, unsigned, out, epoch)
         finally:
             unsigned.unlink(missing_ok=True)
-        notarized = False
-        if key is not None:
-            notarized = _apple().notarize(out, signers.notary).notarized
-        return Built(path=out, signer=common.identity_info(key).subject if key else None, notarized=notarized)
+        notarization = notarize(out, signers)
+        return Built(path=out, signer=common.identity_info(key).subject if key else None,
+                     notarized=notarization["notarized"], details={"notarization": notarization})
 
     def verify(self, path: Path, ca: Path | None) -> dict:
         report = self.inspect(path)

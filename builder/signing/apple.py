@@ -11,15 +11,16 @@ Two of its quirks shape this module:
   in a 0700 temporary folder that is removed afterwards; the other certificates of the PKCS#12 go
   in as DER files and end up in the signature's chain. The user's password is only ever handed
   to `cryptography`.
-- a flat package's RSA <signature> is PKCS#1 v1.5 over SHA-256 *of* the 20-byte TOC checksum
-  (Apple's xar signs the checksum itself as a SHA-1 DigestInfo). The verifier here accepts and
-  names both conventions.
+- a flat package's RSA <signature> is PKCS#1 v1.5 over SHA-256 *of* the 20-byte TOC checksum,
+  where Apple's productsign signs the checksum itself as a SHA-1 DigestInfo (and xar-style
+  checkers verify exactly that). So the RSA bytes are written again here, Apple's way, before the
+  package is moved into place; the verifier accepts only Apple's convention and names the other.
 
 Verification does its own cryptography (`cryptography` + `asn1crypto`): TOC and member
 checksums, the RSA signature, the CMS signatures, CodeDirectory page and special-slot hashes, the
-bundle's resource seal, and the certificate chain up to a CA file given by the caller. Apple's
-roots are not on a Linux build machine, so without a CA file the chain is reported as not
-checked, never as trusted. apple-platform-py's own readers (`verify_macho`, `read_signature`) run
+bundle's resource seal, and the certificate chain up to Apple Root CA (shipped in
+builder/resources/apple/, with the Developer ID intermediates) or a CA file given by the caller.
+A chain that reaches neither is reported as not checked, never as trusted. apple-platform-py's own readers (`verify_macho`, `read_signature`) run
 too, as a second opinion.
 
 The byte-level parsers (Mach-O LC_CODE_SIGNATURE, code-signature SuperBlob, CodeDirectory, the
@@ -32,6 +33,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -56,7 +58,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from builder import log
 from builder.binfmt import xar
@@ -90,11 +92,30 @@ APPLE_TIMESTAMP_URL = "http://timestamp.apple.com/ts01"
 # (Apple's server would stamp it, but nothing trusts the signature anyway).
 AUTO = "auto"
 
+# How Apple marks Developer ID certificates (seen in genuine ones): each leaf carries its kind's
+# marker as a critical certificate extension (value NULL), never as an EKU, beside the EKU that
+# says what it signs; its issuer carries the Developer ID CA marker.
 OID_DEVID_APPLICATION = x509.ObjectIdentifier("1.2.840.113635.100.6.1.13")
 OID_DEVID_INSTALLER = x509.ObjectIdentifier("1.2.840.113635.100.6.1.14")
+OID_EKU_PACKAGE_SIGNING = x509.ObjectIdentifier("1.2.840.113635.100.4.13")
+OID_DEVID_CA = x509.ObjectIdentifier("1.2.840.113635.100.6.2.6")
 APPLICATION = "Developer ID Application"
 INSTALLER = "Developer ID Installer"
-_KIND_OID = {APPLICATION: OID_DEVID_APPLICATION, INSTALLER: OID_DEVID_INSTALLER}
+# kind -> (critical marker extension, required EKU)
+_KIND_MARKS = {APPLICATION: (OID_DEVID_APPLICATION, ExtendedKeyUsageOID.CODE_SIGNING),
+               INSTALLER: (OID_DEVID_INSTALLER, OID_EKU_PACKAGE_SIGNING)}
+_EXPECTED_SHAPE = (f"expected a '{APPLICATION}' (EKU codeSigning + critical extension "
+                   f"{OID_DEVID_APPLICATION.dotted_string}) or '{INSTALLER}' (EKU "
+                   f"{OID_EKU_PACKAGE_SIGNING.dotted_string} + critical extension "
+                   f"{OID_DEVID_INSTALLER.dotted_string}) certificate with its key")
+# Critical extensions a chain may carry: what `cryptography` parses and this module checks, plus
+# Apple's markers. Any other critical extension stops the chain, as RFC 5280 asks (and as
+# OpenSSL does, which is why openssl needs -ignore_critical for Apple's own certificates).
+_KNOWN_CRITICAL = {x509.BasicConstraints.oid, x509.KeyUsage.oid, x509.ExtendedKeyUsage.oid,
+                   x509.SubjectKeyIdentifier.oid, x509.AuthorityKeyIdentifier.oid,
+                   x509.CertificatePolicies.oid, x509.SubjectAlternativeName.oid,
+                   OID_DEVID_APPLICATION, OID_DEVID_INSTALLER, OID_DEVID_CA}
+APPLE_RESOURCES = Path(__file__).resolve().parent.parent / "resources" / "apple"
 _OID_TIMESTAMP_TOKEN = "1.2.840.113549.1.9.16.2.14"
 _OID_CDHASHES_PLIST = "1.2.840.113635.100.9.1"
 _PASSWORD_HINT = "check BUILDER_MAC_SIGN_PASSWORD"
@@ -125,9 +146,16 @@ class Identity:
 
     @property
     def apple_issued(self) -> bool:
-        """Issued by an Apple CA: the only case where Apple's timestamp and notary matter."""
-        orgs = self.certificate.issuer.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-        return any(attr.value == "Apple Inc." for attr in orgs)
+        """Issued by Apple's Developer ID CA: the only case where Apple's timestamp and notary
+        matter. Decided by the issuer's key (the bundled genuine intermediates), not its name: a
+        test PKI may copy Apple's names. An intermediate of Apple's name that is not bundled (a
+        newer generation) counts as Apple's."""
+        issuer = self.certificate.issuer
+        same_name = [c for c in apple_intermediates() if c.subject == issuer]
+        if any(_issued_by(self.certificate, c) for c in same_name):
+            return True
+        orgs = issuer.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        return not same_name and any(attr.value == "Apple Inc." for attr in orgs)
 
 
 def _common_name(cert: x509.Certificate) -> str:
@@ -135,21 +163,65 @@ def _common_name(cert: x509.Certificate) -> str:
     return str(names[0].value) if names else cert.subject.rfc4514_string()
 
 
-def _kind_of(cert: x509.Certificate) -> str | None:
-    """Developer ID kind by Apple's EKU, or by the CN Apple gives these certificates."""
+def _ekus(cert: x509.Certificate) -> list[x509.ObjectIdentifier] | None:
     try:
-        ekus = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     except x509.ExtensionNotFound:
-        ekus = set()
-    for kind, oid in _KIND_OID.items():
-        if oid in ekus:
-            return kind
-    cn = _common_name(cert)
-    for kind in (APPLICATION, INSTALLER):
-        # Only when no EKU says otherwise: a TLS certificate named "Developer ID..." is still TLS.
-        if cn.startswith(kind + ":") and not ekus:
-            return kind
-    return None
+        return None
+
+
+def _is_ca_cert(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def developer_id_kind(cert: x509.Certificate) -> str | None:
+    """APPLICATION or INSTALLER when `cert` is a Developer ID leaf as Apple issues it, else None.
+
+    Application: EKU codeSigning + critical extension 1.2.840.113635.100.6.1.13. Installer: EKU
+    1.2.840.113635.100.4.13 + critical extension 1.2.840.113635.100.6.1.14. Exactly one marker;
+    not a CA. The common name is not looked at: anyone can name a certificate "Developer ID".
+    """
+    if _is_ca_cert(cert):
+        return None
+    ekus = _ekus(cert) or []
+    extensions = {ext.oid: ext for ext in cert.extensions}
+    marked = [kind for kind, (mark, _) in _KIND_MARKS.items() if mark in extensions]
+    if len(marked) != 1:
+        return None
+    kind = marked[0]
+    mark, eku = _KIND_MARKS[kind]
+    return kind if extensions[mark].critical and eku in ekus else None
+
+
+
+def _oid_name(oid: x509.ObjectIdentifier) -> str:
+    name = getattr(oid, "_name", "Unknown OID")
+    return oid.dotted_string if name == "Unknown OID" else name
+
+
+def describe_certificate(cert: x509.Certificate) -> str:
+    """What makes or unmakes a Developer ID identity, as found in `cert`: for error messages."""
+    parts = []
+    if _is_ca_cert(cert):
+        parts.append("a CA certificate")
+    ekus = _ekus(cert)
+    marks = {OID_DEVID_APPLICATION, OID_DEVID_INSTALLER}
+    if ekus is None:
+        parts.append("no EKU")
+    else:
+        parts.append("EKU " + ", ".join(_oid_name(e) for e in ekus if e not in marks) if any(e not in marks for e in ekus)
+                     else "no EKU")
+        misplaced = [e.dotted_string for e in ekus if e in marks]
+        if misplaced:
+            parts.append(f"the Developer ID OID {', '.join(misplaced)} in the EKU (Apple puts it in its own "
+                         "critical extension)")
+    found = [f"extension {ext.oid.dotted_string} ({'critical' if ext.critical else 'not critical'})"
+             for ext in cert.extensions if ext.oid in marks]
+    parts.append("; ".join(found) if found else "no Developer ID extension")
+    return "; ".join(parts)
 
 
 def _is_pkcs12(data: bytes) -> bool:
@@ -232,12 +304,11 @@ def _load_identity(key: AppleKey, data: bytes, password: str, label: str) -> Ide
     if private_key.public_key().public_numbers() != cert.public_key().public_numbers():
         raise SigningError(f"{label}: the private key does not belong to the certificate",
                            "re-export the identity from the keychain that holds it")
-    kind = _kind_of(cert)
+    kind = developer_id_kind(cert)
     if kind is None:
         raise SigningError(
-            f"{label} holds '{_common_name(cert)}', which is not a Developer ID identity",
-            f"expected a '{APPLICATION}' (EKU {OID_DEVID_APPLICATION.dotted_string}) or "
-            f"'{INSTALLER}' (EKU {OID_DEVID_INSTALLER.dotted_string}) certificate with its key")
+            f"{label} holds '{_common_name(cert)}' ({describe_certificate(cert)}), which is not a "
+            "Developer ID identity", _EXPECTED_SHAPE)
     chain = tuple(c for c in extra if c.fingerprint(hashes.SHA256()) != cert.fingerprint(hashes.SHA256()))
     return Identity(key=key, kind=kind, certificate=cert, chain=chain, private_key=private_key)
 
@@ -299,12 +370,31 @@ def _library_signer(identity: Identity) -> Iterator[object]:
         _write_private(p12, pkcs12.serialize_key_and_certificates(
             b"signer", identity.private_key, identity.certificate, None, encryption))
         ders = []
-        for number, cert in enumerate(identity.chain):
+        # In issuing order (productsign's <X509Data>: leaf, intermediate, root), whatever order
+        # the PKCS#12 lists them in: the library writes them as given.
+        for number, cert in enumerate(issuing_order(identity.certificate, identity.chain)):
             der = folder / f"chain-{number}.der"
             der.write_bytes(cert.public_bytes(serialization.Encoding.DER))
             ders.append(str(der))
         yield ap.Signer(p12=ap.P12Key(path=str(p12), password=one_time),
                         certificate_der=ap.CertificateDerKey(paths=ders) if ders else None)
+
+
+def issuing_order(leaf: x509.Certificate, others) -> list[x509.Certificate]:
+    """`others` as the path up from `leaf` (issuer first, root last), then whatever is not on it."""
+    remaining = list(others)
+    path: list[x509.Certificate] = []
+    current = leaf
+    while True:
+        parent = next((c for c in remaining if c.subject == current.issuer and c != current), None)
+        if parent is None:
+            break
+        path.append(parent)
+        remaining.remove(parent)
+        if parent.subject == parent.issuer:
+            break
+        current = parent
+    return path + remaining
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -395,9 +485,15 @@ def sign_flat_package(key: AppleKey, src: Path, dst: Path, *, timestamp_url: str
     when = _whole_seconds_utc(signing_time) if signing_time is not None else None
     identity = _open_for(key, INSTALLER, f"signing {src.name}")
     _check_input(src, ("xar",), "flat package (xar)")
-    # apple-platform-py ignores signing_time for flat packages: the CMS gets the wall clock,
-    # which is then replaced (and re-signed) before the package is moved into place.
-    finish = None if when is None else (lambda out: _set_pkg_signing_time(identity, out, when, src.name))
+    # apple-platform-py writes rcodesign's RSA <signature> and ignores signing_time for flat
+    # packages (the CMS gets the wall clock): both are written again before the package is
+    # moved into place.
+
+    def finish(out: Path) -> None:
+        _set_apple_toc_signature(identity, out, src.name)
+        if when is not None:
+            _set_pkg_signing_time(identity, out, when, src.name)
+
     with log.step(f"Signing {dst.name} ({identity.subject})"):
         _sign_to(identity, src, dst, src.name, timestamp_url=timestamp_url, signing_time=when,
                  finish=finish)
@@ -407,6 +503,40 @@ def _whole_seconds_utc(when: dt.datetime) -> dt.datetime:
     if not isinstance(when, dt.datetime) or when.tzinfo is None or when.utcoffset() is None:
         raise ValueError(f"signing_time must be a timezone-aware datetime, got {when!r}")
     return when.astimezone(dt.timezone.utc).replace(microsecond=0)
+
+
+def apple_toc_signature(private_key: object, checksum: bytes, style: str = "sha1") -> bytes:
+    """productsign's <signature style="RSA">: PKCS#1 v1.5 over a DigestInfo naming `style` that
+    holds the TOC checksum itself (the checksum is signed as an already computed hash)."""
+    if not isinstance(private_key, rsa.RSAPrivateKey):
+        raise SigningError("a flat package's <signature style=\"RSA\"> needs an RSA key",
+                           "use an RSA Developer ID Installer identity (Apple issues RSA ones)")
+    return private_key.sign(checksum, padding.PKCS1v15(), utils.Prehashed(_HASH_BY_NAME[style]()))
+
+
+def _set_apple_toc_signature(identity: Identity, pkg: Path, what: str) -> None:
+    """Replace the RSA <signature> bytes of the signed `pkg` with Apple's convention, in place.
+
+    The same key gives a signature of the same length, and the TOC records only where it sits,
+    so the TOC, its checksum and the CMS <x-signature> stay as they are. Checked against the
+    leaf's public key before it is written."""
+    with xar.read_xar(pkg) as archive:
+        if archive.signature is None or archive.signature.style != "RSA":
+            raise SigningError(f"signing {what}: the library wrote no RSA <signature>",
+                               "report this: the package was not written")
+        position = archive.heap_start + archive.signature.offset
+        old = archive.signature_bytes("signature")
+        checksum, style = archive.stored_toc_checksum, archive.checksum_style
+    if style not in _HASH_BY_NAME or _HASH_BY_NAME[style]().digest_size != len(checksum):
+        raise SigningError(f"signing {what}: TOC checksum style {style} cannot be signed Apple's way",
+                           "report this: the package was not written")
+    signature = apple_toc_signature(identity.private_key, checksum, style)
+    if len(signature) != len(old) or _verify_toc_signature(identity.certificate, signature, checksum, style) != APPLE_SCHEME:
+        raise SigningError(f"signing {what}: the RSA <signature> could not be written Apple's way",
+                           "report this: the package was not written")
+    with open(pkg, "r+b") as fh:
+        fh.seek(position)
+        fh.write(signature)
 
 
 def _set_pkg_signing_time(identity: Identity, pkg: Path, when: dt.datetime, what: str) -> None:
@@ -678,33 +808,57 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def _apple_certificates() -> tuple[tuple[x509.Certificate, ...], tuple[x509.Certificate, ...]]:
+    """(Apple's roots, Apple's Developer ID and timestamp intermediates) shipped with builder
+    (builder/resources/apple/README.md says where each came from)."""
+    roots, intermediates = [], []
+    for path in sorted(APPLE_RESOURCES.glob("*.cer")):
+        cert = x509.load_der_x509_certificate(path.read_bytes())
+        (roots if cert.subject == cert.issuer else intermediates).append(cert)
+    return tuple(roots), tuple(intermediates)
+
+
+def apple_roots() -> tuple[x509.Certificate, ...]:
+    return _apple_certificates()[0]
+
+
+def apple_intermediates() -> tuple[x509.Certificate, ...]:
+    return _apple_certificates()[1]
+
+
 def _check_chain(report: _Report, leaf: x509.Certificate, pool: list[x509.Certificate],
-                 ca: Path | None, expected_kind: str) -> None:
-    """Leaf kind, validity, and the chain through `pool` up to a certificate of `ca`."""
+                 ca: Path | None, expected_kind: str, *, now: dt.datetime | None = None) -> None:
+    """Leaf kind, validity at `now` (default: the clock), critical extensions, and the chain
+    through `pool` (and Apple's bundled intermediates) up to a certificate of `ca` or Apple Root
+    CA (bundled)."""
     report.signer = _common_name(leaf)
-    kind = _kind_of(leaf)
+    kind = developer_id_kind(leaf)
     if kind != expected_kind:
         report.problems.append(f"signed by '{_common_name(leaf)}', which is "
-                               f"{'a ' + repr(kind) if kind else 'not a Developer ID'} identity; "
-                               f"'{expected_kind}' expected")
+                               f"{'a ' + repr(kind) if kind else 'not a Developer ID'} identity "
+                               f"({describe_certificate(leaf)}); '{expected_kind}' expected")
     else:
         report.checked.append(f"signer is a {expected_kind} identity")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.timezone.utc)
     chain = [leaf]
-    roots = _load_ca(ca) if ca is not None else []
-    anchored = False
+    given = _load_ca(ca) if ca is not None else []
+    bundled = list(apple_roots())
+    roots = given + bundled
+    pool = list(pool) + [c for c in apple_intermediates() if c not in pool]
+    anchor = None
     current = leaf
     for _ in range(10):
         if not current.not_valid_before_utc <= now <= current.not_valid_after_utc:
             report.problems.append(f"certificate '{_common_name(current)}' is valid only from "
                                    f"{current.not_valid_before_utc:%Y-%m-%d} to {current.not_valid_after_utc:%Y-%m-%d}")
         if any(current == root for root in roots):
-            anchored = True
+            anchor = current
             break
         root = next((r for r in roots if _issued_by(current, r)), None)
         if root is not None:
             chain.append(root)
-            anchored = True
+            anchor = root
             break
         parent = next((c for c in pool if c not in chain and _issued_by(current, c)), None)
         if parent is None or parent == current:
@@ -714,17 +868,34 @@ def _check_chain(report: _Report, leaf: x509.Certificate, pool: list[x509.Certif
             break
         chain.append(parent)
         current = parent
+    for cert in chain:
+        unknown = [ext.oid.dotted_string for ext in cert.extensions
+                   if ext.critical and ext.oid not in _KNOWN_CRITICAL]
+        if unknown:
+            report.problems.append(f"certificate '{_common_name(cert)}' has an unknown critical extension "
+                                   f"{', '.join(unknown)}: no verifier may accept it")
+    if len(chain) > 1:
+        if any(ext.oid == OID_DEVID_CA for ext in chain[1].extensions):
+            report.checked.append("issued by a Developer ID Certification Authority")
+        else:
+            report.not_checked.append(f"the issuer '{_common_name(chain[1])}' is not a Developer ID "
+                                      f"Certification Authority (extension {OID_DEVID_CA.dotted_string}): "
+                                      "Gatekeeper accepts only Apple's")
     report.chain = [c.subject.rfc4514_string() for c in chain]
-    if ca is None:
-        report.trusted = None
-        report.not_checked.append("chain not checked: no --ca given")
-    elif anchored:
+    if anchor is not None:
         report.trusted = True
-        report.checked.append(f"chain to {_common_name(chain[-1])} from {Path(ca).name}")
+        source = (f"from {Path(ca).name}" if any(anchor == r for r in given)
+                  else "(Apple's, bundled with builder)")
+        report.checked.append(f"chain to {_common_name(anchor)} {source}")
+    elif ca is None:
+        report.trusted = None
+        report.not_checked.append(f"chain not checked: it ends at '{_common_name(chain[-1])}', not Apple Root CA, "
+                                  "and no --ca was given")
     else:
         report.trusted = False
+        report.extra["root_missing"] = True
         report.problems.append(f"certificate chain ends at '{_common_name(chain[-1])}', which is not "
-                               f"issued by a certificate in {ca}")
+                               f"issued by a certificate in {ca} or by Apple Root CA")
 
 
 _HASH_BY_NAME = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384,
@@ -894,6 +1065,11 @@ def verify_flat_package(path: Path, ca: Path | None) -> dict:
         scheme = _verify_toc_signature(leaf, signature, archive.stored_toc_checksum, style)
         if scheme is None:
             report.problems.append(f"RSA signature does not verify with '{_common_name(leaf)}''s key")
+        elif scheme == RCODESIGN_SCHEME:
+            report.problems.append(f"the RSA <signature> is {scheme}, not a SHA-1 DigestInfo of the "
+                                   "checksum as productsign writes it: Apple's and xar-style checkers "
+                                   "reject it (sign it again with this builder)")
+            report.extra["scheme"] = scheme
         else:
             report.checked.append(f"RSA signature ({scheme})")
             report.extra["scheme"] = scheme
@@ -922,6 +1098,10 @@ def verify_flat_package(path: Path, ca: Path | None) -> dict:
     return report.as_dict()
 
 
+APPLE_SCHEME = "PKCS#1 v1.5, SHA-1 DigestInfo of the TOC checksum (Apple xar, productsign)"
+RCODESIGN_SCHEME = "PKCS#1 v1.5 over SHA-256 of the TOC checksum (rcodesign)"
+
+
 def _verify_toc_signature(cert: x509.Certificate, signature: bytes, checksum: bytes, style: str) -> str | None:
     """Which convention the RSA signature of the TOC checksum follows, or None if neither."""
     key = cert.public_key()
@@ -929,9 +1109,9 @@ def _verify_toc_signature(cert: x509.Certificate, signature: bytes, checksum: by
         return None
     attempts = []
     if style in _HASH_BY_NAME and _HASH_BY_NAME[style]().digest_size == len(checksum):
-        attempts.append((f"PKCS#1 v1.5, {style.upper()} DigestInfo of the TOC checksum (Apple xar)",
-                         utils.Prehashed(_HASH_BY_NAME[style]())))
-    attempts.append(("PKCS#1 v1.5 over SHA-256 of the TOC checksum (rcodesign)", hashes.SHA256()))
+        scheme = APPLE_SCHEME if style == "sha1" else f"PKCS#1 v1.5, {style.upper()} DigestInfo of the TOC checksum (xar)"
+        attempts.append((scheme, utils.Prehashed(_HASH_BY_NAME[style]())))
+    attempts.append((RCODESIGN_SCHEME, hashes.SHA256()))
     for name, algorithm in attempts:
         try:
             key.verify(signature, checksum, padding.PKCS1v15(), algorithm)
@@ -1215,8 +1395,12 @@ def verify_dmg(path: Path, ca: Path | None) -> dict:
 
 
 def stapled_ticket(path: Path) -> bool:
-    """Whether a notarization ticket is stapled to `path`, as apple-platform's signature reader
-    sees it (a ticket blob or entry anywhere in what it reports)."""
+    """Whether a notarization ticket is stapled to `path`: read where Apple's stapler writes it
+    (builder.binfmt.ticket), or, as a second opinion, anywhere apple-platform's reader sees one."""
+    from builder.signing import notary
+
+    if notary.stapled_ticket(path) is not None:
+        return True
     if ap is None:
         return False
     try:
@@ -1236,124 +1420,37 @@ def stapled_ticket(path: Path) -> bool:
 
 def notarization_report(path: Path) -> dict:
     """The `notarized` fields of a verify report."""
+    from builder.signing import notary
+
+    ticket = notary.stapled_ticket(path)
+    if ticket is not None:
+        return {"notarized": True, "ticket_bytes": len(ticket),
+                "notarization": f"a notarization ticket is stapled ({len(ticket)} bytes; Apple's signature "
+                                "on it is checked by Gatekeeper, not here)"}
     if stapled_ticket(path):
         return {"notarized": True, "notarization": "a notarization ticket is stapled"}
     return {"notarized": False, "notarization": "no stapled ticket; Gatekeeper checks online or warns"}
 
 
 # ------------------------------------------------------------------------------------------
-# Notarization
-
-
-@dataclass(frozen=True, kw_only=True)
-class NotaryCredentials:
-    """An App Store Connect API key: issuer id, key id, and the AuthKey_<id>.p8 private key file."""
-
-    issuer_id: str
-    key_id: str
-    private_key: Path
-
-    def __repr__(self) -> str:  # the key file's path is not secret, its content is never read here
-        return f"NotaryCredentials(issuer_id={self.issuer_id!r}, key_id={self.key_id!r}, private_key={str(self.private_key)!r})"
-
-
-@dataclass(frozen=True)
-class NotaryResult:
-    notarized: bool
-    reason: str
-    stapled: bool = False
-    submission_id: str | None = None
-    status: str | None = None
-
-    def as_dict(self) -> dict:
-        return {"notarized": self.notarized, "stapled": self.stapled, "reason": self.reason,
-                "submission_id": self.submission_id, "status": self.status}
+# Notarization (builder.signing.notary does the talking)
 
 
 NO_CREDENTIALS = "no App Store Connect credentials"
 _warned: set[str] = set()
 
 
-def notarize(path: Path, credentials: NotaryCredentials | None, *, wait_seconds: int = 1800,
-             staple: bool = True) -> NotaryResult:
-    """Submit `path` (pkg, dmg, or zipped .app) to Apple's notary service, wait, and staple the
-    ticket to `path` in place. Without credentials: a "not notarized" result and one warning
-    per process. Any failure with credentials (network, bad key, rejection) is NotarizationError.
-    """
+def notarize(path: Path, notary_settings, *, staple: bool = True):
+    """Submit `path` (a signed pkg or dmg) to Apple's notary service, wait, and staple the ticket
+    to `path` in place. `notary_settings` is a builder.signing.notary.Notary, or None: then a
+    "not notarized" result and one warning per process. Any failure with credentials (network,
+    bad key, rejection) is NotarizationError, exit 13."""
+    from builder.signing import notary
+
     path = Path(path)
-    if credentials is None:
+    if notary_settings is None:
         if NO_CREDENTIALS not in _warned:
             _warned.add(NO_CREDENTIALS)
             log.warning(f"not notarized: {NO_CREDENTIALS} (Gatekeeper will warn on first open)")
-        return NotaryResult(notarized=False, reason=NO_CREDENTIALS)
-    _require_library()
-    with _notary_key_file(credentials) as key_file, log.step(f"Notarizing {path.name} (Apple notary service)"):
-        library_credentials = ap.notarize.NotaryCredentials(api_key_path=str(key_file))
-        try:
-            submitted = ap.notarize.submit(path, library_credentials, wait_seconds=wait_seconds)
-        except ap_errors.ApplePlatformError as exc:
-            raise NotarizationError(f"notarizing {path.name}: {_library_text(exc)}",
-                                    "check the network and the App Store Connect API key") from None
-        submission = submitted.get("submission_id")
-        response = submitted.get("response")
-        if response is None:
-            raise NotarizationError(f"notarizing {path.name}: no verdict within {wait_seconds}s "
-                                    f"(submission {submission})", "wait and check it with `rcodesign notary-log`")
-        statuses = [s for s in ap.reading.find_values(response, "status") if isinstance(s, str)]
-        status = statuses[0] if statuses else "unknown"
-        if status.lower() != "accepted":
-            summary = _notary_log_summary(submission, library_credentials)
-            raise NotarizationError(f"notarizing {path.name}: Apple says {status} (submission {submission}){summary}",
-                                    "fix what the notary log names, re-sign and rebuild")
-        if staple:
-            try:
-                ap.notarize.staple(path)
-            except ap_errors.ApplePlatformError as exc:
-                raise NotarizationError(f"{path.name} is notarized (submission {submission}) but stapling "
-                                        f"failed: {_library_text(exc)}", "rerun the staple step; "
-                                        "Gatekeeper can also fetch the ticket online") from None
-    return NotaryResult(notarized=True, stapled=staple, reason="accepted", submission_id=submission,
-                        status=status)
-
-
-def _library_text(exc: Exception) -> str:
-    chain = [str(exc), *getattr(exc, "source", [])]
-    return " / ".join(dict.fromkeys(c for c in chain if c))
-
-
-def _notary_log_summary(submission: str | None, credentials) -> str:
-    if not submission:
-        return ""
-    try:
-        issues = ap.reading.find_values(ap.notarize.fetch_log(submission, credentials), "message")
-    except ap_errors.ApplePlatformError:
-        return ""
-    return (": " + "; ".join(str(i) for i in issues[:5])) if issues else ""
-
-
-@contextlib.contextmanager
-def _notary_key_file(credentials: NotaryCredentials) -> Iterator[Path]:
-    """rcodesign's unified API key JSON (issuer, key id, base64 DER key) in a private temp file."""
-    if not credentials.issuer_id or not credentials.key_id:
-        raise NotarizationError("the App Store Connect issuer id and key id must both be given",
-                                "find them under Users and Access > Integrations in App Store Connect")
-    try:
-        key = serialization.load_pem_private_key(Path(credentials.private_key).read_bytes(), password=None)
-    except OSError as exc:
-        raise NotarizationError(f"App Store Connect key {credentials.private_key}: cannot read it ({exc.strerror})",
-                                "check the path") from None
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise NotarizationError(f"App Store Connect key {credentials.private_key} is not a PEM private key",
-                                "give the AuthKey_<key id>.p8 file downloaded from App Store Connect") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise NotarizationError(f"App Store Connect key {credentials.private_key} is not an EC (P-256) key",
-                                "give the AuthKey_<key id>.p8 file downloaded from App Store Connect")
-    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    encoded = base64.b64encode(der).decode()
-    log.register_secret(encoded)
-    with tempfile.TemporaryDirectory(prefix="builder-notary-") as tmp:
-        path = Path(tmp) / "api-key.json"
-        _write_private(path, json.dumps({"issuer_id": credentials.issuer_id, "key_id": credentials.key_id,
-                                         "private_key": encoded}).encode())
-        yield path
+        return notary.NotaryResult(notarized=False, reason=NO_CREDENTIALS)
+    return notary.notarize(path, notary_settings, staple_ticket=staple)

@@ -163,19 +163,65 @@ def sign(key: SigningKey, src: Path, dst: Path, *, signing_time: int | None = No
 class Verification:
     ok: bool
     signer: str | None
-    timestamp: str | None
+    timestamp: str | None  # only a timestamp that verified
     detail: str
+    timestamp_problem: str | None = None  # a timestamp is present and does not verify: why
+    # Failed only because a chain ends at a root not in the CA file: the file's digest matches.
+    root_missing: bool = False
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "signer": self.signer, "timestamp": self.timestamp, "detail": self.detail}
+        return {"ok": self.ok, "signer": self.signer, "timestamp": self.timestamp, "detail": self.detail,
+                "timestamp_problem": self.timestamp_problem, "root_missing": self.root_missing}
 
 
 _SUBJECT_RE = re.compile(r"^\s*Signer #0:\s*\n\s*Subject:\s*(.+)$", re.MULTILINE)
 _TS_RE = re.compile(r"Timestamp time:\s*(.+)$", re.MULTILINE)
+_TS_RESULT = "Timestamp Server Signature verification: "
+_VERIFY_TIME_RE = re.compile(r"^Signature verification time:\s*(.+)$", re.MULTILINE)
+_ERROR_RE = re.compile(r"^\s*Error:\s*(.+)$", re.MULTILINE)
+_ANY_ERROR_RE = re.compile(r"(?:^\s*Error:|Verify error:)\s*(.+)$", re.MULTILINE)
+# PE: "Current/Calculated message digest"; MSI: "Current/Calculated DigitalSignature".
+_DIGESTS_RE = re.compile(r"^Current (message digest|DigitalSignature)\s*:\s*(\S+)\s*\nCalculated \1\s*:\s*(\S+)", re.MULTILINE)
+# OpenSSL's words for a chain that cannot reach a trusted root.
+_NO_ROOT = ("unable to get local issuer certificate", "self-signed certificate in certificate chain",
+            "self signed certificate in certificate chain", "unable to get issuer certificate")
+
+
+def _only_root_missing(out: str) -> bool:
+    digests = _DIGESTS_RE.findall(out)
+    errors = _ANY_ERROR_RE.findall(out)
+    return (bool(digests) and all(current == calculated for _, current, calculated in digests) and "MISMATCH" not in out
+            and bool(errors) and all(any(words in e for words in _NO_ROOT) for e in errors))
+
+
+def _timestamp_problem(out: str, when: str) -> str | None:
+    """Why osslsigncode's "Timestamp Server Signature verification" failed, from its output
+    (2.9 prints the reason in the lines before that verdict): None when it says ok."""
+    at = out.find(_TS_RESULT)
+    if at < 0:
+        return f"timestamp {when}: osslsigncode did not check it"
+    if out[at + len(_TS_RESULT):].startswith("ok"):
+        return None
+    section = out[:at]
+    section = section[section.find("Countersignatures:"):] if "Countersignatures:" in section else section
+    if "Hash value mismatch" in section or "message digest verification: failed" in section:
+        reason = "its message imprint does not match this signature (a timestamp of another signature)"
+    else:
+        errors = _ERROR_RE.findall(section)
+        error = errors[-1].strip() if errors else "no reason given"
+        if "not yet valid" in error or "expired" in error:
+            reason = f"the TSA certificate is not valid at that time ({error})"
+        else:
+            reason = f"the TSA certificate chain does not verify ({error})"
+    return f"timestamp {when} does not verify: {reason}"
 
 
 def verify(path: Path, ca: Path | None = None, tsa_ca: Path | None = None) -> Verification:
-    """osslsigncode verify against `ca` (default: the system's trusted roots)."""
+    """osslsigncode verify against `ca` (default: the system's trusted roots).
+
+    osslsigncode 2.9 exits 0 and says "Succeeded" when a timestamp is present but fails (TSA
+    chain, validity at its time, message imprint); that is read from its output and fails the
+    verification here. A timestamp is reported only when it verified."""
     ca_file = str(ca) if ca else SYSTEM_CA_BUNDLE
     args = ["verify", "-CAfile", ca_file, "-TSA-CAfile", str(tsa_ca or ca_file), "-in", path]
     try:
@@ -185,16 +231,25 @@ def verify(path: Path, ca: Path | None = None, tsa_ca: Path | None = None) -> Ve
     out = result.text()
     subject = _SUBJECT_RE.search(out)
     ts = _TS_RE.search(out)
-    ok = result.returncode == 0 and "Signature verification: ok" in out
+    when = ts.group(1).strip() if ts else None
+    problem = _timestamp_problem(out, when) if when else None
+    ok = result.returncode == 0 and "Signature verification: ok" in out and problem is None
     if ok:
-        detail = "signature ok"
+        detail = "signature ok" + (f", timestamp {when} verified" if when else "")
     elif "No signature found" in out or "does not contain any signature" in out.lower():
         detail = "not signed"
     elif "MISMATCH" in out:
         detail = "content changed after signing (digest mismatch)"
+    elif problem:
+        detail = problem
+    elif (at := _VERIFY_TIME_RE.search(out)) and "Signature verification: failed" in out:
+        errors = _ERROR_RE.findall(out[at.end():])
+        reason = errors[0].strip() if errors else runner.last_line(out)
+        detail = f"the signer's certificate is not valid at the timestamp time {at.group(1).strip()} ({reason})"
     else:
         detail = runner.last_line(out)
-    return Verification(ok, subject.group(1).strip() if subject else None, ts.group(1).strip() if ts else None, detail)
+    return Verification(ok, subject.group(1).strip() if subject else None, when if ok or not problem else None,
+                        detail, problem, root_missing=not ok and _only_root_missing(out))
 
 
 def signer_subject(key: SigningKey) -> str | None:

@@ -32,9 +32,10 @@ from builder.enrollment import Secret
 from builder.errors import FormatError, NotarizationError, SigningError
 from builder.formats.base import AppleKey
 from builder.signing import apple, devca
+from tests.support import applepki, xarcheck
 
 PASSWORD = Secret("development")
-CHAIN_NOT_CHECKED = "chain not checked: no --ca given"
+CHAIN_NOT_CHECKED = "not Apple Root CA, and no --ca was given"
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,6 +50,12 @@ def app_key(dev_keys) -> AppleKey:
 @pytest.fixture(scope="module")
 def installer_key(dev_keys) -> AppleKey:
     return AppleKey(pkcs12=dev_keys.mac_installer_pkcs12, password=PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def apple_pki(tmp_path_factory) -> applepki.ApplePKI:
+    """Certificates in Apple's layout from a test PKI that is not builder's devca."""
+    return applepki.create(tmp_path_factory.mktemp("apple-pki"))
 
 
 @pytest.fixture(scope="module")
@@ -251,31 +258,83 @@ def _openssl(*args) -> subprocess.CompletedProcess:
 def test_openssl_verifies_the_pkg_signature_independently(signed_pkg, tmp_path, dev_keys, other_ca):
     parts = _signature_parts(signed_pkg, tmp_path)
     checksum = parts["checksum"].read_bytes()
-    # What is signed: the 20-byte TOC checksum, hashed again with SHA-256 (rcodesign's convention).
+    # productsign's convention: the 20-byte TOC checksum is the SHA-1 hash that is signed
+    # (PKCS#1 v1.5 with a SHA-1 DigestInfo holding it), as `openssl pkeyutl -verify` with
+    # digest sha1 checks it.
+    pkeyutl = ["pkeyutl", "-verify", "-pubin", "-inkey", parts["pub"], "-sigfile", parts["sig"],
+               "-pkeyopt", "digest:sha1", "-in"]
+    verified = _openssl(*pkeyutl, parts["checksum"])
+    assert verified.returncode == 0 and b"Signature Verified Successfully" in verified.stdout
+    # Not SHA-256 of the checksum (rcodesign's own convention, which Apple's checkers reject).
     assert _openssl("dgst", "-sha256", "-verify", parts["pub"], "-signature", parts["sig"],
-                    parts["checksum"]).returncode == 0
-    assert _openssl("dgst", "-sha1", "-verify", parts["pub"], "-signature", parts["sig"],
                     parts["checksum"]).returncode != 0
-    # The raw RSA block: a PKCS#1 DigestInfo naming SHA-256, holding SHA-256(checksum).
+    # The raw RSA block: a PKCS#1 DigestInfo naming SHA-1, holding the checksum itself.
     recovered = tmp_path / "recovered.der"
     assert _openssl("pkeyutl", "-verifyrecover", "-pubin", "-inkey", parts["pub"], "-in", parts["sig"],
                     "-out", recovered).returncode == 0
     asn1 = _openssl("asn1parse", "-inform", "DER", "-in", recovered).stdout.decode()
-    assert ":sha256" in asn1
-    assert hashlib.sha256(checksum).hexdigest().upper() in asn1
+    assert ":sha1" in asn1 and checksum.hex().upper() in asn1
     # A different checksum does not verify.
     wrong = tmp_path / "wrong.bin"
     wrong.write_bytes(bytes([checksum[0] ^ 1]) + checksum[1:])
-    assert _openssl("dgst", "-sha256", "-verify", parts["pub"], "-signature", parts["sig"], wrong).returncode != 0
+    assert _openssl(*pkeyutl, wrong).returncode != 0
     # The CMS <x-signature> is a detached signature of the same checksum, chaining to our CA.
-    # -purpose any: openssl's default S/MIME purpose rejects the Installer-only EKU.
-    cms = ["cms", "-verify", "-inform", "DER", "-in", parts["cms"], "-binary", "-purpose", "any", "-out", "/dev/null"]
+    # -purpose any: openssl's default S/MIME purpose rejects the Installer-only EKU;
+    # -ignore_critical: OpenSSL stops at Apple's critical marker extension otherwise.
+    cms = ["cms", "-verify", "-inform", "DER", "-in", parts["cms"], "-binary", "-purpose", "any",
+           "-ignore_critical", "-out", "/dev/null"]
     assert _openssl(*cms, "-content", parts["checksum"], "-CAfile", dev_keys.ca_cert).returncode == 0
     assert _openssl(*cms, "-content", wrong, "-CAfile", dev_keys.ca_cert).returncode != 0
     assert _openssl(*cms, "-content", parts["checksum"], "-CAfile", other_ca).returncode != 0
+    strict = _openssl(*[a for a in cms if a != "-ignore_critical"], "-content", parts["checksum"],
+                      "-CAfile", dev_keys.ca_cert)
+    assert strict.returncode != 0 and b"unhandled critical extension" in strict.stderr
     # And the TOC checksum really is SHA-1 of the compressed TOC.
     with xar.read_xar(signed_pkg) as archive:
         assert hashlib.sha1(archive.toc_compressed).digest() == checksum
+
+
+def test_the_signature_checks_the_apple_way_with_apples_certificate_order(tmp_path, apple_pki):
+    """Signed with an Apple-shaped identity from a PKCS#12 that lists the root before the
+    intermediate: the TOC's <X509Data> is still leaf, Developer ID CA, root (productsign's order)."""
+    key = AppleKey(pkcs12=apple_pki.p12("Developer ID Installer"), password=Secret(applepki.PASSWORD.decode()))
+    src = _unsigned_pkg(tmp_path)
+    apple.sign_flat_package(key, src, tmp_path / "signed.pkg")
+    checked = xarcheck.check((tmp_path / "signed.pkg").read_bytes())
+    assert checked.ok, checked.digest_info.hex()
+    assert [c.subject for c in checked.certificates] == [
+        checked.certificates[0].subject, apple_pki.ca.subject, apple_pki.root.subject]
+    assert checked.chain_in_order
+    result = apple.verify_flat_package(tmp_path / "signed.pkg", apple_pki.root_pem)
+    assert result["ok"] and result["trusted"] is True, result["detail"]
+    assert "Apple xar" in result["scheme"]
+    assert "issued by a Developer ID Certification Authority" in result["checked"]
+    # The checker can fail: one changed byte of the signature and it says so.
+    data = bytearray((tmp_path / "signed.pkg").read_bytes())
+    with xar.read_xar(tmp_path / "signed.pkg") as archive:
+        data[archive.heap_start + archive.signature.offset + 5] ^= 1
+    assert not xarcheck.check(bytes(data)).ok
+
+
+def test_an_rcodesign_style_signature_is_reported_not_accepted(signed_pkg, tmp_path, installer_key):
+    """SHA-256 of the checksum (what rcodesign writes on its own) is not what Apple's checkers
+    verify: verify names the convention instead of calling it ok."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    changed = tmp_path / "rcodesign-style.pkg"
+    shutil.copy(signed_pkg, changed)
+    with xar.read_xar(changed) as archive:
+        at = archive.heap_start + archive.signature.offset
+        checksum = archive.stored_toc_checksum
+    private_key = apple.open_identity(installer_key).private_key
+    data = bytearray(changed.read_bytes())
+    signature = private_key.sign(checksum, padding.PKCS1v15(), hashes.SHA256())
+    data[at:at + len(signature)] = signature
+    changed.write_bytes(bytes(data))
+    assert not xarcheck.check(bytes(data)).ok
+    result = apple.verify_flat_package(changed, None)
+    assert not result["ok"] and "SHA-256 of the TOC checksum (rcodesign" in result["detail"]
 
 
 def test_verify_flat_package(signed_pkg, dev_keys):
@@ -283,9 +342,10 @@ def test_verify_flat_package(signed_pkg, dev_keys):
     assert result["ok"], result["detail"]
     assert result["signer"] == "Developer ID Installer: Builder Dev (DEVTEAM01)"
     assert result["trusted"] is True
-    assert [s.split("CN=")[1] for s in result["chain"]] == [
-        "Developer ID Installer: Builder Dev (DEVTEAM01)", "Builder Development Root CA (DEVELOPMENT)"]
-    assert "rcodesign" in result["scheme"] and "CMS signature" in result["checked"]
+    assert [s.split("CN=")[1].split(",")[0] for s in result["chain"]] == [
+        "Developer ID Installer: Builder Dev (DEVTEAM01)", "Developer ID Certification Authority",
+        "Builder Development Root CA (DEVELOPMENT)"]
+    assert result["scheme"] == apple.APPLE_SCHEME and "CMS signature" in result["checked"]
 
 
 def test_verify_flat_package_without_ca_does_not_claim_trust(signed_pkg):
@@ -413,7 +473,7 @@ def test_a_fixed_signing_time_gives_identical_signed_pkgs(tmp_path, installer_ke
         assert result["ok"] and result["trusted"] is True, result["detail"]
         (tmp_path / pkg.stem).mkdir()
         parts = _signature_parts(pkg, tmp_path / pkg.stem)
-        verified = _openssl("cms", "-verify", "-binary", "-purpose", "any", "-content", parts["checksum"],
+        verified = _openssl("cms", "-verify", "-binary", "-purpose", "any", "-ignore_critical", "-content", parts["checksum"],
                             "-inform", "DER", "-in", parts["cms"], "-CAfile", dev_keys.ca_cert, "-out", "/dev/null")
         assert verified.returncode == 0, verified.stderr
 
@@ -603,38 +663,59 @@ def test_without_credentials_not_notarized_and_warned_once(signed_pkg, monkeypat
     assert len(warnings) == 1 and "no App Store Connect credentials" in warnings[0]
 
 
-def _credentials(tmp_path: Path, key) -> apple.NotaryCredentials:
-    path = tmp_path / "AuthKey_TESTKEY42.p8"
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    return apple.NotaryCredentials(issuer_id="00000000-0000-0000-0000-000000000000", key_id="TESTKEY42",
-                                   private_key=path)
+def _notary(key_text: str, url: str = "http://127.0.0.1:9") -> "notary.Notary":
+    from builder.signing import notary
+
+    credentials = notary.NotaryCredentials(issuer_id="00000000-0000-0000-0000-000000000000", key_id="TESTKEY42",
+                                           private_key=Secret(key_text))
+    return notary.Notary(credentials=credentials, service=notary.NotaryService.local(url))
 
 
-def test_a_key_that_is_not_an_app_store_connect_key_fails_before_any_network(signed_pkg, tmp_path):
-    credentials = _credentials(tmp_path, rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    with pytest.raises(NotarizationError, match="is not an EC"):
-        apple.notarize(signed_pkg, credentials)
-    garbage = tmp_path / "garbage.p8"
-    garbage.write_text("not a key")
-    with pytest.raises(NotarizationError, match="is not a PEM private key"):
-        apple.notarize(signed_pkg, apple.NotaryCredentials(issuer_id="i", key_id="k", private_key=garbage))
+def test_a_key_that_is_not_an_app_store_connect_key_fails_before_any_network(signed_pkg):
+    """Refused before any request: the service URL given is unreachable, so a request would
+    fail differently. (The whole path against a stand-in is in test_notarization.py.)"""
+    rsa_pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    with pytest.raises(NotarizationError, match="is not an EC P-256 key"):
+        apple.notarize(signed_pkg, _notary(rsa_pem))
+    with pytest.raises(NotarizationError, match="not a PEM or base64 PKCS#8 key"):
+        apple.notarize(signed_pkg, _notary("not a key"))
 
 
-def test_an_unreachable_notary_service_fails_fast(signed_pkg, tmp_path, monkeypatch):
-    # The notary URL is fixed in the library; an unreachable proxy makes the request fail
-    # locally, so the test never talks to Apple even on a machine with network.
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.setenv(name, "http://127.0.0.1:9")
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    before = signed_pkg.read_bytes()
-    credentials = _credentials(tmp_path, ec.generate_private_key(ec.SECP256R1()))
-    started = time.monotonic()
-    with pytest.raises(NotarizationError) as info:
-        apple.notarize(signed_pkg, credentials, wait_seconds=5)
-    assert time.monotonic() - started < 15
-    assert "appstoreconnect.apple.com" in str(info.value)
-    der = credentials.private_key.read_bytes()
-    assert base64.b64encode(der).decode()[:40] not in str(info.value)
-    assert signed_pkg.read_bytes() == before
+# --------------------------------------------------------------------------------------------
+# Apple's roots bundled: trusted without --ca
+
+
+def test_openssl_chains_the_bundled_intermediates_to_the_bundled_root(tmp_path):
+    pem = tmp_path / "root.pem"
+    subprocess.run(["openssl", "x509", "-inform", "DER", "-in", apple.APPLE_RESOURCES / "AppleRootCA.cer", "-out", pem], check=True)
+    for name in ("DeveloperIDCA.cer", "DeveloperIDG2CA.cer"):
+        out = subprocess.run(["openssl", "verify", "-CAfile", pem, "-attime", "1767225600",
+                              apple.APPLE_RESOURCES / name], capture_output=True, text=True)
+        assert out.returncode == 0 and ": OK" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_chain_to_a_bundled_root_is_trusted_without_ca(tmp_path, apple_pki, monkeypatch):
+    """The genuine root cannot sign a test certificate, so the bundled folder is pointed at the
+    Apple-layout test PKI's root and intermediate: the same code path as a genuine chain."""
+    key = AppleKey(pkcs12=apple_pki.p12("Developer ID Installer", "bundled.p12"),
+                   password=Secret(applepki.PASSWORD.decode()))
+    src = _unsigned_pkg(tmp_path)
+    apple.sign_flat_package(key, src, tmp_path / "signed.pkg")
+    assert apple.open_identity(key).apple_issued is False  # Apple's names, not Apple's keys
+    untrusted = apple.verify_flat_package(tmp_path / "signed.pkg", None)
+    assert untrusted["ok"] and untrusted["trusted"] is None
+
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "AppleRootCA.cer").write_bytes(apple_pki.root.public_bytes(serialization.Encoding.DER))
+    (bundled / "DeveloperIDG2CA.cer").write_bytes(apple_pki.ca.public_bytes(serialization.Encoding.DER))
+    monkeypatch.setattr(apple, "APPLE_RESOURCES", bundled)
+    apple._apple_certificates.cache_clear()
+    try:
+        result = apple.verify_flat_package(tmp_path / "signed.pkg", None)
+        assert result["ok"] and result["trusted"] is True, result["detail"]
+        assert "chain to Apple Root CA (Apple's, bundled with builder)" in result["checked"]
+        assert apple.open_identity(key).apple_issued is True
+    finally:
+        apple._apple_certificates.cache_clear()

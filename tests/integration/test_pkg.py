@@ -203,7 +203,8 @@ def xar_parts(data: bytes) -> dict:
         start, end = region(signature)
         parts["signature"] = data[start:end]
         certs = [e.text for e in signature.iter() if e.tag.endswith("X509Certificate")]
-        parts["certificate"] = base64.b64decode("".join(certs[0].split()))
+        parts["certificates"] = [base64.b64decode("".join(c.split())) for c in certs]
+        parts["certificate"] = parts["certificates"][0]
         x_start, x_end = region(toc.find("x-signature"))
         parts["cms"] = data[x_start:x_end]
         parts["cms_region"] = (x_start, x_end)
@@ -308,17 +309,26 @@ def test_openssl_checks_the_rsa_signature_and_the_cms(signed_pkg, dev_keys, tmp_
     run(["openssl", "x509", "-in", tmp_path / "cert.pem", "-pubkey", "-noout", "-out", tmp_path / "pub.pem"])
     subject = run(["openssl", "x509", "-in", tmp_path / "cert.pem", "-noout", "-subject"]).stdout.decode()
     assert "Developer ID Installer" in subject
-    ok = run(["openssl", "dgst", "-sha256", "-verify", tmp_path / "pub.pem", "-signature", tmp_path / "sig.bin",
-              tmp_path / "checksum.bin"])
-    assert b"Verified OK" in ok.stdout
+    # productsign's <signature>: PKCS#1 v1.5 with a SHA-1 DigestInfo of the 20-byte checksum.
+    pkeyutl = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", tmp_path / "pub.pem", "-sigfile",
+               tmp_path / "sig.bin", "-pkeyopt", "digest:sha1", "-in"]
+    ok = run([*pkeyutl, tmp_path / "checksum.bin"])
+    assert b"Signature Verified Successfully" in ok.stdout
     (tmp_path / "other.bin").write_bytes(bytes(20))
-    bad = subprocess.run(["openssl", "dgst", "-sha256", "-verify", tmp_path / "pub.pem", "-signature",
-                          tmp_path / "sig.bin", tmp_path / "other.bin"], capture_output=True)
+    bad = subprocess.run([str(a) for a in [*pkeyutl, tmp_path / "other.bin"]], capture_output=True)
     assert bad.returncode != 0
-    run(["openssl", "verify", "-CAfile", dev_keys.ca_cert, tmp_path / "cert.pem"])
+    # The certificates follow as Apple orders them: leaf, Developer ID CA, root. OpenSSL checks
+    # the chain only when told to pass over Apple's critical marker extensions.
+    (tmp_path / "intermediate.der").write_bytes(parts["certificates"][1])
+    run(["openssl", "x509", "-inform", "DER", "-in", tmp_path / "intermediate.der", "-out", tmp_path / "intermediate.pem"])
+    chain = ["openssl", "verify", "-CAfile", dev_keys.ca_cert, "-untrusted", tmp_path / "intermediate.pem"]
+    run([*chain, "-ignore_critical", tmp_path / "cert.pem"])
+    strict = subprocess.run([str(a) for a in [*chain, tmp_path / "cert.pem"]], capture_output=True)
+    assert strict.returncode != 0 and b"unhandled critical extension" in strict.stdout + strict.stderr
     (tmp_path / "cms.der").write_bytes(parts["cms"])
     cms = run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in", tmp_path / "cms.der", "-content",
-               tmp_path / "checksum.bin", "-CAfile", dev_keys.ca_cert, "-purpose", "any", "-out", os.devnull])
+               tmp_path / "checksum.bin", "-CAfile", dev_keys.ca_cert, "-purpose", "any", "-ignore_critical",
+               "-out", os.devnull])
     assert b"Verification successful" in cms.stderr
 
 

@@ -116,3 +116,112 @@ def test_pkcs11_hsm_key_via_softhsm(tiny_exe, dev_keys, tmp_path, monkeypatch):
             tiny_exe, tmp_path / "h2.exe",
         )
     assert not (tmp_path / "h2.exe").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Timestamps: shown only when they verify (osslsigncode exits 0 with a failed timestamp)
+
+
+def _tsa_signed(tiny_exe, dev_keys, out, time, key=None):
+    tsa = OfflineTSA(certs=dev_keys.tsa_cert, key=dev_keys.tsa_key, time=time)
+    key = key or SigningKey(cert=dev_keys.sign_cert, key=dev_keys.sign_key, test_tsa=tsa)
+    authenticode.sign(SigningKey(**{**key.__dict__, "test_tsa": tsa}), tiny_exe, out)
+    return out
+
+
+def test_the_test_tsa_timestamp_verifies_at_source_date_epoch(tiny_exe, dev_keys, tmp_path):
+    out = _tsa_signed(tiny_exe, dev_keys, tmp_path / "s.exe", 1767225600)
+    raw = subprocess.run(["osslsigncode", "verify", "-CAfile", str(dev_keys.ca_cert), "-TSA-CAfile", str(dev_keys.ca_cert),
+                          "-in", str(out)], capture_output=True, text=True)
+    assert "Timestamp Server Signature verification: ok" in raw.stdout
+    v = authenticode.verify(out, dev_keys.ca_cert)
+    assert v.ok and v.timestamp == "Jan  1 00:00:00 2026 GMT" and v.timestamp_problem is None
+
+
+def test_a_timestamp_outside_the_tsa_certificate_is_a_failure(tiny_exe, dev_keys, tmp_path):
+    out = _tsa_signed(tiny_exe, dev_keys, tmp_path / "s.exe", 900000000)  # 1998: before the TSA certificate
+    raw = osslsigncode_verify(out, dev_keys.ca_cert)
+    # osslsigncode itself exits 0 and says "Succeeded": its exit code alone hides this.
+    assert raw.returncode == 0 and "Timestamp Server Signature verification: failed" in raw.stdout
+    v = authenticode.verify(out, dev_keys.ca_cert)
+    assert not v.ok and v.timestamp is None
+    assert v.detail.startswith("timestamp Jul  9 16:00:00 1998 GMT does not verify")
+    assert "TSA certificate" in v.detail and "not yet valid" in v.detail
+
+
+def test_a_timestamp_of_another_signature_is_a_failure(tiny_exe, dev_keys, tmp_path):
+    """The countersignature of one signature grafted onto another: its message imprint is wrong."""
+    from asn1crypto import cms
+
+    from builder.binfmt import pe
+
+    stamped = _tsa_signed(tiny_exe, dev_keys, tmp_path / "a.exe", 1767225600)
+    other = tmp_path / "b.exe"
+    authenticode.sign(SigningKey(cert=dev_keys.sign_cert, key=dev_keys.sign_key), tiny_exe, other, signing_time=1767300000)
+    a, b = stamped.read_bytes(), other.read_bytes()
+    pa, pb = cms.ContentInfo.load(pe.pkcs7_of(a, "a")), cms.ContentInfo.load(pe.pkcs7_of(b, "b"))
+    pb["content"]["signer_infos"][0]["unsigned_attrs"] = pa["content"]["signer_infos"][0]["unsigned_attrs"]
+    grafted = tmp_path / "grafted.exe"
+    grafted.write_bytes(pe.with_signature(b, pb.dump(force=True), "b"))
+    assert osslsigncode_verify(grafted, dev_keys.ca_cert).returncode == 0
+    v = authenticode.verify(grafted, dev_keys.ca_cert)
+    assert not v.ok and v.timestamp is None and "message imprint" in v.detail
+
+
+def test_a_signer_not_yet_valid_at_the_timestamp_is_named(tiny_exe, dev_keys, tmp_path):
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    ca = (x509.CertificateBuilder().subject_name(name("Test CA")).issuer_name(name("Test CA")).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(dt.datetime(2000, 1, 1)).not_valid_after(dt.datetime(2090, 1, 1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(name("Late signer")).issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(2).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=300))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False).sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (tmp_path / "late.pem").write_bytes(cert.public_bytes(pem))
+    (tmp_path / "late.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "roots.pem").write_bytes(ca.public_bytes(pem) + dev_keys.ca_cert.read_bytes())
+    late = SigningKey(cert=tmp_path / "late.pem", key=tmp_path / "late.key")
+    out = _tsa_signed(tiny_exe, dev_keys, tmp_path / "s.exe", 1767225600, key=late)  # before the signer's start
+    v = authenticode.verify(out, tmp_path / "roots.pem")
+    assert not v.ok and "not valid at the timestamp time" in v.detail and "Jan  1 00:00:00 2026" in v.detail
+
+
+def test_cli_verify_exits_9_naming_the_timestamp(dev_keys, test_payload, tmp_path):
+    """An MSI built unsigned by builder, then signed by osslsigncode itself with the test TSA at
+    two times: one the TSA certificate covers, one it does not."""
+    import os
+    import sys
+
+    env = {**os.environ, "TOK": "cli-timestamp-token", "SOURCE_DATE_EPOCH": "1767225600"}
+    cli = [sys.executable, "-m", "builder"]
+    subprocess.run([*cli, "build", "--format", "msi", "--version", "1.0.0", "--account-id", "a", "--group-id", "g",
+                    "--token-env", "TOK", "--console-url", "https://console.example.com", "--payload", str(test_payload),
+                    "--out", str(tmp_path / "out"), "--no-sign", "--enrollment-key", str(dev_keys.folder / "enrollment.key")],
+                   check=True, capture_output=True, env=env)
+    unsigned = next((tmp_path / "out").glob("*.msi"))
+    signed = {}
+    for name, when in (("good", 1767225600), ("bad", 900000000)):
+        signed[name] = tmp_path / f"{name}.msi"
+        subprocess.run(["osslsigncode", "sign", "-certs", str(dev_keys.sign_cert), "-key", str(dev_keys.sign_key),
+                        "-h", "sha256", "-TSA-certs", str(dev_keys.tsa_cert), "-TSA-key", str(dev_keys.tsa_key),
+                        "-TSA-time", str(when), "-in", str(unsigned), "-out", str(signed[name])], check=True, capture_output=True)
+    verify = [*cli, "verify", "--ca", str(dev_keys.ca_cert)]
+    failed = subprocess.run([*verify, str(signed["bad"])], capture_output=True, text=True, env=env)
+    assert failed.returncode == 9
+    said = " ".join((failed.stdout + failed.stderr).split())  # the console wraps long lines
+    assert "timestamp Jul 9 16:00:00 1998 GMT does not verify" in said
+    assert "timestamp: Jul" not in said  # never shown as if it held
+    shown = subprocess.run([*verify, str(signed["good"])], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "timestamp: Jan 1 00:00:00 2026 GMT" in " ".join((shown.stdout + shown.stderr).split())
