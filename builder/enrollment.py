@@ -121,7 +121,7 @@ def validate_id(field: str, value: str) -> None:
         raise EnrollmentError(f"--{field} is empty", f"give the console's {field}")
     if len(value) > MAX_ID_CHARS:
         raise EnrollmentError(f"--{field} is {len(value)} characters long", f"the limit is {MAX_ID_CHARS}")
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise EnrollmentError(
             f"--{field} has a character outside the allowed set",
             "use ASCII letters, digits and . - : @ _ (starting with a letter or digit)",
@@ -135,7 +135,7 @@ def validate_token(token: Secret) -> None:
     size = len(value.encode())
     if size > MAX_TOKEN_BYTES:
         raise EnrollmentError(f"the enrollment token is {size} bytes", f"the limit is {MAX_TOKEN_BYTES} bytes")
-    if not _TOKEN_RE.match(value):
+    if not _TOKEN_RE.fullmatch(value):
         # Never echo the value: name the rule only.
         raise EnrollmentError(
             "the enrollment token has a character outside base64/base64url/JWT",
@@ -148,7 +148,7 @@ def validate_console_url(value: str) -> None:
         raise EnrollmentError("--console-url is empty", "give the console's https URL")
     if len(value) > MAX_URL_CHARS:
         raise EnrollmentError(f"--console-url is {len(value)} characters long", f"the limit is {MAX_URL_CHARS}")
-    if not _URL_CHARS_RE.match(value):
+    if not _URL_CHARS_RE.fullmatch(value):
         raise EnrollmentError(
             "--console-url has a character not allowed here (space, double quote, backslash, <, >, [, ], braces or non-ASCII)",
             "percent-encode it",

@@ -25,7 +25,7 @@ def payload_files(folder: Path, product: Product) -> list[str]:
     if product.agent_exe not in found:
         raise PayloadError(f"{folder}: {product.agent_exe} is missing", "build the Windows agent (make payload)")
     for rel in found:
-        bad = [part for part in PurePosixPath(rel).parts if not PAYLOAD_NAME_RE.match(part)]
+        bad = [part for part in PurePosixPath(rel).parts if not PAYLOAD_NAME_RE.fullmatch(part)]
         if bad:
             raise PayloadError(f"{folder / rel}: the name {bad[0]!r} has a character outside {PAYLOAD_NAME_RE.pattern}",
                                "rename it in the payload")

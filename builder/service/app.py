@@ -272,7 +272,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     @app.get("/v1/installers/{installer_id}", response_model=InstallerResponse, responses={**_ERRORS, 202: {"model": InstallerResponse}},
              tags=["installers"])
     def get_installer(installer_id: str, request: Request, who: str = Depends(caller)):
-        if not _ID_RE.match(installer_id):
+        if not _ID_RE.fullmatch(installer_id):
             raise HTTPException(404, "no such installer id")
         rec = issuer.record(installer_id)
         if rec is None:
@@ -307,7 +307,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         status = check_link(settings.link_secret, installer_id, exp, sig, time.time())
         if status is not LinkStatus.OK:
             raise HTTPException(status.http_status, "download link expired" if status is LinkStatus.EXPIRED else "invalid download link")
-        rec = issuer.record(installer_id) if _ID_RE.match(installer_id) else None
+        rec = issuer.record(installer_id) if _ID_RE.fullmatch(installer_id) else None
         if rec is None or issuer.store.kind != "file":
             raise HTTPException(404, "no such installer")
         if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):

@@ -18,7 +18,6 @@ import base64
 import hashlib
 import json
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log, stamp
+from builder.config import is_version
 from builder.enrollment import Enrollment, Secret
 from builder.errors import BuilderError, FormatError, StorageError, UsageError
 from builder.fileio import iter_range
@@ -41,7 +41,6 @@ FORMATS = tuple(stamp.STAMP_FORMATS)
 RECORD_CACHE = 100_000
 VERIFIED_MARKER = ".verified-index.json"
 VERSIONS_TTL_S = 5.0
-_VERSION_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")
 
 
 class UnknownRelease(BuilderError):
@@ -164,7 +163,7 @@ class Issuer:
         seen = set()
         for obj in self.store.list(f"{self.prefix}/releases"):
             parts = obj.key.split("/")
-            if parts[-1] == "manifest.json" and _VERSION_RE.match(parts[-2]):
+            if parts[-1] == "manifest.json" and is_version(parts[-2]):
                 seen.add(parts[-2])
         versions = sorted(seen, key=_version_key)
         self._versions = (now, versions)
@@ -176,7 +175,7 @@ class Issuer:
             if not versions:
                 raise UnknownRelease("no release is published yet", "publish one with `builder publish`")
             return versions[-1]
-        if not _VERSION_RE.match(release):
+        if not is_version(release):
             raise UnknownRelease(f"release {release!r} is not a version or 'latest'", "for example 1.2.3")
         return release
 
