@@ -22,7 +22,7 @@ from builder import formats, log
 from builder.config import Product
 from builder.enrollment import Enrollment
 from builder.errors import BuilderError, OutputError, PayloadError, VerificationError
-from builder.formats.base import BuildRequest, Signers
+from builder.formats.base import BuildRequest, Signers, refuse_symlinks
 
 PLATFORMS = {"msi": "windows", "exe": "windows", "pkg": "macos", "dmg": "macos"}
 
@@ -63,6 +63,8 @@ def check_payload(payload: Path, platform: str, product: Product) -> None:
     folder = payload / platform
     if not payload.is_dir():
         raise PayloadError(f"--payload {payload}: no such folder", "run `make payload` or give the agent's folder")
+    if folder.is_dir() or folder.is_symlink():
+        refuse_symlinks(folder)
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
         raise PayloadError(f"--payload {payload}: {platform}/ is missing or empty", f"put the {platform} agent in {folder}")
     if platform == "windows":

@@ -42,6 +42,7 @@ from builder.binfmt.cpio import PayloadStats, TreeEntry, iter_cpio, read_cpio, s
 from builder.config import Product
 from builder.enrollment import Enrollment, Secret
 from builder.errors import EnrollmentError, FormatError, PayloadError
+from builder.formats.base import refuse_symlinks
 
 COMPONENT = "agent.pkg"  # the one component package inside the product archive
 DISTRIBUTION = "Distribution"
@@ -149,6 +150,7 @@ def check_payload(folder: Path) -> MacPayload:
     folder = Path(folder)
     if not folder.is_dir():
         raise PayloadError(f"{folder}: no such folder", "put the macOS agent there (make payload-test for the test agent)")
+    refuse_symlinks(folder)
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if _visible(d)]
         for name in [*dirnames, *filenames]:

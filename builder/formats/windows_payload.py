@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 
 from builder.config import Product
 from builder.errors import PayloadError
+from builder.formats.base import refuse_symlinks
 
 # Names that need no quoting in WiX, NSIS or a Windows path, and are valid on NTFS.
 PAYLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-()+]*$")
@@ -16,6 +17,7 @@ PAYLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-()+]*$")
 def payload_files(folder: Path, product: Product) -> list[str]:
     """Relative POSIX paths of the files to install, sorted. Dot-files (build stamps,
     .DS_Store, .gitkeep) are not part of the agent and are left out."""
+    refuse_symlinks(folder)
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

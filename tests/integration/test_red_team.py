@@ -80,3 +80,47 @@ def test_a_release_named_with_a_trailing_newline_is_a_clear_404(service):
 def test_an_installer_id_with_a_trailing_newline_is_404(service):
     answer = service.client.get("/v1/installers/" + "0" * 32 + "%0A", headers=auth())
     assert answer.status_code == 404 and "records/" not in answer.text
+
+
+# -- 2. symbolic links in --payload ---------------------------------------------------------------
+
+def payload_copy(test_payload: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "payload"
+    shutil.copytree(test_payload, copy, symlinks=True)
+    return copy
+
+
+@pytest.mark.parametrize("platform, fmt, kind", [("windows", "exe", "file"), ("windows", "msi", "folder"),
+                                                 ("macos", "pkg", "file"), ("macos", "dmg", "folder")])
+def test_build_refuses_a_symlink_in_the_payload_naming_it(tmp_path, test_payload, platform, fmt, kind):
+    payload = payload_copy(test_payload, tmp_path)
+    private = tmp_path / "outside"
+    private.mkdir()
+    (private / "codesign.key").write_text("-----BEGIN PRIVATE KEY-----\n")
+    link = payload / platform / ("readme.txt" if kind == "file" else "extras")
+    link.symlink_to(private / "codesign.key" if kind == "file" else private)
+    out = tmp_path / "out"
+    proc = run_cli(*base_args(out, payload), "--format", fmt, "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
+    assert proc.returncode == errors.PayloadError.exit_code, proc.stderr[-2000:]
+    line = one_error_line(proc)
+    assert link.name in line and "symbolic link" in line
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_every_payload_walker_refuses_symlinks(tmp_path, test_payload):
+    """The format modules refuse them too when called without `builder build` (a release)."""
+    from builder.config import load_product
+    from builder.errors import PayloadError
+    from builder.formats import macos_common
+    from builder.formats.windows_payload import payload_files
+
+    payload = payload_copy(test_payload, tmp_path)
+    (payload / "windows" / "sub").mkdir()
+    (payload / "windows" / "sub" / "agent-copy.exe").symlink_to(payload / "windows" / "agent.exe")
+    with pytest.raises(PayloadError, match="agent-copy.exe"):
+        payload_files(payload / "windows", load_product())
+    (payload / "macos" / "lib").symlink_to(tmp_path)
+    with pytest.raises(PayloadError, match="lib"):
+        macos_common.check_payload(payload / "macos")
