@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from builder import formats, log
 from builder.config import Product
 from builder.enrollment import Enrollment
+from builder.fileio import atomic_output, write_atomic
 from builder.errors import BuilderError, OutputError, PayloadError, VerificationError
 from builder.formats.base import BuildRequest, Signers, refuse_symlinks
 
@@ -135,9 +135,8 @@ def build(
             outputs = []
             for res in results:
                 target = targets[res.format]
-                partial = target.with_name(f".{target.name}.partial")
-                shutil.copyfile(res.path, partial)
-                os.replace(partial, target)
+                with open(res.path, "rb") as src, atomic_output(target) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
                 placed.append(target)
                 outputs.append(Output(res.format, target, res.size, res.sha256, res.signer, res.notarized, res.seconds, res.details))
             write_summary(out / f"{stem}.summary.json", outputs, enrollment, version)
@@ -159,9 +158,7 @@ def default_basename(product: Product, version: str, enrollment: Enrollment | No
 
 def write_summary(path: Path, outputs: list[Output], enrollment: Enrollment | None, version: str) -> None:
     doc = summary_doc(outputs, enrollment, version)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_atomic(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def summary_doc(outputs: list[Output], enrollment: Enrollment | None, version: str) -> dict:

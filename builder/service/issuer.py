@@ -31,7 +31,7 @@ from builder import log, stamp
 from builder.config import is_version
 from builder.enrollment import Enrollment, Secret
 from builder.errors import BuilderError, FormatError, StorageError, UsageError
-from builder.fileio import iter_range
+from builder.fileio import iter_range, write_atomic
 from builder.formats.base import Signers
 from builder.release import Release
 from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError, content_key
@@ -218,9 +218,7 @@ class Issuer:
         seen = marker.read_bytes() if marker.is_file() else None
         rel = Release.open(folder, ca=self.ca, verify=seen != index_bytes)
         if seen != index_bytes:
-            partial = folder / f".{VERIFIED_MARKER}.partial"
-            partial.write_bytes(index_bytes)
-            os.replace(partial, marker)
+            write_atomic(marker, index_bytes)
         return rel, json.loads(index_bytes)
 
     def warm(self) -> None:

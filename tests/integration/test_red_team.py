@@ -124,3 +124,70 @@ def test_every_payload_walker_refuses_symlinks(tmp_path, test_payload):
     (payload / "macos" / "lib").symlink_to(tmp_path)
     with pytest.raises(PayloadError, match="lib"):
         macos_common.check_payload(payload / "macos")
+
+
+# -- 3. partial files under predictable names -----------------------------------------------------
+
+def plant(folder: Path, names: list[str], victim: Path) -> None:
+    """Links at every name a writer used to take for its partial, all to `victim`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).symlink_to(victim)
+
+
+def untouched(victim: Path) -> bool:
+    return victim.read_text() == "precious\n"
+
+
+def test_build_and_release_never_follow_a_planted_partial(tmp_path, test_payload, dev_keys):
+    from builder import release
+    from builder.config import load_product
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    name = load_product().service_name
+    stem = f"{name}-1.0.0-acct-1-grp-1"
+    plant(out, [f".{stem}.exe.partial", f".{stem}.summary.json.partial"], victim)
+    proc = run_cli(*base_args(out, test_payload), "--format", "exe", "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert untouched(victim)
+    assert (out / f"{stem}.exe").is_file() and not (out / f"{stem}.exe").is_symlink()
+    assert sorted(p.name for p in out.iterdir() if not p.is_symlink()) == [f"{stem}.exe", f"{stem}.summary.json"]
+
+    rel = tmp_path / "release"
+    plant(rel, [".manifest.json.partial", f".{name}-1.2.3.exe.partial", f".{name}-1.2.3.summary.json.partial"], victim)
+    release.release(format_names=["exe"], product=load_product(), version="1.2.3", payload=test_payload,
+                    signers=signers_for(dev_keys), out=rel, source_date_epoch=1767225600)
+    assert untouched(victim)
+    assert (rel / "manifest.json").is_file() and not (rel / "manifest.json").is_symlink()
+
+
+def test_stamp_never_follows_a_planted_partial_or_output(tmp_path, release_dir, dev_keys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "shared"
+    plant(out, [".group.exe.partial"], victim)
+    (out / "group.exe").symlink_to(victim)  # the output's own name: replaced, never written through
+    proc = run_cli("stamp", "--release", release_dir, "--format", "exe", "--account-id", "acct-1", "--group-id", "grp-1",
+                   "--token-env", "TOK", "--out", out / "group.exe", "--ca", dev_keys.ca_cert, env={"TOK": TOKEN})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_no_token(proc)
+    assert untouched(victim)
+    assert (out / "group.exe").is_file() and not (out / "group.exe").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == [".group.exe.partial", "group.exe"]
+
+
+def test_partials_are_new_files_with_unpredictable_names(tmp_path):
+    from builder import fileio
+
+    target = tmp_path / "x.bin"
+    names = set()
+    for _ in range(3):
+        fd, path = fileio.create_partial(target)
+        os.close(fd)
+        names.add(path.name)
+        assert path.parent == tmp_path and path.name.startswith(".x.bin.")
+    assert len(names) == 3
+    work = fileio.new_private_dir(target)
+    assert work.parent == tmp_path and stat.S_IMODE(work.stat().st_mode) == 0o700
