@@ -191,3 +191,57 @@ def test_partials_are_new_files_with_unpredictable_names(tmp_path):
     assert len(names) == 3
     work = fileio.new_private_dir(target)
     assert work.parent == tmp_path and stat.S_IMODE(work.stat().st_mode) == 0o700
+
+
+# -- 4. secrets at rest ---------------------------------------------------------------------------
+
+def private_below(root: Path, path: Path) -> bool:
+    """`path` is 0600 and every folder from it up to `root` (excluded) is 0700."""
+    if stat.S_IMODE(path.stat().st_mode) != 0o600:
+        return False
+    folder = path.parent
+    while folder != root:
+        if stat.S_IMODE(folder.stat().st_mode) != 0o700:
+            return False
+        folder = folder.parent
+    return True
+
+
+def test_local_store_objects_that_hold_a_token_are_private(service):
+    old = os.umask(0o022)
+    try:
+        answer = service.post({"account_id": ACCOUNT, "group_id": "grp-private", "token": new_token("private"),
+                               "format": "exe"})
+        assert answer.status_code == 200, answer.text[:300]
+        root = service.store.root
+        stamps = [p for p in (root / "stamps").rglob("*") if p.is_file()]
+        assert stamps and all(private_below(root, p) for p in stamps)
+        key = service.store.put_if_absent("installers/ab/" + "ab" * 32 + ".msi", b"baked installer").key
+        assert private_below(root, service.store.local_path(key))
+    finally:
+        os.umask(old)
+
+
+def test_pkg_stamp_writes_its_intermediate_only_into_a_private_folder(tmp_path, test_payload, monkeypatch):
+    from builder import release, stamp
+    from builder.config import load_product
+    from builder.enrollment import Enrollment
+    from builder.formats.base import Signers
+
+    rel_dir = tmp_path / "release"
+    release.release(format_names=["pkg"], product=load_product(), version="1.2.3", payload=test_payload,
+                    signers=Signers(unsigned=True), out=rel_dir, source_date_epoch=1767225600)
+    seen = []
+    real_write = Path.write_bytes
+
+    def spy(self, data):
+        seen.append((self.name, stat.S_IMODE(self.parent.stat().st_mode)))
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", spy)
+    enrollment = Enrollment(account_id="acct-1", group_id="grp-1", token=Secret(TOKEN), console_url="https://c.example.com")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    stamp.stamp(release.Release.open(rel_dir), "pkg", enrollment, Signers(unsigned=True), shared / "group.pkg")
+    assert seen and all(mode == 0o700 for _name, mode in seen), seen
