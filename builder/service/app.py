@@ -280,7 +280,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             if issuer.is_pending(installer_id):
                 return answer(request, installer_id, None)
             raise HTTPException(404, "no such installer id")
-        if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):
+        if issuer.is_revoked(rec.token_fingerprint):
             issuer.audit.record(who, "refused-revoked", installer_id=rec.id, release=rec.release, fmt=rec.format,
                                 account_id=rec.account_id, group_id=rec.group_id, token_fp=rec.token_fingerprint)
             raise HTTPException(410, "this installer carries a revoked enrollment token")
@@ -310,7 +310,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         rec = issuer.record(installer_id) if _ID_RE.fullmatch(installer_id) else None
         if rec is None or issuer.store.kind != "file":
             raise HTTPException(404, "no such installer")
-        if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):
+        if issuer.is_revoked(rec.token_fingerprint):
             raise HTTPException(410, "this installer carries a revoked enrollment token")
         headers = {"Content-Disposition": f'attachment; filename="{issuer.download_name(rec)}"'}
         if rec.streamed:

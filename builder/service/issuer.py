@@ -5,7 +5,8 @@ yields is stored once, content-addressed, and described by a record written afte
 
     installers/<sha256[:2]>/<sha256><suffix>   the stamped installer (never overwritten)
     records/<id>.json                          id -> installer, written last, create-if-absent
-    revocations/<group hash>/<token fp>.json   tokens that may no longer be handed out
+    revocations/tokens/<token fp>.json         tokens that may no longer be handed out, to any
+                                               account or group: a revoked token is dead everywhere
 
 Everything shared between service instances and workers lives in storage, so any number of
 them agree; storage's create-if-absent is the final guard against double work. The audit log
@@ -66,11 +67,6 @@ def request_id(release: str, fmt: str, enrollment: Enrollment) -> str:
     material = "\0".join([release, fmt, enrollment.account_id, enrollment.group_id, enrollment.console_url,
                           token_fingerprint(enrollment.token)])
     return hashlib.sha256(b"builder-installer-v1\0" + material.encode()).hexdigest()[:32]
-
-
-def _group_hash(account_id: str, group_id: str) -> str:
-    # Ids may hold ":" and "@", which storage keys do not allow: a hash names the group's folder.
-    return hashlib.sha256(f"{account_id}\0{group_id}".encode()).hexdigest()[:32]
 
 
 def _version_key(v: str) -> tuple[int, ...]:
@@ -271,17 +267,19 @@ class Issuer:
         pieces = [("base", p[1], p[2]) if p[0] == "base" else ("bytes", base64.b64decode(p[1])) for p in doc["pieces"]]
         return doc["base_key"], pieces
 
-    def _revocation_key(self, account_id: str, group_id: str, token_fp: str) -> str:
-        return f"revocations/{_group_hash(account_id, group_id)}/{token_fp}.json"
+    def _revocation_key(self, token_fp: str) -> str:
+        # The token alone names it: revoked for one group, it is refused for every account and
+        # group, so a leaked token cannot be reused by asking for another group's installer.
+        return f"revocations/tokens/{token_fp}.json"
 
-    def is_revoked(self, account_id: str, group_id: str, token_fp: str) -> bool:
-        return self.store.exists(self._revocation_key(account_id, group_id, token_fp))
+    def is_revoked(self, token_fp: str) -> bool:
+        return self.store.exists(self._revocation_key(token_fp))
 
     def revoke(self, caller: str, account_id: str, group_id: str, token: Secret) -> str:
         fp = token_fingerprint(token)
         doc = json.dumps({"account_id": account_id, "group_id": group_id, "token_fingerprint": fp,
                           "revoked_at": int(time.time()), "by": caller}).encode()
-        self.store.put_if_absent(self._revocation_key(account_id, group_id, fp), doc)
+        self.store.put_if_absent(self._revocation_key(fp), doc)  # a second revocation keeps the first
         self.audit.record(caller, "revoke", account_id=account_id, group_id=group_id, token_fp=fp)
         return fp
 
@@ -295,10 +293,10 @@ class Issuer:
         log.register_secret(enrollment.token.reveal())
         version = self.resolve(release)
         fp = token_fingerprint(enrollment.token)
-        if self.is_revoked(enrollment.account_id, enrollment.group_id, fp):
+        if self.is_revoked(fp):
             self.audit.record(caller, "refused-revoked", release=version, fmt=fmt, account_id=enrollment.account_id,
                               group_id=enrollment.group_id, token_fp=fp)
-            raise Revoked("this group's enrollment token was revoked", "request an installer with the group's current token")
+            raise Revoked("this enrollment token was revoked", "request an installer with the group's current token")
         rel, _index = self.open_release(version)  # 404 now rather than a failed job later
         if stamp.STAMP_FORMATS[fmt] not in rel.manifest["files"]:
             raise UnknownRelease(f"release {version} has no {fmt} installer",

@@ -245,3 +245,27 @@ def test_pkg_stamp_writes_its_intermediate_only_into_a_private_folder(tmp_path, 
     shared.chmod(0o755)
     stamp.stamp(release.Release.open(rel_dir), "pkg", enrollment, Signers(unsigned=True), shared / "group.pkg")
     assert seen and all(mode == 0o700 for _name, mode in seen), seen
+
+
+# -- 5. revocation --------------------------------------------------------------------------------
+
+def test_a_revoked_token_is_dead_for_every_account_and_group(service):
+    token = new_token("revoke-everywhere")
+    body = {"account_id": ACCOUNT, "group_id": "grp-rev-a", "token": token, "format": "exe"}
+    first = service.post(body)
+    other_group = service.post({**body, "group_id": "grp-rev-b"})
+    assert first.status_code == 200 and other_group.status_code == 200
+    revoked = service.client.post("/v1/revocations", json={"account_id": ACCOUNT, "group_id": "grp-rev-a", "token": token},
+                                  headers=auth())
+    assert revoked.status_code == 200
+    # an installer already issued to another group carries the same token: no longer handed out
+    assert service.client.get(f"/v1/installers/{other_group.json()['id']}", headers=auth()).status_code == 410
+    for changed in ({"group_id": "grp-rev-b"}, {"group_id": "grp-rev-new"}, {"account_id": "acct-elsewhere"},
+                    {"format": "msi-tagged"}):
+        answer = service.post({**body, **changed})
+        assert answer.status_code == 403, (changed, answer.status_code)
+        assert "revoked" in answer.json()["error"]
+    # Case and padding variants are other strings to the console: they are not revoked (README).
+    assert service.post({**body, "token": token + "="}).status_code == 200
+    fp = token_fingerprint(Secret(token))
+    assert f"revocations/tokens/{fp}.json" in service.keys("revocations")
