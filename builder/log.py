@@ -2,12 +2,24 @@
 
 `redact()` replaces every registered secret value (enrollment tokens, signing passwords) before
 text reaches the terminal, a log file or an exception message built from tool output.
+
+The redactor keeps no secret in the clear: a secret is known by a keyed hash of its first
+MIN_SECRET_CHARS characters and one of its whole value. `redact()` hashes the window at each
+position of the text once, so its cost does not grow with the number of secrets. Values shorter
+than MIN_SECRET_CHARS are not registered: a short "secret" such as `installer` would be masked
+in every message that uses the word (real enrollment tokens, API keys and generated keys are
+longer). Secrets of the process (API keys, signing passwords, storage keys) stay registered;
+those of one request (enrollment tokens in `serve` and `worker`) are forgotten SECRET_TTL_S
+after their last registration, and never more than MAX_SECRETS are kept.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import logging
+import os
 import threading
 import time
 from typing import Iterator
@@ -18,35 +30,91 @@ from rich.table import Table
 console = Console(stderr=True, highlight=False)
 logger = logging.getLogger("builder")
 
-# Most recent first out: a long-running service sees a token per request, and the redactor must
-# not grow without bound. A secret stays registered for at least its request's lifetime.
+MIN_SECRET_CHARS = 16
+# A request's token must stay registered while its request, or its queued job, can still print
+# something: the service waits 20 s, a baked stamp's job may run for up to 600 s.
+SECRET_TTL_S = 900.0
 MAX_SECRETS = 10_000
-_secrets: dict[str, None] = {}
-_by_length: list[str] = []
+# The step timings `make bench` reads: a long-running service drops the oldest.
+MAX_TIMINGS = 1_000
+
+_KEY = os.urandom(16)
 _lock = threading.Lock()
+# prefix window's hash -> {whole value's digest: length}. Read without the lock (one dict lookup
+# is atomic); changed only under it.
+_by_prefix: dict[int, dict[bytes, int]] = {}
+# digest -> (prefix hash, forget at or None): expiring ones in registration order, oldest first.
+_expiring: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
+_permanent: dict[bytes, int] = {}
 _quiet = False
-_timings: list[tuple[str, float]] = []
+_timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=MAX_TIMINGS)
 
 
-def register_secret(value: str) -> None:
-    """From now on `value` is replaced by `***` in everything this module prints."""
-    global _by_length
-    if value and len(value) >= 4:
-        with _lock:
-            if value in _secrets:
-                return
-            _secrets[value] = None
-            while len(_secrets) > MAX_SECRETS:
-                _secrets.pop(next(iter(_secrets)))
-            _by_length = sorted(_secrets, key=len, reverse=True)
+def _digest(value: str) -> bytes:
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), key=_KEY, digest_size=16).digest()
+
+
+def _window(text: str, start: int) -> int:
+    # hash() of a str is keyed per process (SipHash); the whole value is checked by _digest.
+    return hash(text[start:start + MIN_SECRET_CHARS])
+
+
+def register_secret(value: str, *, permanent: bool = False) -> None:
+    """From now on `value` is replaced by `***` in everything this module prints: for the life of
+    the process with `permanent`, else for SECRET_TTL_S after the last registration. Only values
+    that passed their own validation belong here; shorter than MIN_SECRET_CHARS is ignored."""
+    if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
+        return
+    digest, prefix = _digest(value), _window(value, 0)
+    now = time.monotonic()
+    with _lock:
+        _by_prefix.setdefault(prefix, {})[digest] = len(value)
+        if permanent:
+            _permanent[digest] = prefix
+            _expiring.pop(digest, None)
+            return
+        if digest in _permanent:
+            return
+        _expiring[digest] = (prefix, now + SECRET_TTL_S)
+        _expiring.move_to_end(digest)
+        while _expiring:
+            oldest, (old_prefix, forget_at) = next(iter(_expiring.items()))
+            if forget_at > now and len(_expiring) <= MAX_SECRETS:
+                break
+            del _expiring[oldest]
+            bucket = _by_prefix.get(old_prefix)
+            if bucket is not None:
+                bucket.pop(oldest, None)
+                if not bucket:
+                    del _by_prefix[old_prefix]
+
+
+def registered_secrets() -> int:
+    """How many secrets the redactor holds (for tests and the soak run)."""
+    with _lock:
+        return len(_permanent) + len(_expiring)
 
 
 def redact(text: str) -> str:
-    values = _by_length  # replaced whole under the lock, never changed in place
-    for value in values:
-        if value in text:
-            text = text.replace(value, "***")
-    return text
+    if not _by_prefix or len(text) < MIN_SECRET_CHARS:
+        return text
+    out: list[str] = []
+    start = i = 0
+    end = len(text) - MIN_SECRET_CHARS
+    while i <= end:
+        bucket = _by_prefix.get(_window(text, i))
+        if bucket:
+            found = max((length for digest, length in list(bucket.items())
+                         if i + length <= len(text) and _digest(text[i:i + length]) == digest), default=0)
+            if found:
+                out += (text[start:i], "***")
+                i = start = i + found
+                continue
+        i += 1
+    if not out:
+        return text
+    out.append(text[start:])
+    return "".join(out)
 
 
 class _RedactingFilter(logging.Filter):

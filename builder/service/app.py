@@ -58,7 +58,7 @@ class ServiceSettings:
                 name, key = "", raw
             if len(key) < 16:
                 raise UsageError("an API key is shorter than 16 characters", "use long random keys (openssl rand -hex 32)")
-            log.register_secret(key)
+            log.register_secret(key, permanent=True)
             digest = hashlib.sha256(key.encode()).hexdigest()
             out[digest] = name or f"key-{digest[:8]}"
         if not out:
@@ -256,8 +256,9 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         start = time.perf_counter()
         status = "error"
         try:
+            # Registered for redaction by issuer.request once the Enrollment has validated it: a
+            # word sent as a token must not be masked in every later message.
             token = Secret(body.token)
-            log.register_secret(body.token)
             version = issuer.resolve(body.release)
             enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
                                     console_url=body.console_url or issuer.default_console_url(version))

@@ -269,3 +269,13 @@ def test_a_revoked_token_is_dead_for_every_account_and_group(service):
     assert service.post({**body, "token": token + "="}).status_code == 200
     fp = token_fingerprint(Secret(token))
     assert f"revocations/tokens/{fp}.json" in service.keys("revocations")
+
+
+# -- 6. redaction after validation ------------------------------------------------------------------
+
+@pytest.mark.parametrize("token, status", [("no such installer", 422), ("installer", 200)])
+def test_a_word_sent_as_a_token_is_not_masked_in_later_answers(service, token, status):
+    answer = service.post({"account_id": ACCOUNT, "group_id": "grp-words", "token": token, "format": "exe"})
+    assert answer.status_code == status, answer.text[:300]
+    missing = service.client.get("/v1/installers/" + "f" * 32, headers=auth())
+    assert missing.status_code == 404 and missing.json()["error"] == "no such installer id"

@@ -79,3 +79,76 @@ def test_payload_names_and_dmg_colours_refuse_a_trailing_newline(tmp_path):
     dmg._check_linux_settings({**settings, "background": "#ffffff"}, dmg.SETTINGS_FILE)
     with pytest.raises(ConfigError, match="background"):
         dmg._check_linux_settings({**settings, "background": "#ffffff\n"}, dmg.SETTINGS_FILE)
+
+
+# -- 6. the redactor -------------------------------------------------------------------------------
+
+def test_words_shorter_than_a_token_are_never_registered():
+    from builder import log
+
+    log.register_secret("installer")
+    assert log.redact("no such installer id") == "no such installer id"
+    assert log.MIN_SECRET_CHARS == 16
+
+
+def test_the_longest_secret_wins_and_overlaps_are_masked():
+    from builder import log
+
+    short, long = "overlap-secret-0123", "overlap-secret-0123-and-more"
+    log.register_secret(short)
+    log.register_secret(long)
+    assert log.redact(f"a {long} b {short} c") == "a *** b *** c"
+    assert log.redact("overlap-secret-012") == "overlap-secret-012"  # a prefix alone is not the secret
+
+
+def test_the_redactor_keeps_no_secret_in_the_clear():
+    from builder import log
+
+    value = "clear-text-check-0123456789abcdef"
+    log.register_secret(value)
+    held = repr((log._by_prefix, log._expiring, log._permanent))
+    assert value[:8] not in held and log.redact(value) == "***"
+
+
+def test_request_secrets_are_forgotten_after_their_time(monkeypatch):
+    from builder import log
+
+    clock = [1000.0]
+    monkeypatch.setattr(log.time, "monotonic", lambda: clock[0])
+    before = log.registered_secrets()
+    for i in range(200):
+        log.register_secret(f"request-token-{i:04d}-abcdefgh")
+    assert log.registered_secrets() >= before + 200
+    clock[0] += log.SECRET_TTL_S + 1
+    log.register_secret("request-token-late-abcdefgh")
+    assert log.registered_secrets() <= before + 1
+    assert log.redact("request-token-late-abcdefgh") == "***"
+    log.register_secret("process-secret-0123456789", permanent=True)
+    clock[0] += 10 * log.SECRET_TTL_S
+    log.register_secret("request-token-later-abcdefgh")
+    assert log.redact("process-secret-0123456789") == "***"
+
+
+def test_redaction_cost_does_not_grow_with_the_number_of_secrets(monkeypatch):
+    import statistics
+    import time as _time
+
+    from builder import log
+
+    text = ("tool output line with nothing secret in it, 0123456789 " * 200)[:10_000]
+
+    def cost() -> float:
+        runs = []
+        for _ in range(5):
+            start = _time.perf_counter()
+            log.redact(text)
+            runs.append(_time.perf_counter() - start)
+        return statistics.median(runs)
+
+    for i in range(10):
+        log.register_secret(f"few-{i:05d}-0123456789abcdef")
+    few = cost()
+    for i in range(log.MAX_SECRETS):
+        log.register_secret(f"many-{i:05d}-0123456789abcdef")
+    many = cost()
+    assert many < 3 * few + 0.002, (few, many)
