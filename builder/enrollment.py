@@ -13,7 +13,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from builder.errors import EnrollmentError, UsageError
@@ -167,12 +166,25 @@ def read_token(token_file: str | None, token_env: str | None, environ: dict | No
         if token_env not in env:
             raise UsageError(f"environment variable {token_env} (--token-env) is not set", "export it first")
         raw = env[token_env]
-    elif token_file == "-":
-        raw = sys.stdin.read()
     else:
+        # At most the largest token and a line end, plus one byte to tell that the file holds
+        # more: `--token-file /dev/zero` must not read without end.
+        limit = MAX_TOKEN_BYTES + len("\r\n")
         try:
-            raw = Path(token_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            if token_file == "-":
+                stdin = getattr(sys.stdin, "buffer", None)
+                data = stdin.read(limit + 1) if stdin is not None else sys.stdin.read(limit + 1).encode()
+            else:
+                with open(token_file, "rb") as fh:
+                    data = fh.read(limit + 1)
+        except OSError as exc:
+            raise UsageError(f"--token-file {token_file}: cannot read it ({exc.__class__.__name__})", "check the path") from None
+        if len(data) > limit:
+            raise EnrollmentError(f"--token-file {token_file}: more than {MAX_TOKEN_BYTES} bytes",
+                                  f"the token is at most {MAX_TOKEN_BYTES} bytes")
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise UsageError(f"--token-file {token_file}: cannot read it ({exc.__class__.__name__})", "check the path") from None
     # A trailing newline from `echo` or an editor is not part of the token.
     return Secret(raw.strip("\r\n"))

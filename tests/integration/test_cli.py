@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 TOKEN = "cli-test-token-Zq9.v8_-secret"
 
 
-def run_cli(*args, env=None, stdin=None):
+def run_cli(*args, env=None, stdin=None, timeout=None):
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "builder", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, input=stdin, cwd=REPO)
+                          env=full_env, input=stdin, cwd=REPO, timeout=timeout)
 
 
 def assert_no_token(proc):

@@ -279,3 +279,80 @@ def test_a_word_sent_as_a_token_is_not_masked_in_later_answers(service, token, s
     assert answer.status_code == status, answer.text[:300]
     missing = service.client.get("/v1/installers/" + "f" * 32, headers=auth())
     assert missing.status_code == 404 and missing.json()["error"] == "no such installer id"
+
+
+# -- 7. command-line edges -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["existing folder", "/proc"])
+def test_stamp_out_that_cannot_be_written_is_one_line(tmp_path, release_dir, dev_keys, where):
+    if where == "existing folder":
+        out = tmp_path / "group.exe"
+        out.mkdir()
+    else:
+        out = Path("/proc/group.exe")
+    proc = run_cli("stamp", "--release", release_dir, "--format", "exe", "--account-id", "acct-1", "--group-id", "grp-1",
+                   "--token-env", "TOK", "--out", out, "--ca", dev_keys.ca_cert, env={"TOK": TOKEN})
+    assert proc.returncode == errors.OutputError.exit_code, proc.stderr[-2000:]
+    assert "--out" in one_error_line(proc)
+    assert_no_token(proc)
+    if where == "existing folder":
+        assert list(out.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["group.exe"]
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "big file", "stdin"])
+def test_token_file_reads_at_most_the_rule_plus_one_byte(tmp_path, release_dir, dev_keys, source):
+    stdin = None
+    if source == "big file":
+        path = tmp_path / "token"
+        path.write_text("A" * 100_000)
+        source = str(path)
+    elif source == "stdin":
+        stdin, source = "A" * 100_000, "-"
+    proc = run_cli("stamp", "--release", release_dir, "--format", "exe", "--account-id", "acct-1", "--group-id", "grp-1",
+                   "--token-file", source, "--out", tmp_path / "g.exe", "--ca", dev_keys.ca_cert, stdin=stdin, timeout=60)
+    assert proc.returncode == errors.EnrollmentError.exit_code, proc.stderr[-2000:]
+    assert "4096 bytes" in one_error_line(proc)
+    assert not (tmp_path / "g.exe").exists()
+
+
+def test_a_largest_token_with_a_line_end_is_still_read(tmp_path):
+    from builder.enrollment import MAX_TOKEN_BYTES, read_token
+
+    path = tmp_path / "token"
+    path.write_bytes(b"A" * MAX_TOKEN_BYTES + b"\r\n")
+    assert len(read_token(str(path), None).reveal()) == MAX_TOKEN_BYTES
+
+
+# -- 8. the token in children's environments -------------------------------------------------------
+
+def test_withheld_variables_reach_no_tool(monkeypatch):
+    from builder.tools import runner
+
+    monkeypatch.setitem(runner.TOOLS, "env", runner.Tool("env", "coreutils", (), "tests"))
+    monkeypatch.setenv("RED_TEAM_TOKEN", TOKEN)
+    runner.withhold_env("RED_TEAM_TOKEN")
+    out = runner.run("env", [], log_stdout=False).stdout.decode()
+    leaked = TOKEN in out or "RED_TEAM_TOKEN" in out
+    assert not leaked and "RED_TEAM_TOKEN" not in os.environ
+
+
+def test_token_env_is_dropped_from_every_tool_the_build_runs(tmp_path, test_payload):
+    import shutil
+
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    dumps = tmp_path / "env-dumps"
+    dumps.mkdir()
+    for tool in ("makensis", "osslsigncode", "wixl", "msibuild", "msiinfo", "msidump"):
+        real = shutil.which(tool)
+        shim = shims / tool
+        shim.write_text(f'#!/bin/sh\nenv > "{dumps}/{tool}.$$"\nexec "{real}" "$@"\n')
+        shim.chmod(0o755)
+    out = tmp_path / "out"
+    proc = run_cli(*base_args(out, test_payload), "--format", "exe", "--format", "msi", "--token-env", "RED_TEAM_TOKEN",
+                   "--no-sign", env={"RED_TEAM_TOKEN": TOKEN, "PATH": f"{shims}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = list(dumps.iterdir())
+    assert {p.name.split(".")[0] for p in seen} >= {"makensis", "wixl"}
+    leaked = any(TOKEN in p.read_text() or "RED_TEAM_TOKEN=" in p.read_text() for p in seen)
+    assert not leaked, "a tool inherited the token's environment variable"
