@@ -16,6 +16,7 @@ them agree; storage's create-if-absent is the final guard against double work. T
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import os
@@ -39,7 +40,15 @@ from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError,
 from builder.storage.release import INDEX_FORMAT
 
 FORMATS = tuple(stamp.STAMP_FORMATS)
-RECORD_CACHE = 100_000
+# Finished records kept in memory (least recently used out): the ids the console asks about
+# again, a few KiB each; a long-running service must not keep one per installer ever issued.
+RECORD_CACHE = 4096
+# Hash states of release prefixes (one per release file with a slot), least recently used out.
+PREFIX_CACHE = 32
+# Waiting for a queued job's record: first look after POLL_FIRST_S, then ever less often.
+POLL_FIRST_S = 0.005
+POLL_MAX_S = 0.25
+FAILURE_CHECK_S = 0.5
 VERIFIED_MARKER = ".verified-index.json"
 VERSIONS_TTL_S = 5.0
 
@@ -144,7 +153,7 @@ class Issuer:
         self._inflight: dict[str, Future] = {}
         self._inflight_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stamp")
-        self._records: dict[str, Record] = {}
+        self._records: collections.OrderedDict[str, Record] = collections.OrderedDict()
         self._records_lock = threading.Lock()
         self._versions: tuple[float, list[str]] | None = None
         self.queue = None  # set by builder.service.jobs when Redis workers do the stamping
@@ -249,6 +258,8 @@ class Issuer:
         are kept in memory (bounded); a missing one is asked again next time."""
         with self._records_lock:
             rec = self._records.get(installer_id)
+            if rec is not None:
+                self._records.move_to_end(installer_id)
         if rec is not None:
             return rec
         try:
@@ -258,7 +269,7 @@ class Issuer:
         with self._records_lock:
             self._records[installer_id] = rec
             while len(self._records) > RECORD_CACHE:
-                self._records.pop(next(iter(self._records)))
+                self._records.popitem(last=False)
         return rec
 
     def stamp_pieces(self, rec: Record) -> tuple[str, list]:
@@ -313,16 +324,22 @@ class Issuer:
     def _run(self, installer_id: str, version: str, fmt: str, enrollment: Enrollment, wait_s: float) -> Record | None:
         if self.queue is not None:
             self.queue.submit(installer_id, version, fmt, enrollment)
-            deadline = time.monotonic() + wait_s
-            polls = 0
-            while time.monotonic() < deadline:
+            # A slot stamp is ready in milliseconds, a baked one in seconds: look soon, then back
+            # off, so that a waiting request costs a few storage reads, not one every 10 ms.
+            now = time.monotonic()
+            deadline, next_failure_check, pause = now + wait_s, now + FAILURE_CHECK_S, POLL_FIRST_S
+            while True:
                 rec = self.record(installer_id)
                 if rec is not None:
                     return rec
-                polls += 1
-                if polls % 50 == 0:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now >= next_failure_check:
                     self._raise_if_failed_quietly(installer_id)
-                time.sleep(0.01)
+                    next_failure_check = now + FAILURE_CHECK_S
+                time.sleep(min(pause, deadline - now))
+                pause = min(pause * 2, POLL_MAX_S)
             self._raise_if_failed_quietly(installer_id)
             return None
         with self._inflight_lock:
@@ -402,7 +419,7 @@ class Issuer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-_prefix_hashes: dict[tuple[str, int], "hashlib._Hash"] = {}
+_prefix_hashes: collections.OrderedDict[tuple[str, int], "hashlib._Hash"] = collections.OrderedDict()
 _prefix_lock = threading.Lock()
 
 
@@ -416,11 +433,15 @@ def _pieces_sha256(base: Path, pieces) -> str:
         cache_key = (str(base), pieces[0][2])
         with _prefix_lock:
             cached = _prefix_hashes.get(cache_key)
+            if cached is not None:
+                _prefix_hashes.move_to_end(cache_key)
         if cached is None:
             cached = hashlib.sha256()
             _hash_range(base, 0, pieces[0][2], cached)
             with _prefix_lock:
                 _prefix_hashes[cache_key] = cached
+                while len(_prefix_hashes) > PREFIX_CACHE:
+                    _prefix_hashes.popitem(last=False)
         h = cached.copy()
         pieces = pieces[1:]
     h = h or hashlib.sha256()

@@ -152,3 +152,64 @@ def test_redaction_cost_does_not_grow_with_the_number_of_secrets(monkeypatch):
         log.register_secret(f"many-{i:05d}-0123456789abcdef")
     many = cost()
     assert many < 3 * few + 0.002, (few, many)
+
+
+# -- 9. long-running state -------------------------------------------------------------------------
+
+def test_step_timings_are_bounded(monkeypatch):
+    from builder import log
+
+    monkeypatch.setattr(log, "_quiet", True)
+    log.take_timings()
+    for i in range(3000):
+        with log.step(f"step {i}"):
+            pass
+    kept = log.take_timings()
+    assert 0 < len(kept) <= 1000 and kept[-1][0] == "step 2999"
+
+
+def test_the_prefix_hash_cache_is_bounded(tmp_path):
+    import hashlib
+
+    from builder.service import issuer
+
+    base = tmp_path / "base.bin"
+    base.write_bytes(bytes(range(256)))
+    issuer._prefix_hashes.clear()
+    for n in range(1, 201):
+        pieces = [("base", 0, n), ("bytes", b"slot")]
+        assert issuer._pieces_sha256(base, pieces) == hashlib.sha256(bytes(range(n)) + b"slot").hexdigest()
+    assert len(issuer._prefix_hashes) <= 32
+
+
+def test_waiting_for_a_queued_job_backs_off(tmp_path):
+    from builder.service.issuer import Audit, Issuer
+    from builder.storage import ObjectNotFoundError
+    from builder.formats.base import Signers
+
+    class Store:
+        kind = "file"
+        gets = 0
+
+        def get(self, key):
+            Store.gets += 1
+            raise ObjectNotFoundError(f"no {key}", key=key)
+
+    class Queue:
+        failures = 0
+
+        def submit(self, *args):
+            pass
+
+        def failure(self, installer_id):
+            Queue.failures += 1
+            return None
+
+    issuer = Issuer(Store(), signers=Signers(unsigned=True), cache_dir=tmp_path, audit=Audit(tmp_path / "a.sqlite"))
+    issuer.queue = Queue()
+    try:
+        assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=1.0) is None
+    finally:
+        issuer.close()
+    assert Store.gets <= 15, Store.gets
+    assert 1 <= Queue.failures <= 4
