@@ -106,27 +106,35 @@ def test_the_redactor_keeps_no_secret_in_the_clear():
 
     value = "clear-text-check-0123456789abcdef"
     log.register_secret(value)
-    held = repr((log._by_prefix, log._expiring, log._permanent))
+    held = repr((log._permanent, log._current, log._previous))
     assert value[:8] not in held and log.redact(value) == "***"
 
 
 def test_request_secrets_are_forgotten_after_their_time(monkeypatch):
+    import time
+
     from builder import log
 
-    clock = [1000.0]
+    ttl = log.SECRET_TTL_S
+    clock = [time.monotonic() + 10 * ttl]
     monkeypatch.setattr(log.time, "monotonic", lambda: clock[0])
-    before = log.registered_secrets()
+    log.register_secret("process-secret-0123456789", permanent=True)
+    log.register_secret("request-token-first-abcdefgh")  # the clock jumped: older generations are gone
+    kept = log.registered_secrets()
     for i in range(200):
         log.register_secret(f"request-token-{i:04d}-abcdefgh")
-    assert log.registered_secrets() >= before + 200
-    clock[0] += log.SECRET_TTL_S + 1
+    assert log.registered_secrets() == kept + 200
+    clock[0] += ttl - 1
+    assert log.redact("request-token-0007-abcdefgh") == "***"
+    log.register_secret("request-token-0007-abcdefgh")  # seen again
+    clock[0] += ttl - 2  # less than SECRET_TTL_S after it was seen again
     log.register_secret("request-token-late-abcdefgh")
-    assert log.registered_secrets() <= before + 1
-    assert log.redact("request-token-late-abcdefgh") == "***"
-    log.register_secret("process-secret-0123456789", permanent=True)
-    clock[0] += 10 * log.SECRET_TTL_S
-    log.register_secret("request-token-later-abcdefgh")
+    assert log.redact("request-token-0007-abcdefgh") == "***"
+    clock[0] += 2 * ttl
+    assert log.redact("request-token-0008-abcdefgh") == "request-token-0008-abcdefgh"
+    assert log.redact("request-token-late-abcdefgh") == "request-token-late-abcdefgh"
     assert log.redact("process-secret-0123456789") == "***"
+    assert log.registered_secrets() == kept - 1  # the process's secrets only
 
 
 def test_redaction_cost_does_not_grow_with_the_number_of_secrets(monkeypatch):
