@@ -356,3 +356,15 @@ def test_token_env_is_dropped_from_every_tool_the_build_runs(tmp_path, test_payl
     assert {p.name.split(".")[0] for p in seen} >= {"makensis", "wixl"}
     leaked = any(TOKEN in p.read_text() or "RED_TEAM_TOKEN=" in p.read_text() for p in seen)
     assert not leaked, "a tool inherited the token's environment variable"
+
+
+def test_secrets_of_the_environment_reach_no_tool(monkeypatch):
+    from builder.tools import runner
+
+    monkeypatch.setitem(runner.TOOLS, "env", runner.Tool("env", "coreutils", (), "tests"))
+    secret = "sign-password-" + secrets.token_hex(8)
+    for name in ("BUILDER_SIGN_PASSWORD", "BUILDER_QUEUE_KEY", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, secret)
+    out = runner.run("env", [], log_stdout=False).stdout.decode()
+    leaked = secret in out
+    assert not leaked and os.environ["BUILDER_SIGN_PASSWORD"] == secret  # still there for this process
