@@ -42,7 +42,7 @@ from builder.storage.release import INDEX_FORMAT
 FORMATS = tuple(stamp.STAMP_FORMATS)
 # Finished records kept in memory (least recently used out): the ids the console asks about
 # again, a few KiB each; a long-running service must not keep one per installer ever issued.
-RECORD_CACHE = 4096
+RECORD_CACHE = 1024
 # Hash states of release prefixes (one per release file with a slot), least recently used out.
 PREFIX_CACHE = 32
 # Waiting for a queued job's record: first look after POLL_FIRST_S, then ever less often.
@@ -113,6 +113,9 @@ class Audit:
             # WAL + NORMAL: a committed row survives a crash of this process; only a power cut
             # can lose the last rows. FULL would fsync on every request.
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Appended to, seldom read: a small page cache (SQLite's default is 2 MB) keeps a
+            # long-running service's memory from growing with the log.
+            self._db.execute("PRAGMA cache_size=-256")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS audit (ts REAL NOT NULL, caller TEXT NOT NULL, action TEXT NOT NULL,"
                 " installer_id TEXT, release TEXT, format TEXT, account_id TEXT, group_id TEXT,"
