@@ -46,11 +46,15 @@ def one_error_line(proc) -> str:
 
 # -- 1. a trailing newline ----------------------------------------------------------------------
 
-def test_build_refuses_an_account_id_with_a_trailing_newline(tmp_path, test_payload):
+@pytest.mark.parametrize("fmt, signed", [("exe", False), ("msi", True)])
+def test_build_refuses_an_account_id_with_a_trailing_newline(tmp_path, test_payload, dev_keys, fmt, signed):
+    """The report: a signed msi build ended in "check the signing certificate chain"."""
     out = tmp_path / "out"
     args = base_args(out, test_payload)
     args[args.index("acct-1")] = "acct-1\n"
-    proc = run_cli(*args, "--format", "exe", "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
+    signing = (["--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert] if signed
+               else ["--no-sign"])
+    proc = run_cli(*args, "--format", fmt, "--token-env", "TOK", *signing, env={"TOK": TOKEN})
     assert proc.returncode == errors.EnrollmentError.exit_code, proc.stderr[-2000:]
     assert "--account-id" in one_error_line(proc)
     assert_no_token(proc)
