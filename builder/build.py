@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -20,9 +19,10 @@ from pathlib import Path
 
 from builder import formats, log
 from builder.config import Product
+from builder.fileio import atomic_output, write_atomic
 from builder.trust import SignedEnrollment, Trust
 from builder.errors import BuilderError, OutputError, PayloadError, VerificationError
-from builder.formats.base import BuildRequest, Signers
+from builder.formats.base import BuildRequest, Signers, refuse_symlinks
 
 PLATFORMS = {"msi": "windows", "exe": "windows", "pkg": "macos", "dmg": "macos"}
 
@@ -63,6 +63,8 @@ def check_payload(payload: Path, platform: str, product: Product) -> None:
     folder = payload / platform
     if not payload.is_dir():
         raise PayloadError(f"--payload {payload}: no such folder", "run `make payload` or give the agent's folder")
+    if folder.is_dir() or folder.is_symlink():
+        refuse_symlinks(folder)
     if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
         raise PayloadError(f"--payload {payload}: {platform}/ is missing or empty", f"put the {platform} agent in {folder}")
     if platform == "windows":
@@ -134,9 +136,8 @@ def build(
             outputs = []
             for res in results:
                 target = targets[res.format]
-                partial = target.with_name(f".{target.name}.partial")
-                shutil.copyfile(res.path, partial)
-                os.replace(partial, target)
+                with open(res.path, "rb") as src, atomic_output(target) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
                 placed.append(target)
                 outputs.append(Output(res.format, target, res.size, res.sha256, res.signer, res.notarized, res.seconds, res.details))
             write_summary(out / f"{stem}.summary.json", outputs, enrollment, version)
@@ -158,9 +159,7 @@ def default_basename(product: Product, version: str, enrollment: SignedEnrollmen
 
 def write_summary(path: Path, outputs: list[Output], enrollment: SignedEnrollment | None, version: str) -> None:
     doc = summary_doc(outputs, enrollment, version)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_atomic(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def summary_doc(outputs: list[Output], enrollment: SignedEnrollment | None, version: str) -> dict:

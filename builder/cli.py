@@ -17,6 +17,7 @@ from builder.enrollment import Enrollment, Secret, read_token
 from builder.errors import BuilderError, UsageError
 from builder.formats.base import AppleKey, Signers
 from builder.signing.authenticode import SigningKey, OfflineTSA
+from builder.tools import runner
 
 SIGN_PASSWORD_ENV = "BUILDER_SIGN_PASSWORD"
 MAC_SIGN_PASSWORD_ENV = "BUILDER_MAC_SIGN_PASSWORD"
@@ -109,7 +110,7 @@ def resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, pkcs11_module=
         raise UsageError("give one of --enrollment-key and --enrollment-key-pkcs11", "not both")
     password = Secret(environ[ENROLLMENT_KEY_PASSWORD_ENV]) if environ.get(ENROLLMENT_KEY_PASSWORD_ENV) else None
     if password is not None:
-        log.register_secret(password.reveal())
+        log.register_secret(password.reveal(), permanent=True)
     if enrollment_key:
         return ek.FileEnrollmentKey(enrollment_key, password)
     if enrollment_key_pkcs11:
@@ -138,7 +139,7 @@ def sign_enrollment(key, enrollment, trust, expires_in, environ=os.environ):
     issued = source_date_epoch(environ) if raw is not None else int(time.time())
     expires = int(time.time()) + expires_in if expires_in else None
     signed = key.sign(enrollment, trust, issued_at=min(issued, expires - 1) if expires else issued, expires_at=expires)
-    log.register_secret(signed.jws.reveal())
+    log.register_secret(signed.jws.reveal(), permanent=True)
     return signed
 
 
@@ -212,11 +213,28 @@ def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_mod
         from builder.signing import apple
 
         mac_password = Secret(environ[MAC_SIGN_PASSWORD_ENV])
-        log.register_secret(mac_password.reveal())
+        log.register_secret(mac_password.reveal(), permanent=True)
         apple_app, apple_installer = apple.classify_identities([AppleKey(pkcs12=p, password=mac_password) for p in mac_sign_pkcs12])
     notary = resolve_notary(notarize_key, notary_url, environ)
     return Signers(authenticode=authenticode, apple_application=apple_app, apple_installer=apple_installer,
                    notary=notary, verify_ca=ca)
+
+
+def _read_token(token_file: str | None, token_env: str | None) -> Secret:
+    """The token of --token-file or --token-env. A variable it came from is taken out of this
+    process's environment, so that no tool, helper or child process started later inherits it."""
+    token = read_token(token_file, token_env)
+    if token_env is not None:
+        runner.withhold_env(token_env)
+    return token
+
+
+def _enrollment(account_id: str, group_id: str, token: Secret, console_url: str) -> Enrollment:
+    """The enrollment of the command line, validated; only then is its token registered for
+    redaction (a word given as a token must not be masked in every message)."""
+    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url)
+    log.register_secret(token.reveal(), permanent=True)
+    return enrollment
 
 
 def source_date_epoch(environ=os.environ) -> int:
@@ -250,9 +268,8 @@ def build(format_names, version, account_id, group_id, token_file, token_env, co
 
     product = load_product(config_file, parse_set_options(set_items))
     validate_version(version)
-    token = read_token(token_file, token_env)
-    log.register_secret(token.reveal())
-    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
+    token = _read_token(token_file, token_env)
+    enrollment = _enrollment(account_id, group_id, token, console_url or product.console_url)
     key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
     trust = resolve_trust(product, console_hosts, public_keys, key)
     signed = sign_enrollment(key, enrollment, trust, expires_in)
@@ -400,10 +417,8 @@ def enrollment_cmd(account_id, group_id, token_file, token_env, console_url, enr
     else:
         product = load_product(config_file, parse_set_options(set_items))
         trust = resolve_trust(product, (), (), key)
-    token = read_token(token_file, token_env)
-    log.register_secret(token.reveal())
-    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token,
-                            console_url=console_url or product.console_url)
+    token = _read_token(token_file, token_env)
+    enrollment = _enrollment(account_id, group_id, token, console_url or product.console_url)
     signed = sign_enrollment(key, enrollment, trust, expires_in)
     jws = signed.jws.reveal()
     if as_json:
@@ -466,9 +481,8 @@ def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, con
     ca = signing["ca"]
     rel = Release.open(release_dir, ca=ca)
     product = rel.product()
-    token = read_token(token_file, token_env)
-    log.register_secret(token.reveal())
-    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token, console_url=console_url or product.console_url)
+    token = _read_token(token_file, token_env)
+    enrollment = _enrollment(account_id, group_id, token, console_url or product.console_url)
     key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
     enrollment = sign_enrollment(key, enrollment, rel.trust(), expires_in)
     if fmt in stamp_mod.SLOTTED and not _any_key(signing):
@@ -599,11 +613,9 @@ def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console
     key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca,
                                         redis_url=redis_url, enrollment_key=key))
-    token = read_token(token_file, token_env)
-    log.register_secret(token.reveal())
+    token = _read_token(token_file, token_env)
     version = issuer.resolve(release)
-    enrollment = Enrollment(account_id=account_id, group_id=group_id, token=token,
-                            console_url=console_url or issuer.default_console_url(version))
+    enrollment = _enrollment(account_id, group_id, token, console_url or issuer.default_console_url(version))
     installer_id, rec = issuer.request("cli", release=version, fmt=fmt, enrollment=enrollment, wait_s=600)
     issuer.close()
     if issuer.store.kind == "file":

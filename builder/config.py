@@ -62,13 +62,13 @@ class Product:
             "launchd_label": _REVERSE_DNS_RE,
         }
         for key, rule in checks.items():
-            if not rule.match(getattr(self, key)):
+            if not rule.fullmatch(getattr(self, key)):
                 raise ConfigError(f"product.{key} = {getattr(self, key)!r} has a character outside {rule.pattern}", "change it in your --config file")
-        if not _GUID_RE.match(self.upgrade_code):
+        if not _GUID_RE.fullmatch(self.upgrade_code):
             raise ConfigError(f"product.upgrade_code = {self.upgrade_code!r} is not an upper-case GUID", "use the form 5B0C7E3A-2B4F-4C7A-9E0D-6C1A8F3B2D41")
         for key, sep in (("install_folder", "/"), ("registry_key", "\\")):
             parts = getattr(self, key).split(sep)
-            if not all(_PATH_PART_RE.match(p) for p in parts):
+            if not all(_PATH_PART_RE.fullmatch(p) for p in parts):
                 raise ConfigError(f"product.{key} = {getattr(self, key)!r}: each part separated by {sep!r} must match {_PATH_PART_RE.pattern}", "change it in your --config file")
         if not 1024 <= self.slot_size <= 65536 or self.slot_size % 8:
             raise ConfigError(f"product.slot_size = {self.slot_size} must be a multiple of 8 between 1024 and 65536", "12288 fits a signed enrollment with a 4 KiB token")
@@ -148,9 +148,15 @@ def parse_set_options(items: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def is_version(text: object) -> bool:
+    """MAJOR.MINOR.BUILD digits, nothing else (not even a trailing newline): the one test of a
+    version string, for --version and for release names the service is asked for."""
+    return isinstance(text, str) and _VERSION_RE.fullmatch(text) is not None
+
+
 def validate_version(version: str) -> str:
     """MSI ProductVersion rules: major.minor.build, major and minor < 256, build < 65536."""
-    if not _VERSION_RE.match(version):
+    if not is_version(version):
         raise ConfigError(f"--version {version!r} is not MAJOR.MINOR.BUILD", "for example 1.2.3")
     major, minor, build = (int(p) for p in version.split("."))
     if major > 255 or minor > 255 or build > 65535:

@@ -13,7 +13,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from builder.errors import EnrollmentError, UsageError
@@ -121,7 +120,7 @@ def validate_id(field: str, value: str) -> None:
         raise EnrollmentError(f"--{field} is empty", f"give the console's {field}")
     if len(value) > MAX_ID_CHARS:
         raise EnrollmentError(f"--{field} is {len(value)} characters long", f"the limit is {MAX_ID_CHARS}")
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise EnrollmentError(
             f"--{field} has a character outside the allowed set",
             "use ASCII letters, digits and . - : @ _ (starting with a letter or digit)",
@@ -135,7 +134,7 @@ def validate_token(token: Secret) -> None:
     size = len(value.encode())
     if size > MAX_TOKEN_BYTES:
         raise EnrollmentError(f"the enrollment token is {size} bytes", f"the limit is {MAX_TOKEN_BYTES} bytes")
-    if not _TOKEN_RE.match(value):
+    if not _TOKEN_RE.fullmatch(value):
         # Never echo the value: name the rule only.
         raise EnrollmentError(
             "the enrollment token has a character outside base64/base64url/JWT",
@@ -148,7 +147,7 @@ def validate_console_url(value: str) -> None:
         raise EnrollmentError("--console-url is empty", "give the console's https URL")
     if len(value) > MAX_URL_CHARS:
         raise EnrollmentError(f"--console-url is {len(value)} characters long", f"the limit is {MAX_URL_CHARS}")
-    if not _URL_CHARS_RE.match(value):
+    if not _URL_CHARS_RE.fullmatch(value):
         raise EnrollmentError(
             "--console-url has a character not allowed here (space, double quote, backslash, <, >, [, ], braces or non-ASCII)",
             "percent-encode it",
@@ -175,12 +174,25 @@ def read_token(token_file: str | None, token_env: str | None, environ: dict | No
         if token_env not in env:
             raise UsageError(f"environment variable {token_env} (--token-env) is not set", "export it first")
         raw = env[token_env]
-    elif token_file == "-":
-        raw = sys.stdin.read()
     else:
+        # At most the largest token and a line end, plus one byte to tell that the file holds
+        # more: `--token-file /dev/zero` must not read without end.
+        limit = MAX_TOKEN_BYTES + len("\r\n")
         try:
-            raw = Path(token_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            if token_file == "-":
+                stdin = getattr(sys.stdin, "buffer", None)
+                data = stdin.read(limit + 1) if stdin is not None else sys.stdin.read(limit + 1).encode()
+            else:
+                with open(token_file, "rb") as fh:
+                    data = fh.read(limit + 1)
+        except OSError as exc:
+            raise UsageError(f"--token-file {token_file}: cannot read it ({exc.__class__.__name__})", "check the path") from None
+        if len(data) > limit:
+            raise EnrollmentError(f"--token-file {token_file}: more than {MAX_TOKEN_BYTES} bytes",
+                                  f"the token is at most {MAX_TOKEN_BYTES} bytes")
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise UsageError(f"--token-file {token_file}: cannot read it ({exc.__class__.__name__})", "check the path") from None
     # A trailing newline from `echo` or an editor is not part of the token.
     return Secret(raw.strip("\r\n"))

@@ -2,12 +2,26 @@
 
 `redact()` replaces every registered secret value (enrollment tokens, signing passwords) before
 text reaches the terminal, a log file or an exception message built from tool output.
+
+The redactor keeps no secret in the clear: a secret is known by a keyed hash of its last
+MIN_SECRET_CHARS characters (its most random part: JWTs share their first characters) and a
+keyed 64-bit digest of its whole value. `redact()` hashes the window at each position of the
+text once, so its cost does not grow with the number of secrets. Values shorter than
+MIN_SECRET_CHARS are not registered: a short "secret" such as `installer` would be masked in
+every message that uses the word (real enrollment tokens, API keys and generated keys are
+longer). Secrets of the process (API keys, signing passwords, storage keys) stay registered;
+those of one request (enrollment tokens in `serve` and `worker`) live in two generations that
+turn over every SECRET_TTL_S: each is kept at least SECRET_TTL_S and at most twice that after
+its last registration, and never more than MAX_SECRETS at once (about 120 bytes each).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import logging
+import os
 import threading
 import time
 from typing import Iterator
@@ -18,35 +32,114 @@ from rich.table import Table
 console = Console(stderr=True, highlight=False)
 logger = logging.getLogger("builder")
 
-# Most recent first out: a long-running service sees a token per request, and the redactor must
-# not grow without bound. A secret stays registered for at least its request's lifetime.
+MIN_SECRET_CHARS = 16
+# A request's token must stay registered while its request, or its queued job, can still print
+# something: the service waits 20 s, a job may run for up to 600 s.
+SECRET_TTL_S = 600.0
 MAX_SECRETS = 10_000
-_secrets: dict[str, None] = {}
-_by_length: list[str] = []
+# The step timings `make bench` reads: a long-running service drops the oldest.
+MAX_TIMINGS = 1_000
+
+_KEY = os.urandom(16)
+_MASK64 = (1 << 64) - 1
 _lock = threading.Lock()
+# window hash -> (length << 64 | digest), or a tuple of those when windows collide. Each dict is
+# read without the lock (one lookup is atomic) and changed or replaced only under it.
+_permanent: dict[int, int | tuple[int, ...]] = {}
+_current: dict[int, int | tuple[int, ...]] = {}
+_previous: dict[int, int | tuple[int, ...]] = {}
+_generation_started = time.monotonic()
 _quiet = False
-_timings: list[tuple[str, float]] = []
+_timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=MAX_TIMINGS)
 
 
-def register_secret(value: str) -> None:
-    """From now on `value` is replaced by `***` in everything this module prints."""
-    global _by_length
-    if value and len(value) >= 4:
-        with _lock:
-            if value in _secrets:
-                return
-            _secrets[value] = None
-            while len(_secrets) > MAX_SECRETS:
-                _secrets.pop(next(iter(_secrets)))
-            _by_length = sorted(_secrets, key=len, reverse=True)
+def _digest(value: str) -> int:
+    raw = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), key=_KEY, digest_size=8).digest()
+    return int.from_bytes(raw, "big")
+
+
+def _window(text: str, end: int) -> int:
+    # hash() of a str is keyed per process (SipHash); the whole value is checked by _digest.
+    return hash(text[end - MIN_SECRET_CHARS:end])
+
+
+def _add(table: dict, window: int, entry: int) -> None:
+    found = table.get(window)
+    if found is None:
+        table[window] = entry
+    elif isinstance(found, int):
+        if found != entry:
+            table[window] = (found, entry)
+    elif entry not in found:
+        table[window] = (*found, entry)
+
+
+def _turn_over(now: float) -> None:
+    """Under the lock: start a new generation when the current one is SECRET_TTL_S old or full."""
+    global _current, _previous, _generation_started
+    age = now - _generation_started
+    if age >= 2 * SECRET_TTL_S:
+        _previous, _current, _generation_started = {}, {}, now
+    elif age >= SECRET_TTL_S or len(_current) >= MAX_SECRETS // 2:
+        _previous, _current, _generation_started = _current, {}, now
+
+
+def register_secret(value: str, *, permanent: bool = False) -> None:
+    """From now on `value` is replaced by `***` in everything this module prints: for the life of
+    the process with `permanent`, else for SECRET_TTL_S to twice that after the last
+    registration. Only values that passed their own validation belong here; values shorter than
+    MIN_SECRET_CHARS are ignored."""
+    if not isinstance(value, str) or len(value) < MIN_SECRET_CHARS:
+        return
+    window, entry = _window(value, len(value)), len(value) << 64 | _digest(value)
+    with _lock:
+        if permanent:
+            _add(_permanent, window, entry)
+            return
+        _turn_over(time.monotonic())
+        _add(_current, window, entry)
+
+
+def registered_secrets() -> int:
+    """How many secrets the redactor holds (for tests and the soak run)."""
+    with _lock:
+        tables = (_permanent, _current, _previous)
+        return sum(1 if isinstance(v, int) else len(v) for t in tables for v in t.values())
 
 
 def redact(text: str) -> str:
-    values = _by_length  # replaced whole under the lock, never changed in place
-    for value in values:
-        if value in text:
-            text = text.replace(value, "***")
-    return text
+    if time.monotonic() - _generation_started >= SECRET_TTL_S:  # idle: let the old generation go
+        with _lock:
+            _turn_over(time.monotonic())
+    tables = [t for t in (_permanent, _current, _previous) if t]
+    if not tables or len(text) < MIN_SECRET_CHARS:
+        return text
+    spans: list[tuple[int, int]] = []
+    width = MIN_SECRET_CHARS
+    for end in range(width, len(text) + 1):
+        window = hash(text[end - width:end])  # _window(text, end), inlined: this loop is the cost
+        for table in tables:
+            found = table.get(window)
+            if found is None:
+                continue
+            for entry in (found,) if isinstance(found, int) else found:
+                start = end - (entry >> 64)
+                if start >= 0 and _digest(text[start:end]) == entry & _MASK64:
+                    spans.append((start, end))
+    if not spans:
+        return text
+    spans.sort()
+    out, pos = [], 0
+    merged_start, merged_end = spans[0]
+    for start, end in spans[1:] + [(len(text) + 1, len(text) + 1)]:
+        if start <= merged_end:
+            merged_end = max(merged_end, end)
+            continue
+        out += (text[pos:merged_start], "***")
+        pos = merged_end
+        merged_start, merged_end = start, end
+    out.append(text[pos:])
+    return "".join(out)
 
 
 class _RedactingFilter(logging.Filter):

@@ -11,13 +11,13 @@ never parses a signature or runs a tool it can avoid.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import __version__, build, formats, log
 from builder.config import Product
-from builder.errors import FormatError, VerificationError
+from builder.errors import FormatError, OutputError, VerificationError
+from builder.fileio import write_atomic
 from builder.formats.base import Signers
 from builder.tools import runner
 from builder.trust import Trust
@@ -53,8 +53,10 @@ def release(*, format_names: list[str], product: Product, version: str, payload:
         "tools": {name: runner.version(runner.TOOLS[name]) for name in _RECORDED_TOOLS},
         "files": files,
     }
-    (out / f".{MANIFEST}.partial").write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(out / f".{MANIFEST}.partial", out / MANIFEST)
+    try:
+        write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write {MANIFEST} ({exc.strerror or exc})", "check free space and permissions") from None
     # The summary build.build wrote is superseded by the manifest.
     for stale in out.glob("*.summary.json"):
         stale.unlink()

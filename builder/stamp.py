@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import build, formats, log
+from builder import build, fileio, formats, log
 from builder.binfmt import slot as slotfmt
 from builder.binfmt import tag
 from builder.trust import SignedEnrollment, verify
@@ -71,7 +71,7 @@ def write_pieces(base: Path, pieces: list[tag.Piece], dst: Path) -> int:
     """Write the file `pieces` describe to `dst` (a new file): the base copied in the kernel
     (or reflinked), then only the literal pieces written. Returns the bytes written by us."""
     written = 0
-    with open(base, "rb") as src, open(dst, "xb") as out:
+    with open(base, "rb") as src, os.fdopen(os.open(dst, fileio.NEW_FILE, 0o644), "wb") as out:
         try:
             fcntl.ioctl(out.fileno(), _FICLONE, src.fileno())
         except OSError as exc:
@@ -121,14 +121,19 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
         raise UsageError(f"--out {out}: a {fmt} installer must end in {SUFFIX[fmt]}", "rename the output")
     base = release.file(STAMP_FORMATS[fmt])
     log.register_secret(enrollment.token.reveal())
+    if out.is_dir():
+        raise OutputError(f"--out {out}: is a folder", "give the installer's file name, for example group.exe")
+    # Everything this stamp writes by path (the output, a pkg's unsigned intermediate with the
+    # token inside, a tool's temporary files) goes into a new 0700 folder beside `out`: nothing
+    # follows a planted link, and nobody else can read the token on the way.
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        work = fileio.new_private_dir(out)
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
-    partial = out.with_name(f".{out.name}.partial")
-    partial.unlink(missing_ok=True)
+        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder") from None
     notarization = None
     try:
+        partial = work / out.name
         if fmt in SLOTTED:
             with log.step(f"{fmt}: stamp the enrollment slot"):
                 written = write_pieces(base.path, stamp_ranges(base, enrollment), partial)
@@ -138,8 +143,10 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
                 built = formats.get(fmt).stamp(release, enrollment, signers, partial)
             written, signer, resigned = partial.stat().st_size, built.signer, not signers.unsigned
             notarization = (built.details or {}).get("notarization")
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        try:
+            os.replace(partial, out)
+        except OSError as exc:
+            raise OutputError(f"--out {out}: cannot write it ({exc.strerror or exc})", "choose a writable file path") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return Stamped(fmt, out, out.stat().st_size, build.sha256_file(out), signer, resigned, written, notarization)

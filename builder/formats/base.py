@@ -8,11 +8,13 @@ its private work folder; `builder.build` moves it into the output folder once ve
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from builder.config import Product
+from builder.errors import PayloadError
 from builder.trust import SignedEnrollment, Trust
 from builder.signing.authenticode import SigningKey, OfflineTSA
 
@@ -80,4 +82,20 @@ class Format(Protocol):
         """What `verify` reports about structure and enrollment, without checking signatures."""
 
 
-__all__ = ["AppleKey", "BuildRequest", "Built", "Format", "Signers", "SigningKey", "OfflineTSA"]
+def refuse_symlinks(folder: Path) -> None:
+    """A payload holds real files and folders only. A symbolic link would carry whatever it
+    points to on the build machine (a signing key) into a signed installer, or be skipped or
+    kept as a link depending on the format: any link, to a file or a folder, is refused with
+    its path. Dot-files are checked too, though no format installs them."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise PayloadError(f"{folder}: the payload folder is a symbolic link", "give the folder it points to")
+    for root, dirs, files in os.walk(folder):  # os.walk lists linked folders in `dirs` and does not enter them
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise PayloadError(f"{path}: a symbolic link in the payload (to {os.readlink(path)!r})",
+                                   "copy the real file or folder into the payload instead")
+
+
+__all__ = ["refuse_symlinks", "AppleKey", "BuildRequest", "Built", "Format", "Signers", "SigningKey", "OfflineTSA"]

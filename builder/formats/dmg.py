@@ -123,7 +123,7 @@ def _check_linux_settings(settings: dict, settings_file: Path) -> None:
     if settings["default_view"] != "icon-view":
         problems.append(f"default_view {settings['default_view']!r} (only icon-view)")
     background = settings["background"]
-    if background is not None and not (isinstance(background, str) and _COLOUR.match(background)):
+    if background is not None and not (isinstance(background, str) and _COLOUR.fullmatch(background)):
         problems.append(f"background {background!r} (only a #rrggbb colour or None)")
     if problems:
         raise ConfigError(f"{settings_file}: not supported by the Linux DMG writer: {', '.join(map(str, problems))}",
@@ -164,7 +164,7 @@ def write_ds_store(settings: dict, path: Path) -> None:
         "scrollPositionX": float(settings["scroll_position"][0]),
         "scrollPositionY": float(settings["scroll_position"][1]),
     }
-    colour = _COLOUR.match(settings["background"] or "")
+    colour = _COLOUR.fullmatch(settings["background"] or "")
     if colour:
         icvp["backgroundType"] = 1
         icvp["backgroundColorRed"], icvp["backgroundColorGreen"], icvp["backgroundColorBlue"] = (

@@ -41,6 +41,7 @@ from builder.binfmt import xar
 from builder.binfmt.cpio import PayloadStats, TreeEntry, iter_cpio, read_cpio, scan_tree, write_cpio_entries
 from builder.config import Product
 from builder.errors import ConfigError, EnrollmentError, FormatError, PayloadError
+from builder.formats.base import refuse_symlinks
 from builder.trust import TRUST_FILE, SignedEnrollment, Trust
 
 COMPONENT = "agent.pkg"  # the one component package inside the product archive
@@ -151,6 +152,7 @@ def check_payload(folder: Path) -> MacPayload:
     folder = Path(folder)
     if not folder.is_dir():
         raise PayloadError(f"{folder}: no such folder", "put the macOS agent there (make payload-test for the test agent)")
+    refuse_symlinks(folder)
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if _visible(d)]
         for name in [*dirnames, *filenames]:

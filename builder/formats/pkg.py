@@ -29,6 +29,7 @@ from builder import log
 from builder.binfmt import xar
 from builder.binfmt.bom import build_bom_entries
 from builder.errors import FormatError, UsageError
+from builder.fileio import atomic_output
 from builder.formats import macos_common as common
 from builder.formats.base import AppleKey, BuildRequest, Built
 from builder.trust import SignedEnrollment, describe
@@ -89,10 +90,8 @@ def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path,
             common.PACKAGE_INFO: common.render_package_info(product, request.version, stats).encode(),
         }
         with log.step("pkg: xar"):
-            partial = out.with_name(f".{out.name}.partial")
-            with open(partial, "wb") as fh:
+            with atomic_output(out) as fh:
                 xar.write_xar(fh, [(m, members[m]) for m in common.MEMBERS], epoch=epoch)
-            os.replace(partial, out)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         payload_file.unlink(missing_ok=True)

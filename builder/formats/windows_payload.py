@@ -8,6 +8,7 @@ from pathlib import Path, PurePosixPath
 
 from builder.config import Product
 from builder.errors import ConfigError, PayloadError
+from builder.formats.base import refuse_symlinks
 from builder.tools import runner
 from builder.trust import TRUST_FILE, Trust
 
@@ -18,6 +19,7 @@ PAYLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-()+]*$")
 def payload_files(folder: Path, product: Product) -> list[str]:
     """Relative POSIX paths of the files to install, sorted. Dot-files (build stamps,
     .DS_Store, .gitkeep) are not part of the agent and are left out."""
+    refuse_symlinks(folder)
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -27,7 +29,7 @@ def payload_files(folder: Path, product: Product) -> list[str]:
     if product.agent_exe not in found:
         raise PayloadError(f"{folder}: {product.agent_exe} is missing", "build the Windows agent (make payload)")
     for rel in found:
-        bad = [part for part in PurePosixPath(rel).parts if not PAYLOAD_NAME_RE.match(part)]
+        bad = [part for part in PurePosixPath(rel).parts if not PAYLOAD_NAME_RE.fullmatch(part)]
         if bad:
             raise PayloadError(f"{folder / rel}: the name {bad[0]!r} has a character outside {PAYLOAD_NAME_RE.pattern}",
                                "rename it in the payload")

@@ -60,7 +60,7 @@ class ServiceSettings:
                 name, key = "", raw
             if len(key) < 16:
                 raise UsageError("an API key is shorter than 16 characters", "use long random keys (openssl rand -hex 32)")
-            log.register_secret(key)
+            log.register_secret(key, permanent=True)
             digest = hashlib.sha256(key.encode()).hexdigest()
             out[digest] = name or f"key-{digest[:8]}"
         if not out:
@@ -275,8 +275,9 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         start = time.perf_counter()
         status = "error"
         try:
+            # Registered for redaction by issuer.request once the Enrollment has validated it: a
+            # word sent as a token must not be masked in every later message.
             token = Secret(body.token)
-            log.register_secret(body.token)
             version = issuer.resolve(body.release)
             enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
                                     console_url=body.console_url or issuer.default_console_url(version))
@@ -291,7 +292,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     @app.get("/v1/installers/{installer_id}", response_model=InstallerResponse, responses={**_ERRORS, 202: {"model": InstallerResponse}},
              tags=["installers"])
     def get_installer(installer_id: str, request: Request, who: str = Depends(caller)):
-        if not _ID_RE.match(installer_id):
+        if not _ID_RE.fullmatch(installer_id):
             raise HTTPException(404, "no such installer id")
         rec = issuer.record(installer_id)
         if rec is None:
@@ -299,7 +300,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             if issuer.is_pending(installer_id):
                 return answer(request, installer_id, None)
             raise HTTPException(404, "no such installer id")
-        if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):
+        if issuer.is_revoked(rec.token_fingerprint):
             issuer.audit.record(who, "refused-revoked", installer_id=rec.id, release=rec.release, fmt=rec.format,
                                 account_id=rec.account_id, group_id=rec.group_id, token_fp=rec.token_fingerprint)
             raise HTTPException(410, "this installer carries a revoked enrollment token")
@@ -311,9 +312,8 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     def create_enrollment(body: EnrollmentRequest, who: str = Depends(caller)):
         """One group's signed enrollment, for `msiexec /i <the release's msi-tagged or release MSI>
         ENROLLMENT=<it> /qn`: one generic MSI for every group, the group passed as a parameter."""
+        # Registered for redaction by issuer.enrollment once the Enrollment has validated it.
         token = Secret(body.token)
-        validate_token(token)
-        log.register_secret(body.token)
         version = issuer.resolve(body.release)
         enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
                                 console_url=body.console_url or issuer.default_console_url(version))
@@ -344,10 +344,10 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         status = check_link(settings.link_secret, installer_id, exp, sig, time.time())
         if status is not LinkStatus.OK:
             raise HTTPException(status.http_status, "download link expired" if status is LinkStatus.EXPIRED else "invalid download link")
-        rec = issuer.record(installer_id) if _ID_RE.match(installer_id) else None
+        rec = issuer.record(installer_id) if _ID_RE.fullmatch(installer_id) else None
         if rec is None or issuer.store.kind != "file":
             raise HTTPException(404, "no such installer")
-        if issuer.is_revoked(rec.account_id, rec.group_id, rec.token_fingerprint):
+        if issuer.is_revoked(rec.token_fingerprint):
             raise HTTPException(410, "this installer carries a revoked enrollment token")
         headers = {"Content-Disposition": f'attachment; filename="{issuer.download_name(rec)}"'}
         if rec.streamed:

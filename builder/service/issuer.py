@@ -5,7 +5,8 @@ yields is stored once, content-addressed, and described by a record written afte
 
     installers/<sha256[:2]>/<sha256><suffix>   the stamped installer (never overwritten)
     records/<id>.json                          id -> installer, written last, create-if-absent
-    revocations/<group hash>/<token fp>.json   tokens that may no longer be handed out
+    revocations/tokens/<token fp>.json         tokens that may no longer be handed out, to any
+                                               account or group: a revoked token is dead everywhere
 
 Everything shared between service instances and workers lives in storage, so any number of
 them agree; storage's create-if-absent is the final guard against double work. The audit log
@@ -15,10 +16,10 @@ them agree; storage's create-if-absent is the final guard against double work. T
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import os
-import re
 import shutil
 import sqlite3
 import tempfile
@@ -29,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log, stamp
+from builder.config import is_version
 from builder.enrollment import Enrollment, Secret
 from builder.errors import BuilderError, FormatError, StorageError, UsageError
-from builder.fileio import iter_range
+from builder.fileio import iter_range, write_atomic
 from builder.formats.base import Signers
 from builder.release import Release
 from builder.trust import SignedEnrollment, verify as verify_signed
@@ -39,10 +41,17 @@ from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError,
 from builder.storage.release import INDEX_FORMAT
 
 FORMATS = tuple(stamp.STAMP_FORMATS)
-RECORD_CACHE = 100_000
+# Finished records kept in memory (least recently used out): the ids the console asks about
+# again, a few KiB each; a long-running service must not keep one per installer ever issued.
+RECORD_CACHE = 1024
+# Hash states of release prefixes (one per release file with a slot), least recently used out.
+PREFIX_CACHE = 32
+# Waiting for a queued job's record: first look after POLL_FIRST_S, then ever less often.
+POLL_FIRST_S = 0.005
+POLL_MAX_S = 0.25
+FAILURE_CHECK_S = 0.5
 VERIFIED_MARKER = ".verified-index.json"
 VERSIONS_TTL_S = 5.0
-_VERSION_RE = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,5}$")
 
 
 class UnknownRelease(BuilderError):
@@ -74,11 +83,6 @@ def request_id(release: str, fmt: str, enrollment: Enrollment) -> str:
     material = "\0".join([release, fmt, enrollment.account_id, enrollment.group_id, enrollment.console_url,
                           token_fingerprint(enrollment.token)])
     return hashlib.sha256(b"builder-installer-v1\0" + material.encode()).hexdigest()[:32]
-
-
-def _group_hash(account_id: str, group_id: str) -> str:
-    # Ids may hold ":" and "@", which storage keys do not allow: a hash names the group's folder.
-    return hashlib.sha256(f"{account_id}\0{group_id}".encode()).hexdigest()[:32]
 
 
 def _version_key(v: str) -> tuple[int, ...]:
@@ -116,6 +120,9 @@ class Audit:
             # WAL + NORMAL: a committed row survives a crash of this process; only a power cut
             # can lose the last rows. FULL would fsync on every request.
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # Appended to, seldom read: a small page cache (SQLite's default is 2 MB) keeps a
+            # long-running service's memory from growing with the log.
+            self._db.execute("PRAGMA cache_size=-256")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS audit (ts REAL NOT NULL, caller TEXT NOT NULL, action TEXT NOT NULL,"
                 " installer_id TEXT, release TEXT, format TEXT, account_id TEXT, group_id TEXT,"
@@ -159,7 +166,7 @@ class Issuer:
         self._inflight: dict[str, Future] = {}
         self._inflight_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stamp")
-        self._records: dict[str, Record] = {}
+        self._records: collections.OrderedDict[str, Record] = collections.OrderedDict()
         self._records_lock = threading.Lock()
         self._versions: tuple[float, list[str]] | None = None
         self.queue = None  # set by builder.service.jobs when Redis workers do the stamping
@@ -174,7 +181,7 @@ class Issuer:
         seen = set()
         for obj in self.store.list(f"{self.prefix}/releases"):
             parts = obj.key.split("/")
-            if parts[-1] == "manifest.json" and _VERSION_RE.match(parts[-2]):
+            if parts[-1] == "manifest.json" and is_version(parts[-2]):
                 seen.add(parts[-2])
         versions = sorted(seen, key=_version_key)
         self._versions = (now, versions)
@@ -186,7 +193,7 @@ class Issuer:
             if not versions:
                 raise UnknownRelease("no release is published yet", "publish one with `builder publish`")
             return versions[-1]
-        if not _VERSION_RE.match(release):
+        if not is_version(release):
             raise UnknownRelease(f"release {release!r} is not a version or 'latest'", "for example 1.2.3")
         return release
 
@@ -229,9 +236,7 @@ class Issuer:
         seen = marker.read_bytes() if marker.is_file() else None
         rel = Release.open(folder, ca=self.ca, verify=seen != index_bytes)
         if seen != index_bytes:
-            partial = folder / f".{VERIFIED_MARKER}.partial"
-            partial.write_bytes(index_bytes)
-            os.replace(partial, marker)
+            write_atomic(marker, index_bytes)
         return rel, json.loads(index_bytes)
 
     def warm(self) -> None:
@@ -271,6 +276,8 @@ class Issuer:
         are kept in memory (bounded); a missing one is asked again next time."""
         with self._records_lock:
             rec = self._records.get(installer_id)
+            if rec is not None:
+                self._records.move_to_end(installer_id)
         if rec is not None:
             return rec
         try:
@@ -280,7 +287,7 @@ class Issuer:
         with self._records_lock:
             self._records[installer_id] = rec
             while len(self._records) > RECORD_CACHE:
-                self._records.pop(next(iter(self._records)))
+                self._records.popitem(last=False)
         return rec
 
     def stamp_pieces(self, rec: Record) -> tuple[str, list]:
@@ -289,17 +296,19 @@ class Issuer:
         pieces = [("base", p[1], p[2]) if p[0] == "base" else ("bytes", base64.b64decode(p[1])) for p in doc["pieces"]]
         return doc["base_key"], pieces
 
-    def _revocation_key(self, account_id: str, group_id: str, token_fp: str) -> str:
-        return f"revocations/{_group_hash(account_id, group_id)}/{token_fp}.json"
+    def _revocation_key(self, token_fp: str) -> str:
+        # The token alone names it: revoked for one group, it is refused for every account and
+        # group, so a leaked token cannot be reused by asking for another group's installer.
+        return f"revocations/tokens/{token_fp}.json"
 
-    def is_revoked(self, account_id: str, group_id: str, token_fp: str) -> bool:
-        return self.store.exists(self._revocation_key(account_id, group_id, token_fp))
+    def is_revoked(self, token_fp: str) -> bool:
+        return self.store.exists(self._revocation_key(token_fp))
 
     def revoke(self, caller: str, account_id: str, group_id: str, token: Secret) -> str:
         fp = token_fingerprint(token)
         doc = json.dumps({"account_id": account_id, "group_id": group_id, "token_fingerprint": fp,
                           "revoked_at": int(time.time()), "by": caller}).encode()
-        self.store.put_if_absent(self._revocation_key(account_id, group_id, fp), doc)
+        self.store.put_if_absent(self._revocation_key(fp), doc)  # a second revocation keeps the first
         self.audit.record(caller, "revoke", account_id=account_id, group_id=group_id, token_fp=fp)
         return fp
 
@@ -324,7 +333,7 @@ class Issuer:
         version = self.resolve(release)
         log.register_secret(enrollment.token.reveal())
         fp = token_fingerprint(enrollment.token)
-        if self.is_revoked(enrollment.account_id, enrollment.group_id, fp):
+        if self.is_revoked(fp):
             self.audit.record(caller, "refused-revoked", release=version, fmt="enrollment", account_id=enrollment.account_id,
                               group_id=enrollment.group_id, token_fp=fp)
             raise Revoked("this group's enrollment token was revoked", "request an enrollment with the group's current token")
@@ -341,10 +350,10 @@ class Issuer:
         log.register_secret(enrollment.token.reveal())
         version = self.resolve(release)
         fp = token_fingerprint(enrollment.token)
-        if self.is_revoked(enrollment.account_id, enrollment.group_id, fp):
+        if self.is_revoked(fp):
             self.audit.record(caller, "refused-revoked", release=version, fmt=fmt, account_id=enrollment.account_id,
                               group_id=enrollment.group_id, token_fp=fp)
-            raise Revoked("this group's enrollment token was revoked", "request an installer with the group's current token")
+            raise Revoked("this enrollment token was revoked", "request an installer with the group's current token")
         rel, _index = self.open_release(version)  # 404 now rather than a failed job later
         if stamp.STAMP_FORMATS[fmt] not in rel.manifest["files"]:
             raise UnknownRelease(f"release {version} has no {fmt} installer",
@@ -364,16 +373,22 @@ class Issuer:
     def _run(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment, wait_s: float) -> Record | None:
         if self.queue is not None:
             self.queue.submit(installer_id, version, fmt, enrollment)
-            deadline = time.monotonic() + wait_s
-            polls = 0
-            while time.monotonic() < deadline:
+            # A slot stamp is ready in milliseconds, a baked one in seconds: look soon, then back
+            # off, so that a waiting request costs a few storage reads, not one every 10 ms.
+            now = time.monotonic()
+            deadline, next_failure_check, pause = now + wait_s, now + FAILURE_CHECK_S, POLL_FIRST_S
+            while True:
                 rec = self.record(installer_id)
                 if rec is not None:
                     return rec
-                polls += 1
-                if polls % 50 == 0:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if now >= next_failure_check:
                     self._raise_if_failed_quietly(installer_id)
-                time.sleep(0.01)
+                    next_failure_check = now + FAILURE_CHECK_S
+                time.sleep(min(pause, deadline - now))
+                pause = min(pause * 2, POLL_MAX_S)
             self._raise_if_failed_quietly(installer_id)
             return None
         with self._inflight_lock:
@@ -453,7 +468,7 @@ class Issuer:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-_prefix_hashes: dict[tuple[str, int], "hashlib._Hash"] = {}
+_prefix_hashes: collections.OrderedDict[tuple[str, int], "hashlib._Hash"] = collections.OrderedDict()
 _prefix_lock = threading.Lock()
 
 
@@ -467,11 +482,15 @@ def _pieces_sha256(base: Path, pieces) -> str:
         cache_key = (str(base), pieces[0][2])
         with _prefix_lock:
             cached = _prefix_hashes.get(cache_key)
+            if cached is not None:
+                _prefix_hashes.move_to_end(cache_key)
         if cached is None:
             cached = hashlib.sha256()
             _hash_range(base, 0, pieces[0][2], cached)
             with _prefix_lock:
                 _prefix_hashes[cache_key] = cached
+                while len(_prefix_hashes) > PREFIX_CACHE:
+                    _prefix_hashes.popitem(last=False)
         h = cached.copy()
         pieces = pieces[1:]
     h = h or hashlib.sha256()

@@ -64,7 +64,7 @@ class SigningKey:
         if self.cert:
             check_code_signing_cert(Path(self.cert))
         if self.password:
-            log.register_secret(self.password.reveal())
+            log.register_secret(self.password.reveal(), permanent=True)
 
     @property
     def kind(self) -> str:

@@ -1,7 +1,9 @@
 """The local-disk store (`file:///path`), the embedded default.
 
 Writes never go through obstore here: each object is written to a staging file under
-`<root>/.tmp/`, fsynced, then hard-linked to its key. `os.link` fails if the name exists, so
+`<root>/.tmp/`, fsynced, then hard-linked to its key. Objects are 0600 and the folders this store
+creates 0700: stamp documents hold the slot bytes, token included, and stamped installers carry
+it in plain text, so only the user that runs the service may read the store. `os.link` fails if the name exists, so
 create-if-absent is atomic and a writer that loses the race sees FileExistsError, never a
 half-written file. Reads (get, ranges, head, list, streaming) use obstore's LocalStore.
 """
@@ -25,14 +27,16 @@ from builder.storage.store import PutResult, StampResult, Store
 
 COPY_CHUNK = 1024 * 1024
 STAGING = ".tmp"
+OBJECT_MODE = 0o600
+FOLDER_MODE = 0o700
 
 
 class LocalDiskStore(Store):
     kind = "file"
 
     def __init__(self, root: Path, settings: StorageSettings):
-        root.mkdir(parents=True, exist_ok=True)
-        (root / STAGING).mkdir(exist_ok=True)
+        _make_folders(root.parent, root)
+        _make_folders(root, root / STAGING)
         super().__init__(root.as_uri(), settings, "", LocalStore(prefix=root))
         self.root = root
 
@@ -53,14 +57,14 @@ class LocalDiskStore(Store):
         """Write through `write` into a staging file, then link it to `key` unless it exists."""
         target = self.local_path(key)
         with self._errors("put", key):
-            target.parent.mkdir(parents=True, exist_ok=True)
+            _make_folders(self.root, target.parent)
             fd, tmp = tempfile.mkstemp(dir=self.root / STAGING, prefix="put-")
             try:
                 digest = hashlib.sha256()
                 with os.fdopen(fd, "wb") as f:
                     size = write(f, digest)
                     f.flush()
-                    os.fchmod(f.fileno(), 0o644)
+                    os.fchmod(f.fileno(), OBJECT_MODE)
                     os.fsync(f.fileno())
                 try:
                     os.link(tmp, target)
@@ -139,3 +143,19 @@ class LocalDiskStore(Store):
         if not 1 <= expires_s <= 7 * 24 * 3600:
             raise ValueError("expires_s must be between 1 second and 7 days")
         return self.signed_link(key, int(time.time() if now is None else now) + expires_s)
+
+
+def _make_folders(base: Path, folder: Path) -> None:
+    """Create `folder` and its missing parents below `base`, each FOLDER_MODE (Path.mkdir gives
+    the parents it creates the umask's mode; a umask only ever removes bits from 0700)."""
+    missing = []
+    while folder != base and not folder.is_dir() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    if not base.is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=FOLDER_MODE)
+        except FileExistsError:  # another writer made it first
+            pass

@@ -303,7 +303,7 @@ def open_store(url: str, settings: StorageSettings | None = None) -> Store:
     """The store for `url`: file:///abs/path, s3://bucket[/prefix] or az://container[/prefix]."""
     settings = settings or StorageSettings()
     for secret in settings.secrets():
-        log.register_secret(secret.reveal())
+        log.register_secret(secret.reveal(), permanent=True)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "file":
         from builder.storage.local import LocalDiskStore

@@ -3,6 +3,8 @@
 - finds the executable with `shutil.which` and raises ToolMissingError naming the Debian package;
 - logs the shell-quoted command at debug level, with secrets redacted;
 - feeds secrets through stdin or files, never argv (callers pass `stdin=`);
+- builds every child's environment in `child_env()`: a variable a secret was read from
+  (`--token-env NAME`) is withheld from every tool;
 - keeps stdout/stderr for the error message (last lines, redacted) and raises ToolFailedError,
   or lets the caller map a failure to a more precise error with `check=False`.
 """
@@ -58,6 +60,31 @@ TOOLS: dict[str, Tool] = {
 }
 
 
+# Secrets the command line and the service take from the environment. No external tool needs
+# one (passwords reach osslsigncode on stdin), so none is passed on to a tool.
+SECRET_ENV = frozenset({
+    "BUILDER_SIGN_PASSWORD", "BUILDER_MAC_SIGN_PASSWORD", "BUILDER_API_KEYS", "BUILDER_QUEUE_KEY",
+    "BUILDER_STORAGE_HMAC_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY",
+})
+# Names of environment variables no child may inherit (see withhold_env), SECRET_ENV's included.
+_withheld: set[str] = set(SECRET_ENV)
+
+
+def withhold_env(name: str) -> None:
+    """`name` held a secret: take it out of this process's environment (os.environ.pop unsets it,
+    so children started any other way, a spawned helper process included, do not inherit it
+    either) and keep it out of every environment `child_env` builds."""
+    _withheld.add(name)
+    os.environ.pop(name, None)
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process: this process's, less withheld variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in _withheld}
+    env.update(extra or {})
+    return env
+
+
 @dataclass(frozen=True)
 class Result:
     returncode: int
@@ -93,7 +120,7 @@ def run(
             input=stdin if stdin is not None else b"",
             capture_output=True,
             cwd=cwd,
-            env=None if env is None else {**os.environ, **env},
+            env=child_env(env),
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
@@ -120,7 +147,7 @@ def version(tool: Tool) -> str | None:
     if not tool.version_args:
         return "installed"
     try:
-        proc = subprocess.run([exe, *tool.version_args], capture_output=True, timeout=20)
+        proc = subprocess.run([exe, *tool.version_args], capture_output=True, timeout=20, env=child_env())
     except (OSError, subprocess.TimeoutExpired):
         return "installed (version unknown)"
     out = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip().splitlines()

@@ -1,4 +1,5 @@
-"""`make bench`: every speed target of issues 2-5 measured side by side in one run.
+"""`make bench`: every speed target of issues 2-5, and issue 10's soak run (RSS of the service and
+a worker under a stream of requests), measured side by side in one run.
 
     .venv/bin/python -m tests.bench.run        (after `make payload-test`)
 
@@ -22,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from builder import __version__, log
-from tests.bench import macos, service, stamping, windows
+from tests.bench import macos, service, soak, stamping, windows
 from tests.bench.common import REPO, make_bench
 from tests.bench.measure import heading, table
 
@@ -72,6 +73,16 @@ def _targets(results: dict) -> list[list[object]]:
                 rows.append([f"issue 5: first-time exe p50 ({label})", f"{r['p50_s'] * 1000:.1f} ms", "< 50 ms", r["verdict"]])
             elif "skipped" in r:
                 rows.append([f"issue 5: first-time exe p50 ({label})", "-", "< 50 ms", f"NOT MEASURED ({r['skipped']})"])
+    sk = results.get("soak")
+    if sk:
+        for phase, label in (("inprocess", "serve"), ("rq", "serve+worker")):
+            r = sk.get(phase) or {}
+            if "skipped" in r:
+                rows.append([f"issue 10: soak RSS ({label})", "-", f"<= {soak.FLAT_MB} MB growth", f"NOT MEASURED ({r['skipped']})"])
+            for proc, p in r.get("processes", {}).items():
+                rows.append([f"issue 10: {proc} RSS after warm-up ({label}, {r['soak_requests']} requests)",
+                             f"{p['rss_after_warmup_mb']:.1f} -> {p['rss_end_mb']:.1f} MB ({p['growth_mb']:+.2f})",
+                             f"<= {soak.FLAT_MB} MB growth", p["verdict"]])
     return rows
 
 
@@ -83,6 +94,9 @@ def _problems(results: dict) -> list[str]:
         r = svc.get(phase) or {}
         if r.get("failures"):
             out.append(f"service {phase}: {r['failures']} failed requests, e.g. {r.get('failure_sample', [])[:1]}")
+    for phase, r in (results.get("soak") or {}).items():
+        if isinstance(r, dict) and r.get("failures"):
+            out.append(f"soak {phase}: {r['failures']} failed requests, e.g. {r.get('failure_sample', [])[:1]}")
     return out
 
 
@@ -120,6 +134,10 @@ def main() -> int:
             section("service", service.run, bench, Path(results["stamping"]["release_folder"]))
         else:
             errors.append("service: skipped, it needs the release the stamping section makes")
+        if "stamping" in results:
+            section("soak", soak.run, bench.work, Path(results["stamping"]["release_folder"]), bench.keys.ca_cert)
+        else:
+            errors.append("soak: skipped, it needs the release the stamping section makes")
         results.get("stamping", {}).pop("release_folder", None)
 
     errors += _problems(results)

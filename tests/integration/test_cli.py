@@ -15,10 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 TOKEN = "cli-test-token-Zq9.v8_-secret"
 
 
-def run_cli(*args, env=None, stdin=None):
+def run_cli(*args, env=None, stdin=None, timeout=None):
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "builder", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, input=stdin, cwd=REPO)
+                          env=full_env, input=stdin, cwd=REPO, timeout=timeout)
 
 
 def assert_no_token(proc):
@@ -31,7 +31,17 @@ def enrollment_key_file(dev_keys) -> Path:
     return dev_keys.folder / "enrollment.key"
 
 
-def base_args(out, payload, key: Path):
+def base_args(out, payload, key: Path | None = None):
+    """`builder build` for one group; without `key`, a new DEVELOPMENT enrollment key is made
+    beside `out` (a one-shot build pins the key it signs with)."""
+    if key is None:
+        from builder.signing.enrollment_key import create_dev_key
+
+        folder = Path(out).parent / "enrollment-key"
+        folder.mkdir(parents=True, exist_ok=True)
+        key = folder / "enrollment.key"
+        if not key.exists():
+            create_dev_key(folder)
     return ["build", "--version", "1.0.0", "--account-id", "acct-1", "--group-id", "grp-1",
             "--console-url", "https://console.example.com", "--payload", payload, "--out", out,
             "--enrollment-key", key]

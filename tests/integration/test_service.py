@@ -425,13 +425,14 @@ def test_revoke_then_rotate(local, tmp_path):
     rotated = local.post({**body, "token": new})
     assert rotated.status_code == 200 and rotated.json()["id"] != installer_id
     assert httpx.get(rotated.json()["url"], timeout=60).status_code == 200
-    # The same token under another group is not revoked: revocations are per group.
-    other = local.post({**body, "group_id": "group-rotate-other"})
-    assert other.status_code == 200
+    # A revoked token is dead everywhere: under another group or account too (issue 10).
+    assert local.post({**body, "group_id": "group-rotate-other"}).status_code == 403
+    assert local.post({**body, "account_id": ACCOUNT + "-other"}).status_code == 403
 
     old_actions = [(r["action"], r["caller"]) for r in local.audit(token_fingerprint=old_fp, group_id=group)]
     assert old_actions[0] == ("issue", "console") and ("revoke", "console") in old_actions
-    assert sum(1 for a, _ in old_actions if a == "refused-revoked") == 3  # the GET and both POSTs
+    # the GET, both POSTs and the other account's POST for this group id
+    assert sum(1 for a, _ in old_actions if a == "refused-revoked") == 4
     new_fp = token_fingerprint(Secret(new))
     assert [r["action"] for r in local.audit(token_fingerprint=new_fp)] == ["issue"]
 
