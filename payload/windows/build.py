@@ -432,7 +432,7 @@ def build(out_dir: Path, environ: dict[str, str], *, force: bool = False) -> Pat
     cache = cache_root(environ)
     cache.mkdir(parents=True, exist_ok=True)
     out = out_dir / "agent.exe"
-    stamp = out_dir / "agent.exe.inputs.json"
+    stamp = out_dir / ".agent.exe.inputs.json"  # a dot-file: payload folders install no dot-files
     want = fingerprint(lock_text, environ)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time per cache (worktrees, test workers)
@@ -464,7 +464,7 @@ def build(out_dir: Path, environ: dict[str, str], *, force: bool = False) -> Pat
         if coff_timestamp(data) != int(environ["SOURCE_DATE_EPOCH"]):
             raise BuildError("PyInstaller did not stamp SOURCE_DATE_EPOCH into agent.exe; the build would not be reproducible")
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
+        tmp = out.with_name(".agent.exe.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, out)
         digest = hashlib.sha256(data).hexdigest()
