@@ -123,7 +123,7 @@ def pip_download(pins: list[Pin], dest: Path, *, binary: bool) -> None:
     reqs.write_text("".join(f"{p.name}=={p.version} --hash=sha256:{p.sha256}\n" for p in pins))
     if binary:  # the target's wheels, whatever this host is
         target = ["--only-binary", ":all:", "--platform", "win_amd64", "--python-version", "3.13", "--implementation", "cp"]
-    else:
+    else:  # pip runs the sdist's setup.py for its metadata, after checking the hash
         target = ["--no-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
            *target, "-r", str(reqs), "-d", str(dest)]

@@ -2,11 +2,12 @@
 
 (a) Its inputs: every pin of inputs.lock, and the Authenticode check that refuses a CPython not
     signed by the Python Software Foundation under the pinned Microsoft root.
-(b) The frozen agent.exe under wine: --version, and the installer contract's commands that need
-    no console (enroll-from-installer, write-config), byte for byte as the C agent's tests check.
+(b) The frozen agent.exe under wine: --version, the installer contract's commands
+    (enroll-from-installer, write-config, forget) byte for byte as the C agent's tests check, and
+    `run` enrolling with the test console (tests/support/console.py) over HTTPS.
 
-The build runs once per machine (a cold build downloads about 30 MB and takes one to two
-minutes); afterwards `make payload-windows` finds agent.exe up to date in well under a second.
+The build runs once per machine (a cold build downloads about 30 MB and took 105-150 s here);
+afterwards `make payload-windows` finds agent.exe up to date in well under a second.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from tests.integration.test_payload import (
     make_slot,
     slot_json,
 )
+from tests.support import console as consolesupport
 from tests.support import wine as winesupport
+from tests.support.servers import running
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_PY = ROOT / "payload" / "windows" / "build.py"
@@ -227,6 +230,10 @@ def test_enroll_from_installer_and_write_config_under_wine(wine, windows_agent: 
     result = run_agent(wine, windows_agent, "write-config", "--registry-key", REG_KEY, "--config", again)
     assert result.returncode == 0, result.stderr
     assert wine.host_path(again).read_bytes() == expected_config(values)
+    # Uninstall: forget deletes the config (the token) and leaves what is not its own.
+    result = run_agent(wine, windows_agent, "forget", "--registry-key", REG_KEY, "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert not wine.host_path(config).exists() and wine.host_path(again).exists()
 
 
 @pytest.mark.wine
@@ -244,3 +251,30 @@ def test_failures_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
         assert len(agent_lines(result.stderr)) == 1, result.stderr
         assert not wine.host_path(config).exists()
     assert run_agent(wine, windows_agent, "write-config", "--config", config).returncode == 2  # no --registry-key
+
+
+@pytest.mark.wine
+def test_run_enrolls_with_the_test_console_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
+    """The frozen agent's TLS (CPython's OpenSSL under wine) trusts the console's development CA
+    through --ca-bundle, reaches https://localhost:PORT and is recorded in its group; a revoked
+    token is a final refusal (exit 8) and records nothing."""
+    with running(consolesupport.start_console(tmp_path / "console")) as console:
+        token = console.state.add_token("acct-w", "group-w")
+        config = tmp_path / "etc" / "enrollment.json"
+        config.parent.mkdir()
+        config.write_text(json.dumps({"account_id": "acct-w", "group_id": "group-w", "console_url": console.url + "/",
+                                      "enrollment_token": token}))
+        args = ("run", "--config", wine.winpath(config), "--ca-bundle", wine.winpath(console.ca_pem),
+                "--attempts", "2", "--backoff", "0.1")
+        result = run_agent(wine, windows_agent, *args)
+        assert result.returncode == 0, result.stderr
+        assert [d.group_id for d in console.state.devices("acct-w")] == ["group-w"]
+        assert json.loads((config.parent / "status.json").read_text())["state"] == "enrolled"
+        assert token.encode() not in result.stdout + result.stderr
+
+        console.state.revoke(token)
+        result = run_agent(wine, windows_agent, *args)
+        assert result.returncode == 8, result.stderr
+        assert agent_lines(result.stderr) == ["agent: console refused enrollment: HTTP 401"]
+        assert console.state.refusals[-1].error == "token_revoked"
+        assert len(console.state.devices("acct-w")) == 1
