@@ -1395,10 +1395,17 @@ static int cmd_enroll_from_registry(const wchar_t *key, const wchar_t *config)
 }
 
 /* For tests and support: checks an SE file and prints its public fields, never the token. */
-static int cmd_verify_enrollment(const wchar_t *file)
+static int cmd_verify_enrollment(const wchar_t *file, const wchar_t *installer)
 {
     buf text = {0};
-    if (read_file(file, MAX_SE_CHARS, &text)) {
+    if (installer) {
+        /* The EXE's own check before it touches an installed agent: its slot, nothing written. */
+        int rc = read_installer_slot(installer, &text);
+        if (rc) {
+            buf_free(&text);
+            return rc;
+        }
+    } else if (read_file(file, MAX_SE_CHARS, &text)) {
         DWORD err = GetLastError();
         buf_free(&text);
         if (err == ERROR_FILE_TOO_LARGE)
@@ -1656,7 +1663,7 @@ static const wchar_t *const OPTIONS[O_COUNT] = {L"--registry-key", L"--config", 
 
 static const wchar_t USAGE[] =
     L"usage: agent.exe enroll-from-installer|enroll-from-registry|service|forget --registry-key KEY --config PATH "
-    L"[--installer PATH] | verify-enrollment --file PATH | --version";
+    L"[--installer PATH] | verify-enrollment --file PATH|--installer PATH | --version";
 
 /* Options in any order, each once, as `--name VALUE` or `--name=VALUE`; all of `need` required. */
 static int parse_options(int argc, wchar_t **argv, unsigned need, const wchar_t *out[O_COUNT])
@@ -1705,8 +1712,11 @@ int wmain(int argc, wchar_t **argv)
         return cmd_enroll_from_registry(opt[O_KEY], opt[O_CONFIG]);
     }
     if (!wcscmp(cmd, L"verify-enrollment")) {
-        if ((rc = parse_options(argc, argv, BIT(O_FILE), opt))) return rc;
-        return cmd_verify_enrollment(opt[O_FILE]);
+        int from_installer = 0;
+        for (int i = 2; i < argc; i++)
+            if (!wcsncmp(argv[i], L"--installer", 11)) from_installer = 1;
+        if ((rc = parse_options(argc, argv, BIT(from_installer ? O_INSTALLER : O_FILE), opt))) return rc;
+        return cmd_verify_enrollment(opt[O_FILE], from_installer ? opt[O_INSTALLER] : NULL);
     }
     if (!wcscmp(cmd, L"service")) {
         if ((rc = parse_options(argc, argv, key_config, opt))) return rc;
