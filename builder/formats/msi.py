@@ -58,6 +58,7 @@ CUSTOM_ACTION_TYPES = {
 }
 # Only in a release's MSI (no enrollment baked in): reads the signature slot at install time.
 ENROLL_FROM_INSTALLER = ("AgentEnrollFromInstaller", _EXE_FILE | _IN_SCRIPT | _NO_IMPERSONATE)
+REMOVE_EXISTING_SEQUENCE = 1401  # after InstallValidate (1400), before InstallInitialize (1500)
 REQUIRED_TABLES = ("Property", "File", "Component", "ServiceInstall", "CustomAction", "InstallExecuteSequence", "Upgrade")
 
 
@@ -227,6 +228,11 @@ def _post_build(msi: Path, product: Product, version: str, package_code: str, ep
         f"VALUES ('{upgrade_code}', '', '{version}', '', {UPGRADE_ATTRIBUTES}, '', '{UPGRADE_PROPERTY}')",
         f"UPDATE Property SET Value = '{';'.join(SECURE_PROPERTIES)}' WHERE Property = 'SecureCustomProperties'",
         *(f"UPDATE CustomAction SET Type = {t} WHERE Action = '{a}'" for a, t in (*CUSTOM_ACTION_TYPES.items(), ENROLL_FROM_INSTALLER)),
+        # wixl 0.101 schedules RemoveExistingProducts after InstallFinalize (6601): the old
+        # product's uninstall would then run after the new install and take its registry values
+        # and service with it (measured under wine). WiX's default instead: right after
+        # InstallValidate, the old product removed before anything new is written.
+        f"UPDATE InstallExecuteSequence SET Sequence = {REMOVE_EXISTING_SEQUENCE} WHERE Action = 'RemoveExistingProducts'",
     )
     # wixl's package code is random and its times are the build's: both fixed from the inputs.
     stamp = _summary_time(epoch)
@@ -361,6 +367,9 @@ class MsiFormat:
         services = [r.get("Name") for r in tables.get("ServiceInstall", [])]
         actions = {r["Action"]: r.get("Sequence") for r in tables.get("InstallExecuteSequence", []) if "Action" in r}
         ca_types = {r["Action"]: r.get("Type") for r in tables.get("CustomAction", []) if "Action" in r}
+        remove_at, initialize_at = actions.get("RemoveExistingProducts"), actions.get("InstallInitialize")
+        if remove_at and initialize_at and int(remove_at) > int(initialize_at):
+            problems.append("RemoveExistingProducts runs after InstallInitialize: an upgrade would remove what it installs")
         if has_slot and ENROLL_FROM_INSTALLER[0] not in actions:
             problems.append(f"a slot but no {ENROLL_FROM_INSTALLER[0]} action: the enrollment would never be read")
         for action, want in CUSTOM_ACTION_TYPES.items():

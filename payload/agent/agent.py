@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -43,7 +44,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -895,17 +896,34 @@ def store(e: Enrollment, registry_key: str | None, config: Path) -> None:
 def enroll_from_registry(registry_key: str, config: Path) -> None:
     """PendingEnrollment -> verify -> store. The pending value is deleted whatever happens:
     it is unverified input, and an old one must never be picked up by a later run."""
-    done = False
-    try:
+    with pending_deleted(registry_key):
         se = registry_get(registry_key, PENDING_VALUE)
         store(verify_se(se, load_trust(), f"registry value {PENDING_VALUE}"), registry_key, config)
+
+
+def enroll_from_installer(installer: Path, registry_key: str | None, config: Path) -> None:
+    """The installer's slot -> verify -> store. A release MSI stages an empty PendingEnrollment
+    (it has no ENROLLMENT property): deleted whatever happens, as enroll-from-registry does."""
+    with pending_deleted(registry_key):
+        data = read_installer_se(installer)
+        store(verify_se(data, load_trust(), str(installer)), registry_key, config)
+
+
+@contextlib.contextmanager
+def pending_deleted(registry_key: str | None) -> Iterator[None]:
+    """Deletes PendingEnrollment after the body, whether it failed or not; a failure to delete
+    is reported only when the body succeeded (otherwise the first failure is the one to report)."""
+    done = False
+    try:
+        yield
         done = True
     finally:
-        try:
-            registry_delete(registry_key, PENDING_VALUE)
-        except WriteFailed:
-            if done:  # otherwise the first failure is the one to report
-                raise
+        if registry_key is not None:
+            try:
+                registry_delete(registry_key, PENDING_VALUE)
+            except WriteFailed:
+                if done:
+                    raise
 
 
 # ------------------------------------------------------------------------------------- console
@@ -1340,8 +1358,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         elif args.command == "enroll-from-registry":
             enroll_from_registry(key, config)
         elif args.command == "enroll-from-installer":
-            data = read_installer_se(args.installer)
-            store(verify_se(data, load_trust(), str(args.installer)), key, config)
+            enroll_from_installer(args.installer, key, config)
         elif args.command == "enroll-from-file":
             data = read_se_file(args.file)
             store(verify_se(data, load_trust(), str(args.file)), key, config)

@@ -1367,6 +1367,10 @@ static int cmd_enroll_from_installer(const wchar_t *installer, const wchar_t *ke
         se_free(&e);
     }
     buf_free(&text);
+    /* A release MSI stages an empty PendingEnrollment (it has no ENROLLMENT property): gone
+     * whatever happened, so the key holds nothing but a verified Enrollment. */
+    int deleted = registry_delete(key, REG_PENDING);
+    if (!rc && deleted) rc = fail(EXIT_WRITE, L"cannot delete registry value %ls under HKLM\\%ls", REG_PENDING, key);
     return rc;
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import console as consolesupport
+from tests.support import signed
 from tests.support.servers import running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,18 +145,25 @@ def test_the_certificate_is_for_localhost_from_the_test_ca(console) -> None:
 # ------------------------------------------------------------------ the reference agent (host)
 
 
+KEY = signed.new_key()
+
+
 def run_agent(config: Path, ca: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "AGENT_CA_BUNDLE"}
-    return subprocess.run([sys.executable, str(AGENT_PY), "run", "--config", str(config), "--ca-bundle", str(ca),
-                           "--attempts", "2", "--backoff", "0.01"],
+    return subprocess.run([sys.executable, str(config.parent / "agent.py"), "run", "--config", str(config),
+                           "--ca-bundle", str(ca), "--attempts", "2", "--backoff", "0.01"],
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
                           env={**env, "NO_PROXY": "127.0.0.1,localhost"})
 
 
 def write_config(path: Path, console, token: str, account: str = "acct-1", group: str = "group-a") -> Path:
+    """agent.py installed with trust.json beside it (pinning KEY and the console's host) and a
+    config holding an enrollment signed by KEY."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"account_id": account, "group_id": group, "console_url": console.url + "/",
-                                "enrollment_token": token}))
+    shutil.copy(AGENT_PY, path.parent / "agent.py")
+    (path.parent / "trust.json").write_bytes(signed.trust_json([KEY], [f"localhost:{console.port}"]))
+    se = signed.sign(KEY, account_id=account, group_id=group, token=token, console_url=console.url + "/")
+    path.write_text(json.dumps({"enrollment": se}))
     return path
 
 

@@ -23,7 +23,10 @@ from builder.enrollment import Enrollment, Secret
 from builder.errors import FormatError, SigningError
 from builder.formats import exe
 from builder.formats.base import BuildRequest, Signers
+from builder.errors import UsageError
 from builder.signing.authenticode import SigningKey
+from builder.trust import TRUST_FILE
+from tests.support import enrollkeys
 from tests.support.wine import parse_reg_export, parse_reg_export_all
 
 EPOCH = 1767225600
@@ -42,6 +45,10 @@ def token() -> str:
 ENROLL_A = Enrollment(account_id="acct:1@corp.example-x_y", group_id="grp.A:@-_1", token=Secret(token()), console_url=HOSTILE_URL)
 ENROLL_B = Enrollment(account_id="acct:1@corp.example-x_y", group_id="grp.B", token=Secret(token()),
                       console_url="https://console.example.com/b?t=1&u=$USER")
+# The release's pins: the suite's enrollment key, both console hosts the enrollments name.
+TRUST = enrollkeys.trust_of(hosts=("console.example.com", "console.example.com:8443"))
+SIGNED_A = enrollkeys.signed(ENROLL_A, trust=TRUST)
+SIGNED_B = enrollkeys.signed(ENROLL_B, trust=TRUST)
 
 
 def fingerprint(value) -> str:
@@ -62,11 +69,11 @@ def same(actual: dict | bytes | None, expected: dict | bytes, what: str) -> None
     raise AssertionError(f"{what}: differing fields (got, expected) {diff}; unexpected fields {extra}")
 
 
-def build(tmp: Path, payload: Path, enrollment: Enrollment | None, signers: Signers, name: str = "setup.exe"):
+def build(tmp: Path, payload: Path, enrollment, signers: Signers, name: str = "setup.exe"):
     work = tmp / f"work-{name}"
     work.mkdir(mode=0o700)
-    request = BuildRequest(product=PRODUCT, version="1.2.3", payload=payload, enrollment=enrollment, work=work,
-                           source_date_epoch=EPOCH, signers=signers)
+    request = BuildRequest(product=PRODUCT, version="1.2.3", payload=payload, enrollment=enrollment, trust=TRUST,
+                           work=work, source_date_epoch=EPOCH, signers=signers)
     built = exe.ExeFormat().build(request)
     out = tmp / name
     shutil.copyfile(built.path, out)
@@ -86,13 +93,13 @@ def p12_signers(keys, password: str = "development") -> Signers:
 @pytest.fixture(scope="module")
 def built_a(tmp_path_factory, dev_keys, test_payload):
     tmp = tmp_path_factory.mktemp("exe-a")
-    return build(tmp, test_payload, ENROLL_A, p12_signers(dev_keys))
+    return build(tmp, test_payload, SIGNED_A, p12_signers(dev_keys))
 
 
 @pytest.fixture(scope="module")
 def built_b(tmp_path_factory, dev_keys, test_payload):
     tmp = tmp_path_factory.mktemp("exe-b")
-    return build(tmp, test_payload, ENROLL_B, pem_signers(dev_keys))
+    return build(tmp, test_payload, SIGNED_B, pem_signers(dev_keys))
 
 
 def osslsigncode_verify(path: Path, ca: Path) -> subprocess.CompletedProcess:
@@ -124,7 +131,8 @@ def test_installer_and_uninstaller_are_signed(built_a, dev_keys, tmp_path):
 
 def test_verify_reads_back_the_baked_enrollment(built_a, dev_keys):
     report = exe.ExeFormat().verify(built_a[0], dev_keys.ca_cert)
-    same(report["enrollment"], ENROLL_A.public(), "enrollment read back")
+    same(report["enrollment"], {"state": "valid", **SIGNED_A.public()}, "enrollment read back")
+    assert report["enrollment_source"] == "slot"
     leaked = ENROLL_A.token.reveal() in json.dumps(report)
     assert not leaked, "verify's report shows the token"
     assert exe.ExeFormat().inspect(built_a[0])["enrollment"] == report["enrollment"]
@@ -134,12 +142,14 @@ def test_verify_reads_back_the_baked_enrollment(built_a, dev_keys):
 def test_payload_is_installed_as_given(built_a, test_payload, tmp_path):
     agent = extract_with_7z(built_a[0], PRODUCT.agent_exe, tmp_path)
     assert agent.read_bytes() == (test_payload / "windows" / PRODUCT.agent_exe).read_bytes()
+    # Beside it, the release's pins, inside the signed bytes (7z reads them, not our code).
+    assert extract_with_7z(built_a[0], TRUST_FILE, tmp_path).read_bytes() == TRUST.to_json_bytes()
 
 
 def test_makensis_output_is_reproducible(test_payload, tmp_path):
     """Unsigned, so that only makensis is compared: a signature carries its signing time."""
-    first, _ = build(tmp_path, test_payload, ENROLL_B, Signers(unsigned=True), name="first.exe")
-    second, _ = build(tmp_path, test_payload, ENROLL_B, Signers(unsigned=True), name="second.exe")
+    first, _ = build(tmp_path, test_payload, None, Signers(unsigned=True), name="first.exe")
+    second, _ = build(tmp_path, test_payload, None, Signers(unsigned=True), name="second.exe")
     assert hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest(), \
         "the same input gave a different installer"
 
@@ -180,12 +190,18 @@ def test_release_build_reads_its_enrollment_at_install_time(dev_keys, test_paylo
     assert report["enrollment"] is None
     data = setup.read_bytes()
     strings = nsis.script_strings(data, nsis.locate(data, "setup.exe"), "setup.exe")
+    assert any("verify-enrollment --installer" in s for s in strings)
     assert any("enroll-from-installer --installer" in s for s in strings)
     assert not any("write-config" in s for s in strings)
+    assert not any(ENROLL_A.account_id in s for s in strings)  # no enrollment in the script
 
 
 def test_unsigned_build_signs_nothing(test_payload, tmp_path):
-    setup, built = build(tmp_path, test_payload, ENROLL_B, Signers(unsigned=True))
+    # The enrollment lives in the signature: an unsigned EXE cannot carry one, and leaves nothing.
+    with pytest.raises(UsageError, match="unsigned EXE cannot carry one"):
+        build(tmp_path, test_payload, SIGNED_B, Signers(unsigned=True), name="refused.exe")
+    assert not (tmp_path / "refused.exe").exists()
+    setup, built = build(tmp_path, test_payload, None, Signers(unsigned=True))
     assert built.signer is None and built.details["uninstaller_signed"] is False
     report = exe.ExeFormat().verify(setup, None)
     assert not report["ok"]
@@ -194,27 +210,25 @@ def test_unsigned_build_signs_nothing(test_payload, tmp_path):
     # Without !uninstfinalize the uninstaller is assembled at install time from the installer's
     # own (unsigned) stub: there is no whole uninstaller inside.
     assert "uninstaller" not in exe.ExeFormat().inspect(setup)
-    same(report["enrollment"], ENROLL_B.public(), "enrollment of an unsigned build")
+    assert report["enrollment"] is None
 
 
 def test_wrong_password_fails_inside_makensis(dev_keys, test_payload, tmp_path):
     with pytest.raises(SigningError, match="wrong password"):
-        build(tmp_path, test_payload, ENROLL_B, p12_signers(dev_keys, password="not-the-password"))
+        build(tmp_path, test_payload, SIGNED_B, p12_signers(dev_keys, password="not-the-password"))
     assert not (tmp_path / "setup.exe").exists()
 
 
 # --- under wine -----------------------------------------------------------------------------
 
-def config_bytes(e: Enrollment) -> bytes:
-    """enrollment.json as the agent writes it (payload/README.md)."""
-    doc = {"account_id": e.account_id, "group_id": e.group_id, "console_url": e.console_url,
-           "enrollment_token": e.token.reveal()}
-    return json.dumps(doc, ensure_ascii=False).encode()
+def config_bytes(e) -> bytes:
+    """enrollment.json as the agent writes it (payload/README.md): the signed enrollment."""
+    return json.dumps({"enrollment": e.jws.reveal()}).encode()
 
 
-def registry_doc(e: Enrollment) -> dict[str, str]:
-    return {"AccountId": e.account_id, "GroupId": e.group_id, "ConsoleUrl": e.console_url,
-            "EnrollmentToken": e.token.reveal()}
+def registry_doc(e) -> dict[str, str]:
+    """The agent's Enrollment value, the verified SE; the installer's PendingEnrollment is gone."""
+    return {"Enrollment": e.jws.reveal()}
 
 
 ARP_ROOT = "SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Uninstall"
@@ -276,14 +290,14 @@ def snapshot(wine, folder: Path) -> Snapshot:
                     read("svc") is not None, state)
 
 
-def assert_enrolled(wine, snap: Snapshot, e: Enrollment, step: str) -> None:
+def assert_enrolled(wine, snap: Snapshot, e, step: str) -> None:
     data_dir = wine.host_path("C:\\ProgramData\\" + PRODUCT.windows_install_folder)
     same(snap.enrollment_values, registry_doc(e), f"{step}: registry values")
     same((data_dir / exe.CONFIG_NAME).read_bytes(), config_bytes(e), f"{step}: {exe.CONFIG_NAME}")
     assert snap.service_state == "RUNNING", f"{step}: the service is {snap.service_state}, not RUNNING"
     status = json.loads((data_dir / "status.json").read_text())
     expected = {"state": "running", "account_id": e.account_id, "group_id": e.group_id, "console_url": e.console_url,
-                "token_sha256": hashlib.sha256(e.token.reveal().encode()).hexdigest()}
+                "key_id": e.key_id, "token_sha256": hashlib.sha256(e.token.reveal().encode()).hexdigest()}
     same(status, expected, f"{step}: status.json (what the running service read)")
 
 
@@ -295,12 +309,13 @@ def test_install_upgrade_and_uninstall_under_wine(wine, built_a, built_b, dev_ke
     # 1. Group A, silently, with the hostile values and a 4 KiB token.
     proc = wine.run(wine.winpath(built_a[0]), "/S")
     assert proc.returncode == 0, f"setup.exe /S exited {proc.returncode} (exit codes: templates/nsis/installer.nsi.j2)"
-    assert sorted(p.name for p in install_dir.iterdir()) == sorted([PRODUCT.agent_exe, exe.UNINSTALLER_NAME])
+    assert sorted(p.name for p in install_dir.iterdir()) == sorted([PRODUCT.agent_exe, TRUST_FILE, exe.UNINSTALLER_NAME])
+    assert (install_dir / TRUST_FILE).read_bytes() == TRUST.to_json_bytes()
     assert (install_dir / PRODUCT.agent_exe).read_bytes() == (test_payload / "windows" / PRODUCT.agent_exe).read_bytes()
     proc = osslsigncode_verify(install_dir / exe.UNINSTALLER_NAME, dev_keys.ca_cert)
     assert proc.returncode == 0, "the installed uninstaller does not verify"
     snap = snapshot(wine, tmp_path / "snap")
-    assert_enrolled(wine, snap, ENROLL_A, "install A")
+    assert_enrolled(wine, snap, SIGNED_A, "install A")
     assert len(snap.arp) == 1, f"Add/Remove Programs entries: {list(snap.arp)}"
     (arp_key, arp), = snap.arp.items()
     assert arp["DisplayVersion"] == "1.2.3" and arp["Publisher"] == PRODUCT.vendor
@@ -314,7 +329,7 @@ def test_install_upgrade_and_uninstall_under_wine(wine, built_a, built_b, dev_ke
     assert proc.returncode == 0, f"setup.exe /S (group B over A) exited {proc.returncode}"
     snap = snapshot(wine, tmp_path / "snap")
     assert list(snap.arp) == [arp_key], f"Add/Remove Programs entries after B over A: {list(snap.arp)}"
-    assert_enrolled(wine, snap, ENROLL_B, "install B over A")
+    assert_enrolled(wine, snap, SIGNED_B, "install B over A")
 
     # 3. Uninstall as Add/Remove Programs does it silently. (Without _?= the uninstaller copies
     # itself to %TEMP% and returns at once; wine.run waits for every process of the prefix.)
@@ -351,4 +366,4 @@ def test_install_over_a_service_that_is_still_starting(wine, built_a, built_b, t
     deleted = wine.run("reg", "delete", f"HKLM\\{PRODUCT.registry_key}", "/v", "TestStartDelayMs", "/f", "/reg:64")
     assert deleted.returncode == 0
     snap = snapshot(wine, tmp_path / "snap")
-    assert_enrolled(wine, snap, ENROLL_B, "install B over a starting A")
+    assert_enrolled(wine, snap, SIGNED_B, "install B over a starting A")

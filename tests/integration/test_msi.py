@@ -29,11 +29,13 @@ from builder.formats.base import BuildRequest, Signers
 from builder.formats.msi import MsiFormat
 from builder.signing.authenticode import SigningKey
 from builder.tools import msitools, runner
+from builder.trust import TRUST_FILE
+from tests.support import enrollkeys
 
 EPOCH = 1767225600
 TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/.=~"
-TOKEN_A = "".join(random.Random(1).choice(TOKEN_CHARS) for _ in range(4096))
-TOKEN_B = "".join(random.Random(2).choice(TOKEN_CHARS) for _ in range(4096))
+TOKEN_A = "".join(random.Random(1).choices(TOKEN_CHARS, k=4096))
+TOKEN_B = "".join(random.Random(2).choices(TOKEN_CHARS, k=4096))
 # Every URL character the rules allow that XML, wixl's preprocessor ($, $(...), $$), MSI
 # formatted text or a command line treats specially.
 HOSTILE_URL = "https://console.example.com:8443/e/p;x?a=1&b='x'$y;z(!)*%20+,=&c=$(sys.CURRENTDIR)$$(env.HOME)$&d=~#frag"
@@ -46,8 +48,17 @@ OVERRIDE_GROUP = "override-9:x@y"
 EXTRA_FILES = {"lib/a+b (c) d-e_f.dll": b"dll bytes", "lib/deeper/data.bin": bytes(range(256)), "x (1).txt": b"x"}
 
 
-def enrollment(group: str, token: str) -> Enrollment:
-    return Enrollment(account_id=ACCOUNT, group_id=group, token=Secret(token), console_url=HOSTILE_URL)
+# The release's pins: the suite's enrollment key and the console host HOSTILE_URL names.
+TRUST = enrollkeys.trust_of(hosts=("console.example.com:8443",))
+_signed: dict = {}
+
+
+def enrollment(group: str, token: str):
+    """The group's enrollment signed with the suite's key (one signature per group and token)."""
+    if (group, token) not in _signed:
+        _signed[group, token] = enrollkeys.signed(
+            Enrollment(account_id=ACCOUNT, group_id=group, token=Secret(token), console_url=HOSTILE_URL), trust=TRUST)
+    return _signed[group, token]
 
 
 def public(values: dict) -> dict:
@@ -97,7 +108,7 @@ def builds(dev_keys, payload, tmp_path_factory) -> Builds:
         for key, group, token, version in (("a", GROUP_A, TOKEN_A, "1.0.0"), ("b", GROUP_B, TOKEN_B, "1.0.0"), ("b110", GROUP_B, TOKEN_B, "1.1.0")):
             [output] = builder_build.build(
                 format_names=["msi"], product=product, version=version, payload=payload,
-                enrollment=enrollment(group, token), signers=signers, out=out, source_date_epoch=EPOCH,
+                enrollment=enrollment(group, token), trust=TRUST, signers=signers, out=out, source_date_epoch=EPOCH,
                 basename=f"agent-{key}",
             )
             paths[key] = output.path
@@ -121,30 +132,34 @@ def test_verify_reports_the_stamped_enrollment_masked(builds, dev_keys):
     report = MsiFormat().verify(builds.a, dev_keys.ca_cert)
     assert report["ok"], report["detail"]
     assert report["signature"]["ok"]
-    assert report["enrollment"] == enrollment(GROUP_A, TOKEN_A).public()
+    assert report["enrollment"] == {"state": "valid", **enrollment(GROUP_A, TOKEN_A).public()}
     assert (report["product"], report["version"]) == (builds.product.name, "1.0.0")
     assert report["msi"]["upgrade_code"] == "{" + builds.product.upgrade_code + "}"
     leaked = TOKEN_A in json.dumps(report)
     assert not leaked, "verify's report carries the token"
 
 
-def test_msiinfo_shows_hidden_token_and_property_defaults(builds):
+def test_msiinfo_shows_hidden_enrollment_and_its_default(builds):
     props = {r["Property"]: r["Value"] for r in msiinfo_table(builds.a, "Property")}
-    assert props["MsiHiddenProperties"] == "ENROLLMENT_TOKEN"
-    assert (props["ACCOUNT_ID"], props["GROUP_ID"], props["CONSOLE_URL"]) == (ACCOUNT, GROUP_A, HOSTILE_URL)
-    same = props["ENROLLMENT_TOKEN"] == TOKEN_A
-    assert same, "the ENROLLMENT_TOKEN default is not the stamped token"
-    assert {"ACCOUNT_ID", "GROUP_ID", "CONSOLE_URL", "ENROLLMENT_TOKEN"} <= set(props["SecureCustomProperties"].split(";"))
+    assert props["MsiHiddenProperties"] == "ENROLLMENT"
+    same = props["ENROLLMENT"] == enrollment(GROUP_A, TOKEN_A).jws.reveal()
+    assert same, "the ENROLLMENT default is not the signed enrollment"
+    # The unsigned per-field properties of earlier versions are gone (a launch condition refuses them).
+    assert not {"ACCOUNT_ID", "GROUP_ID", "CONSOLE_URL", "ENROLLMENT_TOKEN"} & set(props)
+    assert "ENROLLMENT" in props["SecureCustomProperties"].split(";")
+    conditions = [r["Condition"] for r in msiinfo_table(builds.a, "LaunchCondition")]
+    assert "NOT (ACCOUNT_ID OR GROUP_ID OR CONSOLE_URL OR ENROLLMENT_TOKEN)" in conditions
     upgrade = [r for r in msiinfo_table(builds.a, "Upgrade") if r["ActionProperty"] == "WIX_UPGRADE_DETECTED"]
     assert [(r["VersionMax"], r["Attributes"]) for r in upgrade] == [("1.0.0", "513")]  # max inclusive: same version replaced
     types = {r["Action"]: r["Type"] for r in msiinfo_table(builds.a, "CustomAction")}
-    assert types == {"AgentWriteConfig": "3090", "AgentForget": "3154", "AgentForgetOnRollback": "3410"}
+    assert types == {"AgentEnrollFromRegistry": "3090", "AgentForget": "3154", "AgentForgetOnRollback": "3410"}
     seq = {r["Action"]: int(r["Sequence"]) for r in msiinfo_table(builds.a, "InstallExecuteSequence")}
-    assert seq["InstallFiles"] < seq["WriteRegistryValues"] < seq["InstallServices"] < seq["AgentWriteConfig"] < seq["StartServices"] < seq["InstallFinalize"]
+    assert (seq["InstallFiles"] < seq["WriteRegistryValues"] < seq["InstallServices"] < seq["AgentForgetOnRollback"]
+            < seq["AgentEnrollFromRegistry"] < seq["StartServices"] < seq["InstallFinalize"])
     assert seq["StopServices"] < seq["AgentForget"] < seq["DeleteServices"] < seq["RemoveRegistryValues"] < seq["RemoveFiles"]
     assert seq["RemoveExistingProducts"] < seq["InstallInitialize"]
     files = sorted(r["FileName"] for r in msiinfo_table(builds.a, "File"))
-    assert files == sorted(["agent.exe", *(Path(p).name for p in EXTRA_FILES)])
+    assert files == sorted(["agent.exe", TRUST_FILE, *(Path(p).name for p in EXTRA_FILES)])
     components = msiinfo_table(builds.a, "Component")
     assert components and all(int(c["Attributes"]) & 256 for c in components), "a component is not 64-bit"
 
@@ -157,16 +172,19 @@ def test_token_is_never_on_a_command_line(builds):
 
 def test_a_changed_table_byte_fails_verification(builds, dev_keys, tmp_path):
     data = bytearray(builds.a.read_bytes())
-    # GROUP_A is stored once, in the string pool of the Property table.
-    assert data.count(GROUP_A.encode()) == 1
-    at = data.find(GROUP_A.encode())
-    data[at] ^= 0x01
+    # The signed enrollment is stored once, in the string pool of the Property table: change
+    # one character of its signature (A <-> B keeps it base64url).
+    jws = enrollment(GROUP_A, TOKEN_A).jws.reveal().encode()
+    assert data.count(jws) == 1
+    at = data.find(jws) + len(jws) - 10
+    data[at] = ord("A") if data[at] != ord("A") else ord("B")
     tampered = tmp_path / "tampered.msi"
     tampered.write_bytes(data)
     report = MsiFormat().verify(tampered, dev_keys.ca_cert)
     assert not report["ok"] and not report["signature"]["ok"]
     assert "digest mismatch" in report["detail"]
-    assert report["enrollment"]["group_id"] != GROUP_A  # the byte was table data
+    # ... and the enrollment itself no longer verifies either (what the agent checks).
+    assert report["enrollment"]["state"] == "invalid", report["enrollment"]
 
 
 @pytest.mark.parametrize("cut", ["one-byte", "sectors", "half"])
@@ -196,7 +214,7 @@ def test_unsigned_build_is_byte_reproducible(payload, tmp_path):
         work = tmp_path / f"work{n}"
         work.mkdir()
         request = BuildRequest(product=load_product(), version="1.0.0", payload=payload, enrollment=enrollment(GROUP_A, TOKEN_A),
-                               work=work, source_date_epoch=EPOCH, signers=Signers(unsigned=True))
+                               trust=TRUST, work=work, source_date_epoch=EPOCH, signers=Signers(unsigned=True))
         built.append(MsiFormat().build(request))
         if n == 1:
             time.sleep(1.1)  # a later second: wixl's own times would differ
@@ -210,7 +228,7 @@ def test_unsigned_build_is_byte_reproducible(payload, tmp_path):
 
 
 def test_release_build_without_enrollment(payload, tmp_path):
-    request = BuildRequest(product=load_product(), version="1.0.0", payload=payload, enrollment=None,
+    request = BuildRequest(product=load_product(), version="1.0.0", payload=payload, enrollment=None, trust=TRUST,
                            work=tmp_path, source_date_epoch=EPOCH, signers=Signers(unsigned=True))
     report = MsiFormat().inspect(MsiFormat().build(request).path)
     assert report["ok"], report["detail"]
@@ -222,8 +240,9 @@ def test_release_build_without_enrollment(payload, tmp_path):
 def read_log(log: Path) -> str:
     data = log.read_bytes() if log.exists() else b""
     text = data.decode("utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else data.decode("utf-8", "replace")
-    for token in (TOKEN_A, TOKEN_B):
-        text = text.replace(token, "***")
+    # The signed enrollments hold the tokens (base64url): masked as the tokens are.
+    for secret in (*(se.jws.reveal() for se in _signed.values()), TOKEN_A, TOKEN_B):
+        text = text.replace(secret, "***")
     return text
 
 
@@ -250,17 +269,18 @@ def products(wine, product) -> dict[str, str]:
 
 
 def check_enrolled(wine, product, group: str, token: str) -> None:
-    """Registry values, enrollment.json and the running service's status.json hold exactly `group` and `token`."""
+    """The registry's Enrollment, enrollment.json and the running service's status.json hold
+    exactly the signed enrollment of `group` and `token`; the installer's PendingEnrollment is gone."""
+    __tracebackhide__ = True  # pytest would print this frame's arguments: the token among them
+    se = enrollment(group, token)
     values = wine.reg_values(product.registry_key) or {}
-    assert public(values) == {"AccountId": ACCOUNT, "GroupId": group, "ConsoleUrl": HOSTILE_URL}
-    same = values.get("EnrollmentToken") == token
-    assert same, "registry EnrollmentToken is not the expected token"
+    assert sorted(values) == ["Enrollment"], sorted(values)
+    same = values["Enrollment"] == se.jws.reveal()
+    assert same, "the registry's Enrollment is not the group's signed enrollment"
 
     data = wine.host_path("C:\\ProgramData\\" + product.windows_install_folder)
-    config = json.loads((data / "enrollment.json").read_bytes())
-    assert public(config) == {"account_id": ACCOUNT, "group_id": group, "console_url": HOSTILE_URL}
-    same = config.get("enrollment_token") == token
-    assert same, "enrollment.json enrollment_token is not the expected token"
+    same = (data / "enrollment.json").read_bytes() == json.dumps({"enrollment": se.jws.reveal()}).encode()
+    assert same, "enrollment.json does not hold the group's signed enrollment"
 
     def status():
         try:
@@ -268,7 +288,7 @@ def check_enrolled(wine, product, group: str, token: str) -> None:
         except (OSError, ValueError):
             return None
     want = {"state": "running", "account_id": ACCOUNT, "group_id": group, "console_url": HOSTILE_URL,
-            "token_sha256": hashlib.sha256(token.encode()).hexdigest()}
+            "key_id": se.key_id, "token_sha256": hashlib.sha256(token.encode()).hexdigest()}
     # Written by the service when it starts with this config: a stale file names the old group.
     got = wait_for(lambda: {k: (status() or {}).get(k) for k in want}, want)
     assert got == want  # the sha256 of the token only
@@ -282,8 +302,9 @@ def test_install_group_switch_upgrade_override_and_uninstall(builds, wine, tmp_p
     # GPO-style: no properties, the stamped defaults enroll group A.
     msiexec(wine, tmp_path, "install-a", "/i", wine.winpath(builds.a), "/qn")
     installed = sorted(p.relative_to(program_files).as_posix() for p in program_files.rglob("*") if p.is_file())
-    assert installed == sorted(["agent.exe", *EXTRA_FILES])  # not the dot-file
-    for rel in installed:
+    assert installed == sorted(["agent.exe", TRUST_FILE, *EXTRA_FILES])  # not the dot-file
+    assert (program_files / TRUST_FILE).read_bytes() == TRUST.to_json_bytes()
+    for rel in (r for r in installed if r != TRUST_FILE):
         assert (program_files / rel).read_bytes() == (builds.payload / "windows" / rel).read_bytes(), rel
     check_enrolled(wine, product, GROUP_A, TOKEN_A)
     # The agent writes status.json while START_PENDING, then reports RUNNING; wine's msiexec
@@ -297,8 +318,10 @@ def test_install_group_switch_upgrade_override_and_uninstall(builds, wine, tmp_p
     assert list(listed.values()) == ["1.0.0"] and code_a not in listed
     check_enrolled(wine, product, GROUP_B, TOKEN_B)
 
-    # Upgrade to 1.1.0 with a command-line value: it wins over the stamped default.
-    msiexec(wine, tmp_path, "upgrade", "/i", wine.winpath(builds.b110), "/qn", f"GROUP_ID={OVERRIDE_GROUP}")
+    # Upgrade to 1.1.0 with a signed enrollment on the command line: it wins over the stamped
+    # default. (An unsigned per-field value is refused: tests/integration/test_repointing.py.)
+    override = enrollment(OVERRIDE_GROUP, TOKEN_B).jws.reveal()
+    msiexec(wine, tmp_path, "upgrade", "/i", wine.winpath(builds.b110), "/qn", f"ENROLLMENT={override}")
     assert list(products(wine, product).values()) == ["1.1.0"]
     check_enrolled(wine, product, OVERRIDE_GROUP, TOKEN_B)
 

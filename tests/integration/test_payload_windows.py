@@ -2,9 +2,9 @@
 
 (a) Its inputs: every pin of inputs.lock, and the Authenticode check that refuses a CPython not
     signed by the Python Software Foundation under the pinned Microsoft root.
-(b) The frozen agent.exe under wine: --version, the installer contract's commands
-    (enroll-from-installer, write-config, forget) byte for byte as the C agent's tests check, and
-    `run` enrolling with the test console (tests/support/console.py) over HTTPS.
+(b) The frozen agent.exe under wine, installed with trust.json beside it: --version, signed
+    enrollments from signed installers and the registry (and the forged ones refused), forget,
+    and `run` enrolling with the test console (tests/support/console.py) over HTTPS.
 
 The build runs once per machine (a cold build downloads about 30 MB and took 105-150 s here);
 afterwards `make payload-windows` finds agent.exe up to date in well under a second.
@@ -16,7 +16,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -26,22 +25,30 @@ import pytest
 
 from builder.signing import authenticode
 from builder.signing.authenticode import OfflineTSA, SigningKey
-from tests.integration.test_payload import (
-    ENROLLMENT,
-    HOSTILE,
-    expected_config,
-    fake_installer,
-    make_slot,
-    slot_json,
+from tests.integration.test_payload import (  # noqa: F401 (keys and bases are fixtures)
+    DATA_DIR,
+    HOSTS,
+    HOUR,
+    REG_KEY,
+    TOKEN,
+    URL,
+    Machine,
+    agent_lines,
+    bases,
+    c_agent,
+    config_bytes,
+    keys,
+    refused,
+    stamped,
+    tampered,
 )
 from tests.support import console as consolesupport
-from tests.support import wine as winesupport
+from tests.support import installers, signed
 from tests.support.servers import running
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_PY = ROOT / "payload" / "windows" / "build.py"
 AGENT_EXE = ROOT / "payload" / "build" / "reference" / "windows" / "agent.exe"
-REG_KEY = r"SOFTWARE\Example Vendor\Example Agent"
 
 
 def load_build_module():
@@ -194,87 +201,131 @@ def test_agent_exe_is_a_reproducible_pe(build, windows_agent: Path) -> None:
 
 
 # ============================================================================ (b) under wine
+#
+# The C test agent's machine (tests/integration/test_payload.py) with the frozen agent.exe in
+# its place: installed with trust.json beside it, as the signed installers leave it. A few
+# representative cases of each kind run here (each start of the frozen agent costs 1-3 s); the
+# full tables run against the C agent and, in-process, against agent.py itself.
 
 
-def agent_lines(stderr: bytes) -> list[str]:
-    return [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.startswith("agent: ")]
-
-
-def run_agent(wine: winesupport.WinePrefix, agent: Path, *args: str) -> subprocess.CompletedProcess:
-    # WinePrefix.run reads through pipes: under wine 8, the frozen Windows CPython dies at
-    # start-up (init_sys_streams, WinError 6) when its stdout is a regular file.
-    return wine.run(str(agent), *args, timeout=300)
-
-
-@pytest.mark.wine
-def test_version_under_wine(wine, windows_agent: Path) -> None:
-    result = run_agent(wine, windows_agent, "--version")
-    assert (result.returncode, result.stdout.decode().strip()) == (0, "1.0.0"), result.stderr
+@pytest.fixture
+def machine(wine, windows_agent: Path, keys, tmp_path: Path):
+    m = Machine(wine, windows_agent, tmp_path)
+    m.trust(signed.trust_json([keys.pinned], HOSTS))
+    yield m
+    m.assert_token_never_shown()
 
 
 @pytest.mark.wine
-def test_enroll_from_installer_and_write_config_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
-    values = {**HOSTILE, "enrollment_token": "T0k-" + secrets.token_urlsafe(3000)[:4000]}
-    installer = fake_installer(tmp_path / "installer.exe",
-                               make_slot(slot_json({**ENROLLMENT, "group_id": "decoy-group"})),  # older stamp
-                               make_slot(slot_json(values, future_field={"nested": [1, None]})))
-    config = r"C:\ProgramData\Example Vendor\Example Agent\enrollment.json"
-    result = run_agent(wine, windows_agent, "enroll-from-installer", "--registry-key", REG_KEY,
-                       "--installer", wine.winpath(installer), "--config", config)
+def test_version_under_wine(machine: Machine) -> None:
+    result = machine.agent("--version", timeout=300)
+    assert (result.returncode, result.stdout.strip()) == (0, "1.0.0"), result.stderr
+
+
+@pytest.mark.wine
+def test_enrolls_from_signed_installers_and_refuses_forged_ones(machine: Machine, bases, keys, tmp_path: Path) -> None:
+    """The slot read from the one PKCS#7 of a signed EXE and MSI; the attacks that keep the file's
+    signature valid (a second slot, bytes appended in the WIN_CERTIFICATE) and SEs a pinned key
+    did not sign, that expired, or that name another host are refused with nothing written."""
+    for kind, base in (("exe", bases.exe), ("msi", bases.msi)):
+        se = signed.sign(keys.pinned, group_id=f"group-{kind}", token=TOKEN, console_url=URL,
+                         expires_at=int(time.time()) + HOUR)
+        installer = stamped(base, se, kind, tmp_path / f"setup.{kind}")
+        key, config = f"{REG_KEY} {kind}", rf"{DATA_DIR} {kind}\deeper\enrollment.json"
+        result = machine.agent("enroll-from-installer", "--installer", machine.z(installer),
+                               "--registry-key", key, "--config", config)
+        assert result.returncode == 0, result.stderr
+        assert machine.host(config).read_bytes() == config_bytes(se)
+        assert machine.registry(key) == {"": {"Enrollment": se}}
+
+    genuine = signed.sign(keys.pinned, token=TOKEN, console_url=URL, group_id="genuine")
+    evil = signed.sign(keys.pinned, token=TOKEN, console_url=URL, group_id="attacker's")
+    base = installers.stamp(bases.exe, "exe", genuine.encode())
+    tampered_code, tampered_se = tampered(genuine, 1, 40)
+    cases = {
+        "second-slot-attribute": (14, installers.second_slot_attribute(base, evil.encode())),
+        "appended-in-win-certificate": (14, installers.appended_in_certificate(base, evil.encode())),
+        "unsigned-exe": (14, bases.unsigned_exe.read_bytes()),
+        "unpinned-se": (10, installers.stamp(bases.exe, "exe", signed.sign(keys.stranger, token=TOKEN).encode())),
+        "tampered-se": (tampered_code, installers.stamp(bases.exe, "exe", tampered_se.encode())),
+        "expired-se": (11, installers.stamp(bases.msi, "msi", signed.sign(
+            keys.pinned, token=TOKEN, expires_at=int(time.time()) - 1).encode())),
+        "evil-host-se": (12, installers.stamp(bases.msi, "msi", signed.sign(
+            keys.pinned, token=TOKEN, console_url="https://console.evil.example").encode())),
+    }
+    for name, (code, data) in cases.items():
+        installer = tmp_path / f"{name}.bin"
+        installer.write_bytes(data)
+        result = machine.agent("enroll-from-installer", "--installer", machine.z(installer),
+                               "--registry-key", f"{REG_KEY}\\{name}", "--config", rf"{DATA_DIR}\{name}.json")
+        refused(result, code, name)
+        assert not machine.host(rf"{DATA_DIR}\{name}.json").exists(), name
+    assert not machine.host(DATA_DIR).exists()
+    assert machine.registry() == {}  # the refused cases created no key under it
+
+
+@pytest.mark.wine
+def test_enroll_from_registry_then_forget(machine: Machine, keys) -> None:
+    """The MSI's path: PendingEnrollment verified into Enrollment and the config; a later bad
+    enrollment leaves the good one as it was; forget (uninstall) removes the config and values."""
+    first = signed.sign(keys.pinned, group_id="first", token=TOKEN, console_url=URL)
+    config = rf"{DATA_DIR}\enrollment.json"
+    machine.import_reg({REG_KEY: {"PendingEnrollment": first}})
+    result = machine.agent("enroll-from-registry", "--registry-key", REG_KEY, "--config", config)
     assert result.returncode == 0, result.stderr
-    assert wine.host_path(config).read_bytes() == expected_config(values)
-    assert values["enrollment_token"].encode() not in result.stdout + result.stderr
-    # The registry now holds the four values: write-config alone reproduces the file from them
-    # (byte for byte, control characters and surrogate pairs included).
-    again = r"C:\ProgramData\Example Vendor\Example Agent\again.json"
-    result = run_agent(wine, windows_agent, "write-config", "--registry-key", REG_KEY, "--config", again)
+    assert machine.host(config).read_bytes() == config_bytes(first)
+    assert machine.registry() == {"": {"Enrollment": first}}
+
+    for code, bad in ((10, signed.sign(keys.stranger, group_id="evil", token=TOKEN, console_url=URL)),
+                      (12, signed.sign(keys.pinned, group_id="evil", token=TOKEN, console_url="https://evil.example")),
+                      (6, first + "\n")):
+        machine.import_reg({REG_KEY: {"PendingEnrollment": bad}})
+        refused(machine.agent("enroll-from-registry", "--registry-key", REG_KEY, "--config", config), code, bad[:20])
+        assert machine.host(config).read_bytes() == config_bytes(first)
+        assert machine.registry() == {"": {"Enrollment": first}}
+
+    machine.trust(None)  # no pins, no enrollment: 13
+    machine.import_reg({REG_KEY: {"PendingEnrollment": first}})
+    refused(machine.agent("enroll-from-registry", "--registry-key", REG_KEY, "--config", config), 13, "no trust.json")
+    assert machine.host(config).read_bytes() == config_bytes(first)
+
+    result = machine.agent("forget", "--registry-key", REG_KEY, "--config", config)
     assert result.returncode == 0, result.stderr
-    assert wine.host_path(again).read_bytes() == expected_config(values)
-    # Uninstall: forget deletes the config (the token) and leaves what is not its own.
-    result = run_agent(wine, windows_agent, "forget", "--registry-key", REG_KEY, "--config", config)
-    assert result.returncode == 0, result.stderr
-    assert not wine.host_path(config).exists() and wine.host_path(again).exists()
+    assert not machine.host(config).exists()
+    assert machine.registry() in ({}, {"": {}})
 
 
 @pytest.mark.wine
-def test_failures_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
-    config = r"C:\ProgramData\Example Vendor\Bad\enrollment.json"
-    cases = [
-        (5, ["enroll-from-installer", "--installer", wine.winpath(fake_installer(tmp_path / "e.msi", make_slot(None)))]),
-        (6, ["enroll-from-installer", "--installer", wine.winpath(fake_installer(tmp_path / "m.msi", make_slot(b"{")))]),
-        (7, ["enroll-from-installer", "--installer", r"C:\no\such.exe"]),
-        (3, ["write-config"]),  # the key does not exist
-    ]
-    for code, args in cases:
-        result = run_agent(wine, windows_agent, *args, "--registry-key", REG_KEY + " Bad", "--config", config)
-        assert result.returncode == code, (args, result.stderr)
-        assert len(agent_lines(result.stderr)) == 1, result.stderr
-        assert not wine.host_path(config).exists()
-    assert run_agent(wine, windows_agent, "write-config", "--config", config).returncode == 2  # no --registry-key
-
-
-@pytest.mark.wine
-def test_run_enrolls_with_the_test_console_under_wine(wine, windows_agent: Path, tmp_path: Path) -> None:
+def test_run_enrolls_with_the_test_console_under_wine(machine: Machine, keys, tmp_path: Path) -> None:
     """The frozen agent's TLS (CPython's OpenSSL under wine) trusts the console's development CA
-    through --ca-bundle, reaches https://localhost:PORT and is recorded in its group; a revoked
-    token is a final refusal (exit 8) and records nothing."""
+    through --ca-bundle, reaches https://localhost:PORT (pinned in trust.json) and is recorded in
+    its group; a revoked token is a final refusal (exit 8) and records nothing more; an SE for a
+    host trust.json does not pin never connects."""
     with running(consolesupport.start_console(tmp_path / "console")) as console:
+        machine.trust(signed.trust_json([keys.pinned], [f"localhost:{console.port}"]))
         token = console.state.add_token("acct-w", "group-w")
-        config = tmp_path / "etc" / "enrollment.json"
-        config.parent.mkdir()
-        config.write_text(json.dumps({"account_id": "acct-w", "group_id": "group-w", "console_url": console.url + "/",
-                                      "enrollment_token": token}))
-        args = ("run", "--config", wine.winpath(config), "--ca-bundle", wine.winpath(console.ca_pem),
+        se = signed.sign(keys.pinned, account_id="acct-w", group_id="group-w", token=token,
+                         console_url=console.url + "/")
+        config = machine.host(rf"{DATA_DIR}\enrollment.json")
+        config.parent.mkdir(parents=True)
+        config.write_bytes(config_bytes(se))
+        args = ("run", "--config", rf"{DATA_DIR}\enrollment.json", "--ca-bundle", machine.z(console.ca_pem),
                 "--attempts", "2", "--backoff", "0.1")
-        result = run_agent(wine, windows_agent, *args)
+        result = machine.agent(*args, timeout=300)
         assert result.returncode == 0, result.stderr
         assert [d.group_id for d in console.state.devices("acct-w")] == ["group-w"]
-        assert json.loads((config.parent / "status.json").read_text())["state"] == "enrolled"
-        assert token.encode() not in result.stdout + result.stderr
+        status = json.loads(config.with_name("status.json").read_text())
+        assert (status["state"], status["key_id"]) == ("enrolled", signed.kid(keys.pinned))
+        assert token not in result.stdout + result.stderr
 
         console.state.revoke(token)
-        result = run_agent(wine, windows_agent, *args)
+        result = machine.agent(*args, timeout=300)
         assert result.returncode == 8, result.stderr
         assert agent_lines(result.stderr) == ["agent: console refused enrollment: HTTP 401"]
         assert console.state.refusals[-1].error == "token_revoked"
         assert len(console.state.devices("acct-w")) == 1
+
+        requests = console.state.requests
+        machine.trust(signed.trust_json([keys.pinned], HOSTS))  # the console's host no longer pinned
+        refused(machine.agent(*args, timeout=300), 12, "unpinned console host")
+        assert console.state.requests == requests

@@ -37,7 +37,7 @@ from builder.errors import FormatError, SlotError, UsageError, VerificationError
 from builder.formats.base import AppleKey, Signers
 from builder.signing.authenticode import SigningKey
 from builder.signing.enrollment_key import DEV_KEY_NAME
-from builder.trust import SignedEnrollment, Trust
+from builder.trust import TRUST_FILE, SignedEnrollment, Trust
 from tests.integration.test_cli import run_cli
 from tests.integration.test_dmg import hfs_listing
 from tests.integration.test_exe import ARP_ROOT, config_bytes, registry_doc
@@ -60,6 +60,7 @@ ENROLLMENT = Enrollment(
 TOKEN_ENV = "STAMP_TEST_TOKEN"
 SLOT_MAGIC = b"ENRSLOT1"  # builder/binfmt/slot.py and payload/README.md: the slot's layout
 MAC_CONFIG = PRODUCT.mac_install_folder.lstrip("/") + "/enrollment.json"  # relative to the install root
+MAC_TRUST = PRODUCT.mac_install_folder.lstrip("/") + "/" + TRUST_FILE  # the pins, written by the postinstall too
 OUT_NAMES = {"exe": "group.exe", "msi": "group.msi", "msi-tagged": "group-tagged.msi", "pkg": "group.pkg", "dmg": "group.dmg"}
 
 
@@ -383,8 +384,9 @@ def windows_installs(wine_template, stamped, built, tmp_path_factory) -> dict[st
         return dict(zip(names, pool.map(one, names)))
 
 
-def assert_installed(snap: Installed, name: str, expected_files: set[str], test_payload: Path) -> None:
-    """`snap` holds exactly the payload and ENROLLMENT, with the service running."""
+def assert_installed(snap: Installed, name: str, expected_files: set[str], test_payload: Path,
+                     se: SignedEnrollment) -> None:
+    """`snap` holds exactly the payload, its pins and the signed ENROLLMENT, with the service running."""
     assert snap.rc == 0, f"{name}: the installer exited {snap.rc}\n" + "\n".join(mask(snap.log).splitlines()[-30:])
     assert set(snap.files) == expected_files, name
     agent = sha((test_payload / "windows" / PRODUCT.agent_exe).read_bytes())
@@ -392,11 +394,11 @@ def assert_installed(snap: Installed, name: str, expected_files: set[str], test_
     assert snap.service_state == "RUNNING", f"{name}: the service is {snap.service_state}"
     auto_start = '"Start"=dword:00000002' in (snap.service_key or "").splitlines()
     assert auto_start, f"{name}: the service is missing or does not start automatically"
-    same(snap.enrollment_values, registry_doc(ENROLLMENT), f"{name}: registry values")
-    same(snap.config, config_bytes(ENROLLMENT), f"{name}: enrollment.json")
+    same(snap.enrollment_values, registry_doc(se), f"{name}: registry values")
+    same(snap.config, config_bytes(se), f"{name}: enrollment.json")
     assert snap.data_files == ["enrollment.json", "status.json"], name
     want = {"state": "running", "account_id": ENROLLMENT.account_id, "group_id": ENROLLMENT.group_id,
-            "console_url": ENROLLMENT.console_url, "token_sha256": sha(TOKEN.encode())}
+            "console_url": ENROLLMENT.console_url, "key_id": se.key_id, "token_sha256": sha(TOKEN.encode())}
     same(snap.status, want, f"{name}: status.json (what the running service read)")
     assert len(snap.arp) == 1, f"{name}: Add/Remove Programs entries {list(snap.arp)}"
 
@@ -410,10 +412,11 @@ def assert_same_install(a: Installed, b: Installed, what: str, arp=lambda snap: 
     assert arp(a) == arp(b), f"{what}: Add/Remove Programs entries differ"
 
 
-def test_stamped_exe_installs_like_a_built_exe(windows_installs, test_payload):
+def test_stamped_exe_installs_like_a_built_exe(windows_installs, test_payload, signed_enrollment):
     built_exe, stamped_exe = windows_installs["exe-built"], windows_installs["exe-stamped"]
     for name in ("exe-built", "exe-stamped"):
-        assert_installed(windows_installs[name], name, {PRODUCT.agent_exe, "uninstall.exe"}, test_payload)
+        assert_installed(windows_installs[name], name, {PRODUCT.agent_exe, TRUST_FILE, "uninstall.exe"}, test_payload,
+                         signed_enrollment)
     assert list(stamped_exe.arp) == [PRODUCT.service_name]
     # uninstall.exe is compared by what its signature covers: see the test below.
     assert_same_install(built_exe, stamped_exe, "built EXE vs stamped EXE")
@@ -451,20 +454,21 @@ def without_product_code(snap: Installed) -> dict[str, str]:
     return values
 
 
-def test_baked_and_tagged_msis_install_like_a_built_msi(windows_installs, test_payload):
+def test_baked_and_tagged_msis_install_like_a_built_msi(windows_installs, test_payload, signed_enrollment):
     for name in ("msi-built", "msi-baked", "msi-tagged"):
-        assert_installed(windows_installs[name], name, {PRODUCT.agent_exe}, test_payload)
+        assert_installed(windows_installs[name], name, {PRODUCT.agent_exe, TRUST_FILE}, test_payload, signed_enrollment)
     built_msi = windows_installs["msi-built"]
     for name in ("msi-baked", "msi-tagged"):
         assert_same_install(built_msi, windows_installs[name], f"built MSI vs {name}", arp=without_product_code)
     codes = {name: next(iter(windows_installs[name].arp)) for name in ("msi-built", "msi-baked", "msi-tagged")}
     assert len(set(codes.values())) == 3, f"a baked MSI needs its own ProductCode: {codes}"
-    # The tagged MSI has no enrollment properties: the agent read its own slot through
-    # [OriginalDatabase]. The baked one wrote its Property defaults.
-    ran = {name: {action for action in ("AgentWriteConfig", "AgentEnrollFromInstaller")
+    # The tagged MSI has no ENROLLMENT property: the agent read its own slot through
+    # [OriginalDatabase]. The baked one verified its ENROLLMENT default through the registry.
+    ran = {name: {action for action in ("AgentEnrollFromRegistry", "AgentEnrollFromInstaller")
                   if re.search(rf"Action ended [^\n]*: {action}\. Return value 1\.", windows_installs[name].log)}
            for name in ("msi-built", "msi-baked", "msi-tagged")}
-    assert ran == {"msi-built": {"AgentWriteConfig"}, "msi-baked": {"AgentWriteConfig"}, "msi-tagged": {"AgentEnrollFromInstaller"}}
+    assert ran == {"msi-built": {"AgentEnrollFromRegistry"}, "msi-baked": {"AgentEnrollFromRegistry"},
+                   "msi-tagged": {"AgentEnrollFromInstaller"}}
 
 
 # --- pkg and dmg: the postinstall in a temporary root ------------------------------------------
@@ -482,8 +486,8 @@ def install_tree(pkg: Path, work: Path) -> dict[str, tuple]:
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         # The Payload's file times are fixed; folders get the time GNU cpio last wrote into
-        # them, and enrollment.json the time the postinstall wrote it.
-        mtime = None if p.is_dir() or rel == MAC_CONFIG else p.lstat().st_mtime
+        # them, and enrollment.json and trust.json the time the postinstall wrote them.
+        mtime = None if p.is_dir() or rel in (MAC_CONFIG, MAC_TRUST) else p.lstat().st_mtime
         tree[rel] = (sha(p.read_bytes()) if p.is_file() else "dir", p.lstat().st_mode, mtime)
     return tree
 
@@ -493,26 +497,31 @@ def built_pkg_install(built, tmp_path_factory) -> dict[str, tuple]:
     return install_tree(built["pkg"], tmp_path_factory.mktemp("built-pkg-install"))
 
 
-def test_stamped_pkg_installs_like_a_built_pkg(stamped, built_pkg_install, tmp_path):
+def mac_config(se: SignedEnrollment) -> bytes:
+    """The agent's config as payload/README.md specifies it: the signed enrollment."""
+    return json.dumps({"enrollment": se.jws.reveal()}).encode()
+
+
+def test_stamped_pkg_installs_like_a_built_pkg(stamped, built_pkg_install, signed_enrollment, tmp_path):
     tree = install_tree(stamped.path("pkg"), tmp_path)
-    written = tree[MAC_CONFIG][0] == built_pkg_install[MAC_CONFIG][0] == sha(ENROLLMENT.to_json_bytes())
+    written = tree[MAC_CONFIG][0] == built_pkg_install[MAC_CONFIG][0] == sha(mac_config(signed_enrollment))
     assert written, "the stamped pkg's postinstall did not write the built pkg's enrollment.json"
     assert tree == built_pkg_install
 
 
-def test_stamped_dmg_installs_like_a_built_pkg(stamped, rel, built_pkg_install, tmp_path):
+def test_stamped_dmg_installs_like_a_built_pkg(stamped, rel, built_pkg_install, signed_enrollment, tmp_path):
     # The volume as 7-Zip extracts it: the release's signed pkg, the group's enrollment beside it.
     hfs, _ = hfs_listing(stamped.path("dmg"), tmp_path)
     volumes = tmp_path / "Volumes"
     run(["7z", "x", "-y", f"-o{volumes}", hfs])
     [volume] = volumes.iterdir()
     [pkg] = volume.glob("*.pkg")
-    [sidecar] = volume.glob("*.enrollment.json")
+    [sidecar] = volume.glob(".*.enrollment.jws")
     assert sha(pkg.read_bytes()) == rel.file("pkg").entry["sha256"], "the dmg does not carry the release's pkg"
-    stored = sha(sidecar.read_bytes()) == sha(ENROLLMENT.to_json_bytes())
-    assert stored, "the sidecar is not the enrollment"
+    stored = sha(sidecar.read_bytes()) == sha(signed_enrollment.jws.reveal().encode())
+    assert stored, "the sidecar is not the signed enrollment"
     tree = install_tree(pkg, tmp_path / "install")
-    written = tree[MAC_CONFIG][0] == built_pkg_install[MAC_CONFIG][0] == sha(ENROLLMENT.to_json_bytes())
+    written = tree[MAC_CONFIG][0] == built_pkg_install[MAC_CONFIG][0] == sha(mac_config(signed_enrollment))
     assert written, "the dmg's postinstall did not write the built pkg's enrollment.json"
     assert tree == built_pkg_install
 
