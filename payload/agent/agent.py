@@ -77,6 +77,7 @@ ENROLLMENT_VALUE = "Enrollment"  # REG_SZ: the verified SE, written by the agent
 PENDING_VALUE = "PendingEnrollment"  # REG_SZ: the unverified SE, written by the installer
 
 ENROLL_PATH = "/api/v1/enroll"
+CONSOLE_CA_FILE = "console-ca.pem"  # optional, beside trust.json: see installed_ca_bundle()
 RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 FORGET_WAIT_SECONDS = 30.0
 
@@ -201,6 +202,14 @@ def trust_path() -> Path:
     if here.name == "MacOS" and here.parent.name == "Contents" and here.parent.parent.suffix == ".app":
         here = here.parent.parent.parent
     return here / "trust.json"
+
+
+def installed_ca_bundle() -> str | None:
+    """console-ca.pem beside trust.json, when the installer put one there (a payload file, so
+    inside the installer's signature): the CAs of a console on a private PKI, used instead of
+    the system store. None (the system store) when there is none."""
+    path = trust_path().with_name(CONSOLE_CA_FILE)
+    return str(path) if path.is_file() else None
 
 
 def _ascii_lower(text: str) -> str:
@@ -1366,7 +1375,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
             if args.attempts < 1 or args.backoff < 0 or getattr(args, "retry_max", 1) <= 0:
                 raise UsageError("--attempts must be >= 1, --backoff >= 0 and --retry-max > 0")
             opts = ConsoleOptions(
-                ca_bundle=args.ca_bundle or environ.get("AGENT_CA_BUNDLE") or None,
+                ca_bundle=args.ca_bundle or environ.get("AGENT_CA_BUNDLE") or installed_ca_bundle(),
                 attempts=args.attempts,
                 backoff=args.backoff,
                 retry_max=getattr(args, "retry_max", ConsoleOptions.retry_max),

@@ -22,7 +22,6 @@ import json
 import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,16 +154,22 @@ class Machine:
     """A fresh Windows machine (a copy of the session's booted prefix) with agent.exe and
     trust.json installed side by side, as the signed installer leaves them.
 
-    wineserver is kept up between commands (a cold start costs 1-3 s each); output goes through
-    files, not pipes: services.exe and friends inherit wine's stdio and would hold a pipe open.
+    wineserver is kept up between commands (a cold start costs 1-3 s each). The prefix is booted
+    first by a command whose stdio is /dev/null: services.exe and friends inherit the booting
+    command's stdio, and would hold a pipe open for good. Every later command's output then goes
+    through pipes: under wine 8 the frozen Windows CPython (payload/README.md) dies at start-up
+    when its stdout is a regular file.
     """
 
-    def __init__(self, prefix: winesupport.WinePrefix, agent: Path, tmp: Path):
+    def __init__(self, prefix: winesupport.WinePrefix, agent: Path | None, tmp: Path):
         self.prefix, self.tmp = prefix, tmp
         self.env = prefix.env()
         subprocess.run(["wineserver", "-p"], env=self.env, timeout=60, check=True)
-        self.host(AGENT).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(agent, self.host(AGENT))
+        subprocess.run(["wine", "cmd", "/c", "exit"], env=self.env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=True)
+        if agent is not None:  # None: a bare machine, for an installer to install the agent
+            self.host(AGENT).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(agent, self.host(AGENT))
         self.outputs: list[str] = []  # every command's stdout + stderr, checked for the token
 
     def host(self, win_path: str) -> Path:
@@ -180,12 +185,9 @@ class Machine:
             path.write_bytes(data)
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.run(["wine", *args], env=self.env, stdout=out, stderr=err,
-                                  stdin=subprocess.DEVNULL, timeout=timeout)
-            out.seek(0)
-            err.seek(0)
-            text = [f.read().decode("utf-8", "replace") for f in (out, err)]
+        proc = subprocess.run(["wine", *args], env=self.env, capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=timeout)
+        text = [data.decode("utf-8", "replace") for data in (proc.stdout, proc.stderr)]
         self.outputs.append(text[0] + text[1])
         return subprocess.CompletedProcess(proc.args, proc.returncode, *text)
 

@@ -180,11 +180,9 @@ def test_an_unsigned_or_foreign_signed_file_is_refused(build, cpython: Path, dev
 def test_the_build_is_up_to_date_after_one_build(windows_agent: Path) -> None:
     stamp = json.loads(windows_agent.with_name(".agent.exe.inputs.json").read_text())
     assert stamp["sha256"] == hashlib.sha256(windows_agent.read_bytes()).hexdigest()
-    start = time.monotonic()
     proc = subprocess.run(["make", "-s", "payload-windows"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "up to date" in proc.stderr
-    assert time.monotonic() - start < 30
+    assert "up to date" in proc.stderr  # nothing rebuilt (how long it takes is not a unit test's business)
     # `--payload payload/build/reference` gives the installers agent.exe alone (no build stamp).
     from builder.config import load_product
     from builder.formats.windows_payload import payload_files

@@ -899,6 +899,21 @@ def test_run_failures(agent: Agent, console: Console, tmp_path: Path, answers, c
     refused_line(result.stderr)
 
 
+def test_run_trusts_the_installed_console_ca(agent: Agent, console: Console, tmp_path: Path) -> None:
+    """console-ca.pem beside trust.json (installed from the payload): the console's private CA,
+    instead of the system store; --ca-bundle still wins over it."""
+    config, _ = console_config(agent, tmp_path, console)
+    shutil.copy(console.ca, agent.home / "console-ca.pem")
+    result = agent.run("run", "--config", str(config), "--attempts", "1")
+    assert result.returncode == 0, result.stderr
+    assert len(console.requests) == 1
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
+    result = agent.run("run", "--config", str(config), "--ca-bundle", str(other), "--attempts", "1")
+    assert result.returncode == 9 and "certificate" in refused_line(result.stderr)
+    assert len(console.requests) == 1
+
+
 def test_run_verifies_the_console_certificate(agent: Agent, console: Console, tmp_path: Path) -> None:
     config, _ = console_config(agent, tmp_path, console)
     result = agent.run("run", "--config", str(config), "--attempts", "3", "--backoff", "0.01")  # system CAs only
