@@ -68,9 +68,9 @@ def service(console, windows_agent, dev_keys, tmp_path_factory):  # noqa: F811
     svc.close()
 
 
-def download(service, console, fmt: str, group: str, token: str, folder: Path) -> Path:
+def download(service, console, fmt: str, account: str, group: str, token: str, folder: Path) -> Path:
     """What the console's button does: ask for the group's installer, follow the link."""
-    asked = service.post({"account_id": ACCOUNT, "group_id": group, "token": token, "format": fmt,
+    asked = service.post({"account_id": account, "group_id": group, "token": token, "format": fmt,
                           "console_url": console.url + "/tenant"})
     assert asked.status_code == 200, asked.text
     doc = asked.json()
@@ -139,16 +139,16 @@ def machine(wine, tmp_path):
 @pytest.mark.wine
 @pytest.mark.parametrize("fmt", ["exe", "msi-tagged", "msi"])
 def test_download_install_enroll_and_appear_in_the_group(service, console, machine, fmt, tmp_path):
-    group = f"group-{fmt}"
-    token = console.state.add_token(ACCOUNT, group)
-    installer = download(service, console, fmt, group, token, tmp_path)
+    account, group = f"{ACCOUNT}-{fmt}", f"group-{fmt}"  # an account per case: the console is the module's
+    token = console.state.add_token(account, group)
+    installer = download(service, console, fmt, account, group, token, tmp_path)
     install(machine, installer, tmp_path)
     installed = sorted(p.name for p in machine.host(INSTALL_DIR).iterdir())
     assert {PRODUCT.agent_exe, TRUST_FILE, CONSOLE_CA} <= set(installed), installed
 
     # The device on the console's Devices tab, in the group whose installer was downloaded.
-    devices = until(lambda: console.state.devices(ACCOUNT, group), 180, "the console lists the device")
-    assert len(devices) == 1 and console.state.devices(ACCOUNT) == devices
+    devices = until(lambda: console.state.devices(account, group), 180, "the console lists the device")
+    assert len(devices) == 1 and console.state.devices(account) == devices
     done = until(lambda: (status(machine) or {}).get("state") == "enrolled" and status(machine), 30, "status enrolled")
     assert (done["group_id"], done["console_url"]) == (group, console.url + "/tenant")
     assert service_state(machine) == "RUNNING"
@@ -163,7 +163,7 @@ def test_download_install_enroll_and_appear_in_the_group(service, console, machi
 def test_a_refusing_console_leaves_the_service_retrying_with_backoff(service, console, machine, tmp_path):
     group = "group-revoked"
     token = console.state.add_token(ACCOUNT, group)
-    installer = download(service, console, "exe", group, token, tmp_path)
+    installer = download(service, console, "exe", ACCOUNT, group, token, tmp_path)
     console.state.revoke(token)  # revoked after the download: the agent meets a refusal
     install(machine, installer, tmp_path)
 
