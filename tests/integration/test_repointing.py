@@ -27,12 +27,14 @@ from pathlib import Path
 
 import pytest
 
-from builder import release
+from builder import release, stamp
 from builder.binfmt import pe, pkcs7, tag
 from builder.binfmt.slot import encode_slot
 from builder.config import load_product
+from builder.enrollment import Enrollment, Secret
 from builder.formats.base import Signers
 from builder.signing.authenticode import SigningKey
+from builder.signing.enrollment_key import FileEnrollmentKey
 from builder.trust import PinnedKey, Trust
 from tests.support import signed as oracle
 from tests.support import wine as winesupport
@@ -227,6 +229,16 @@ def cases(releases, keys, dev_keys, tmp_path_factory):
     files["msi-generic-enrollment-property"] = ([msi_cmd(generic, f"ENROLLMENT={good}")], "grp-genuine")
     files["msi-generic-tampered-property"] = ([msi_cmd(generic, f"ENROLLMENT={flip_in_payload(good)}")], None)
     files["msi-generic-console-url"] = ([msi_cmd(genuine_tagged, f"CONSOLE_URL={ATTACKER}")], None)
+    # A baked MSI (`stamp --format msi`: ENROLLMENT's default in the Property table, re-signed),
+    # and what an admin's command line might add to it.
+    signers = Signers(authenticode=SigningKey(cert=dev_keys.sign_cert, key=dev_keys.sign_key), verify_ca=dev_keys.ca_cert)
+    baked_se = FileEnrollmentKey.from_private_key(first).sign(
+        Enrollment(account_id="acct-1", group_id="grp-genuine", token=Secret(TOKEN), console_url=f"https://{HOST}/e"),
+        r1.trust(), issued_at=now)
+    baked = stamp.stamp(r1, "msi", baked_se, signers, work / "baked.msi").path
+    files["msi-baked-genuine"] = ([msi_cmd(baked)], "grp-genuine")
+    files["msi-baked-console-url"] = ([msi_cmd(baked, f"CONSOLE_URL={ATTACKER}")], None)
+    files["msi-baked-tampered-property"] = ([msi_cmd(baked, f"ENROLLMENT={flip_in_payload(good)}")], None)
     # Over an existing install the old enrollment stays, and its service keeps running.
     files["exe-over-install"] = ([exe_cmd(genuine_exe), exe_cmd(work / "unpinned-key.exe")], "grp-genuine")
     files["msi-over-install"] = ([msi_cmd(generic, f"ENROLLMENT={good}"),
@@ -264,7 +276,8 @@ def names(kind: str) -> list[str]:
         "exe-unpinned-key", "msi-tagged-unpinned-key", "exe-changed-byte", "msi-tagged-changed-byte",
         "exe-expired", "msi-tagged-expired", "exe-host-not-pinned", "msi-tagged-host-not-pinned",
         "exe-second-slot-appended", "msi-tagged-second-slot", "msi-generic-tampered-property",
-        "msi-generic-console-url", "exe-over-install", "msi-over-install") if (kind == "good") == (
+        "msi-generic-console-url", "exe-over-install", "msi-over-install", "msi-baked-genuine",
+        "msi-baked-console-url", "msi-baked-tampered-property") if (kind == "good") == (
         n.endswith(("genuine", "pinned", "property")) and "tampered" not in n and "not-pinned" not in n)]
 
 
