@@ -21,7 +21,7 @@ from builder import formats, log
 from builder.config import Product
 from builder.fileio import atomic_output, write_atomic
 from builder.trust import SignedEnrollment, Trust
-from builder.errors import BuilderError, OutputError, PayloadError, VerificationError
+from builder.errors import BuilderError, OutputError, PayloadError, UsageError, VerificationError
 from builder.formats.base import BuildRequest, Signers, refuse_symlinks
 
 PLATFORMS = {"msi": "windows", "exe": "windows", "pkg": "macos", "dmg": "macos"}
@@ -73,6 +73,28 @@ def check_payload(payload: Path, platform: str, product: Product) -> None:
             raise PayloadError(f"--payload {payload}: {platform}/{product.agent_exe} is missing or empty", "build the Windows agent (make payload)")
 
 
+# The identities each format signs with; checked before any format runs, so that a missing Mac
+# identity does not surface after the Windows installers were built.
+_NEEDS = {
+    "msi": (("authenticode", "an Authenticode signing key", "--sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11"),),
+    "exe": (("authenticode", "an Authenticode signing key", "--sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11"),),
+    "pkg": (("apple_installer", "a Developer ID Installer identity", "--mac-sign-pkcs12 with a 'Developer ID Installer' .p12"),),
+    "dmg": (("apple_application", "a Developer ID Application identity", "--mac-sign-pkcs12 with a 'Developer ID Application' .p12"),
+            ("apple_installer", "a Developer ID Installer identity (for the pkg inside)",
+             "--mac-sign-pkcs12 with a 'Developer ID Installer' .p12")),
+}
+
+
+def check_identities(format_names: list[str], signers: Signers) -> None:
+    """UsageError naming the first format whose signing identity is missing, before any tool runs."""
+    if signers.unsigned:
+        return
+    for name in format_names:
+        for attr, what, fix in _NEEDS.get(name, ()):
+            if getattr(signers, attr, None) is None:
+                raise UsageError(f"the {name} needs {what}", f"give {fix}, or --no-sign")
+
+
 def build(
     *,
     format_names: list[str],
@@ -90,6 +112,7 @@ def build(
     chosen = [formats.get(n) for n in dict.fromkeys(format_names)]
     for fmt in chosen:
         check_payload(payload, fmt.platform, product)
+    check_identities([fmt.name for fmt in chosen], signers)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -14,12 +14,11 @@ import click
 from builder import __version__, formats, log
 from builder.config import load_product, parse_set_options, validate_version
 from builder.enrollment import Enrollment, Secret, read_token
-from builder.errors import BuilderError, UsageError
+from builder.errors import BuilderError, ToolMissingError, UsageError
 from builder.formats.base import AppleKey, Signers
-from builder.signing.authenticode import SigningKey, OfflineTSA
+from builder.signing.authenticode import SIGN_PASSWORD_ENV, OfflineTSA, SigningKey
 from builder.tools import runner
 
-SIGN_PASSWORD_ENV = "BUILDER_SIGN_PASSWORD"
 MAC_SIGN_PASSWORD_ENV = "BUILDER_MAC_SIGN_PASSWORD"
 ENROLLMENT_KEY_PASSWORD_ENV = "BUILDER_ENROLLMENT_KEY_PASSWORD"
 
@@ -57,6 +56,49 @@ def product_options(fn):
     fn = click.option("--config", "config_file", type=click.Path(path_type=Path), help="Product identity file (TOML) over the embedded defaults.")(fn)
     fn = click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE", help="Override one product identity value.")(fn)
     return fn
+
+
+def identity_option(fn):
+    return click.option("--allow-example-identity", is_flag=True,
+                        help="Sign installers that still carry the example product identity or console hosts "
+                             "(only for trying builder out with your own keys).")(fn)
+
+
+DEVELOPMENT_MARK = "DEVELOPMENT"  # in the subject of every certificate `builder dev-keys` makes
+
+
+def development_signers(signers: Signers) -> bool:
+    """Whether every identity that signs is one `builder dev-keys` made (tests, demos)."""
+    from builder.signing import authenticode
+
+    subjects = []
+    if signers.authenticode is not None:
+        subjects.append(authenticode.signer_subject(signers.authenticode) or "")
+    if signers.apple_application is not None or signers.apple_installer is not None:
+        from builder.signing import apple
+
+        subjects += [apple.identity_subject(k) for k in (signers.apple_application, signers.apple_installer) if k]
+    return bool(subjects) and all(DEVELOPMENT_MARK in s for s in subjects)
+
+
+def guard_example_identity(product, signers: Signers, trust, allow: bool) -> None:
+    """ConfigError when real keys would sign the example product identity or console hosts."""
+    from builder.config import IDENTITY_FIELDS, example_fields, is_example_host
+
+    signing = signers.authenticode or signers.apple_application or signers.apple_installer
+    if allow or not signing or development_signers(signers):
+        return  # no key at all is the formats' own error, before any tool runs
+    found = [", ".join(f for f in example_fields(product) if f in IDENTITY_FIELDS)]
+    hosts = [h for h in trust.console_hosts if is_example_host(h)]
+    if hosts:
+        found.append("console hosts " + ", ".join(hosts))
+    found = [f for f in found if f]
+    if found:
+        from builder.errors import ConfigError
+
+        raise ConfigError(f"your signing keys would ship the example product identity ({'; '.join(found)})",
+                          "give --config with your product identity and --console-host with your console, "
+                          "or --allow-example-identity to try builder out")
 
 
 def enrollment_options(fn):
@@ -202,10 +244,18 @@ def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_mod
         if test_tsa:
             tsa = OfflineTSA(certs=test_tsa / "tsa.pem", key=test_tsa / "tsa.key", time=int(environ.get("SOURCE_DATE_EPOCH") or time.time()))
         extra = {"pkcs11_module": pkcs11_module} if pkcs11_module else {}
+        if timestamp_url:
+            check_timestamp_server(timestamp_url)
+        elif tsa is None:
+            log.warning("no --timestamp-url: the Authenticode signatures stop being trusted when the signing "
+                        "certificate expires; give your CA's RFC 3161 timestamp server")
         authenticode = SigningKey(
             cert=sign_cert, key=sign_key, pkcs12=sign_pkcs12, pkcs11_uri=sign_pkcs11, password=password,
             timestamp_url=timestamp_url, test_tsa=tsa, description=product.name, **extra,
         )
+        from builder.signing.authenticode import check_key_matches
+
+        check_key_matches(authenticode)  # a wrong password or a foreign key named before any tool runs
     apple_app = apple_installer = None
     if mac_sign_pkcs12:
         if MAC_SIGN_PASSWORD_ENV not in environ:
@@ -218,6 +268,26 @@ def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_mod
     notary = resolve_notary(notarize_key, notary_url, environ)
     return Signers(authenticode=authenticode, apple_application=apple_app, apple_installer=apple_installer,
                    notary=notary, verify_ca=ca)
+
+
+def check_timestamp_server(url: str, timeout: float = 10.0) -> None:
+    """A TCP connection to the timestamp server before anything is built: osslsigncode reports an
+    unreachable one only as `Unable to set unauthenticated attributes`, after the build."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from builder.errors import SigningError
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--timestamp-url {url!r} is not an http(s) URL", "for example http://timestamp.digicert.com")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise SigningError(f"--timestamp-url {url}: the timestamp server does not answer "
+                           f"({exc.strerror or exc.__class__.__name__})",
+                           "check the URL and the network, or leave it out (the signatures then die with the certificate)") from None
 
 
 def _read_token(token_file: str | None, token_env: str | None) -> Secret:
@@ -258,11 +328,12 @@ def source_date_epoch(environ=os.environ) -> int:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @signing_options
 @product_options
+@identity_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
 def build(format_names, version, account_id, group_id, token_file, token_env, console_url, enrollment_key,
           enrollment_key_pkcs11, expires_in, console_hosts, public_keys, payload, out, config_file, set_items, as_json,
-          **signing):
+          allow_example_identity, **signing):
     """Build signed installers with one group's signed enrollment stamped in."""
     from builder import build as build_mod
 
@@ -274,6 +345,7 @@ def build(format_names, version, account_id, group_id, token_file, token_env, co
     trust = resolve_trust(product, console_hosts, public_keys, key)
     signed = sign_enrollment(key, enrollment, trust, expires_in)
     signers = resolve_signers(product=product, **signing)
+    guard_example_identity(product, signers, trust, allow_example_identity)
     outputs = build_mod.build(format_names=list(format_names), product=product, version=version, payload=payload,
                               enrollment=signed, trust=trust, signers=signers, out=out, source_date_epoch=source_date_epoch())
     doc = build_mod.summary_doc(outputs, signed, version)
@@ -305,26 +377,28 @@ def _report(path: Path, ca: Path | None, check: bool) -> dict:
 
 
 def _print_report(path: Path, doc: dict) -> None:
+    """One file's report, on stdout (the result of verify and inspect)."""
     sig = doc.get("signature") or {}
-    log.console.print(f"[bold]{path}[/]")
-    for key in ("format", "version", "product"):
+    out = log.result
+    out(f"{path}")
+    for key in ("format", "kind", "version", "product"):
         if doc.get(key):
-            log.console.print(f"  {key}: {doc[key]}")
+            out(f"  {key}: {doc[key]}")
     if sig:
-        status = "[green]ok[/]" if sig.get("ok") else f"[red]FAILED[/] ({sig.get('detail')})"
-        log.console.print(f"  signature: {status}; signer: {sig.get('signer') or '-'}; timestamp: {sig.get('timestamp') or 'none'}")
+        status = "ok" if sig.get("ok") else f"FAILED ({sig.get('detail')})"
+        out(f"  signature: {status}; signer: {sig.get('signer') or '-'}; timestamp: {sig.get('timestamp') or 'none'}")
     if "notarized" in doc:
-        log.console.print(f"  notarized: {'yes' if doc['notarized'] else 'no'} ({doc.get('notarization', '')})")
+        out(f"  notarized: {'yes' if doc['notarized'] else 'no'} ({doc.get('notarization', '')})")
     enr = doc.get("enrollment")
     if enr:
         state = enr.get("state", "?")
         detail = f"signed by pinned key {enr.get('key_id')}" if state == "valid" else enr.get("reason", "")
-        log.console.print(f"  enrollment: {state}" + (f" ({detail})" if detail else ""))
+        out(f"  enrollment: {state}" + (f" ({detail})" if detail else ""))
         for key, value in enr.items():
             if key not in ("state", "reason", "key_id"):
-                log.console.print(f"    {key}: {value}")
+                out(f"    {key}: {value}")
     else:
-        log.console.print("  enrollment: none stamped")
+        out("  enrollment: none stamped")
 
 
 @main.command()
@@ -336,7 +410,7 @@ def verify(files, ca, as_json):
     """Check signatures and show the enrollment stamped in installers (token masked)."""
     docs = [{"file": str(f), **_report(f, ca, check=True)} for f in files]
     if as_json:
-        emit_json(docs if len(docs) > 1 else docs[0])
+        emit_json(docs)  # always an array: a script reads one shape for one file or many
     else:
         for f, d in zip(files, docs):
             _print_report(f, d)
@@ -356,29 +430,98 @@ def inspect(files, as_json):
     """Show structure and stamped enrollment without checking signatures."""
     docs = [{"file": str(f), **_report(f, None, check=False)} for f in files]
     if as_json:
-        emit_json(docs if len(docs) > 1 else docs[0])
+        emit_json(docs)  # always an array: a script reads one shape for one file or many
     else:
         for f, d in zip(files, docs):
             _print_report(f, d)
 
 
 @main.command()
+@click.option("--storage", "storage_url", help="Also check this store answers (file://, s3://, az://).")
+@click.option("--redis", "redis_url", help="Also check this Redis answers (the service's queue).")
+@enrollment_key_options
+@signing_options
 @click.option("--json", "as_json", is_flag=True)
-def doctor(as_json):
-    """Which external tools are present, their versions, and how to install what is missing."""
+def doctor(storage_url, redis_url, enrollment_key, enrollment_key_pkcs11, expires_in, as_json, **signing):
+    """The external tools (present, version, how to install), and, when given, the signing keys,
+    the enrollment key, the store and Redis: each opened as a real run would open it."""
     from builder.tools import runner
 
-    rows = []
+    tools = []
     for tool in runner.TOOLS.values():
         ver = runner.version(tool)
-        rows.append({"tool": tool.command, "purpose": tool.purpose, "version": ver,
-                     "install": None if ver else f"apt-get install {tool.package}"})
+        tools.append({"tool": tool.command, "purpose": tool.purpose, "version": ver,
+                      "install": None if ver else f"apt-get install {tool.package}"})
+    checks = _doctor_checks(storage_url, redis_url, enrollment_key, enrollment_key_pkcs11, signing)
     if as_json:
-        emit_json(rows)
+        emit_json({"tools": tools, "checks": checks})
     else:
         log.summary_table("Tools", ["tool", "for", "version", "install"],
-                          [[r["tool"], r["purpose"], r["version"] or "[red]missing[/]", r["install"] or ""] for r in rows])
-    sys.exit(0 if all(r["version"] for r in rows) else 6)
+                          [[r["tool"], r["purpose"], r["version"] or "MISSING", r["install"] or ""] for r in tools])
+        if checks:
+            log.summary_table("Checks", ["check", "status", "detail"],
+                              [[c["check"], c["status"], c["detail"]] for c in checks])
+    if not all(r["version"] for r in tools):
+        sys.exit(ToolMissingError.exit_code)
+    failed = [c for c in checks if c["status"] != "ok"]
+    if failed:
+        sys.exit(failed[0]["exit_code"])
+
+
+def _doctor_checks(storage_url, redis_url, enrollment_key, enrollment_key_pkcs11, signing: dict) -> list[dict]:
+    """One row per thing given on the command line: ok, or the error a real run would stop with."""
+    checks = []
+
+    def check(name: str, fn) -> None:
+        try:
+            detail = fn()
+        except BuilderError as exc:
+            checks.append({"check": name, "status": "FAILED", "detail": log.redact(str(exc)), "exit_code": exc.exit_code})
+        else:
+            checks.append({"check": name, "status": "ok", "detail": detail, "exit_code": 0})
+
+    if any(signing.get(k) for k in ("sign_cert", "sign_key", "sign_pkcs12", "sign_pkcs11", "mac_sign_pkcs12",
+                                    "timestamp_url")):
+        def signers_ok() -> str:
+            from builder.signing import authenticode
+
+            signers = resolve_signers(product=load_product(), **signing)
+            said = []
+            if signers.authenticode is not None:
+                said.append(f"Authenticode: {authenticode.signer_subject(signers.authenticode)}")
+            for kind, key in (("Application", signers.apple_application), ("Installer", signers.apple_installer)):
+                if key is not None:
+                    from builder.signing import apple
+
+                    said.append(f"Developer ID {kind}: {apple.identity_subject(key)}")
+            return "; ".join(said) or "no identity"
+        check("signing keys", signers_ok)
+    if enrollment_key or enrollment_key_pkcs11:
+        check("enrollment key", lambda: "key id " + resolve_enrollment_key(
+            enrollment_key, enrollment_key_pkcs11, signing.get("pkcs11_module"), required=True).kid)
+    if storage_url:
+        def store_ok() -> str:
+            from builder.service.setup import RELEASES_PREFIX
+            from builder.storage import StorageSettings, open_store
+
+            store = open_store(storage_url, StorageSettings.from_env(os.environ))
+            found = store.list(f"{RELEASES_PREFIX}/releases")
+            return f"{store.url}: answers, {sum(o.key.endswith('/manifest.json') for o in found)} release(s) published"
+        check("storage", store_ok)
+    if redis_url:
+        def redis_ok() -> str:
+            import redis
+
+            from builder.errors import StorageError
+
+            try:
+                redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5).ping()
+            except (redis.RedisError, ValueError) as exc:
+                raise StorageError(f"--redis {redis_url}: does not answer ({exc.__class__.__name__})",
+                                   "start Redis or fix the URL") from None
+            return f"{redis_url}: answers"
+        check("redis", redis_ok)
+    return checks
 
 
 @main.command("dev-keys")
@@ -438,10 +581,11 @@ def enrollment_cmd(account_id, group_id, token_file, token_env, console_url, enr
 @click.option("--enrollment-key", type=click.Path(path_type=Path), help="Pin this private key's public half (PEM).")
 @signing_options
 @product_options
+@identity_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout.")
 @handle_errors
 def release_cmd(format_names, version, payload, out, console_hosts, public_keys, enrollment_key, config_file, set_items,
-                as_json, **signing):
+                as_json, allow_example_identity, **signing):
     """Build and sign every format once, with an empty enrollment slot, and write the manifest."""
     from builder import release as release_mod
 
@@ -450,6 +594,7 @@ def release_cmd(format_names, version, payload, out, console_hosts, public_keys,
     key = resolve_enrollment_key(enrollment_key, None, required=False)
     trust = resolve_trust(product, console_hosts, public_keys, key)
     signers = resolve_signers(product=product, **signing)
+    guard_example_identity(product, signers, trust, allow_example_identity)
     manifest = release_mod.release(format_names=list(format_names or formats.NAMES), product=product, version=version,
                                    payload=payload, signers=signers, trust=trust, out=out, source_date_epoch=source_date_epoch())
     if as_json:
@@ -494,9 +639,11 @@ def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, con
     if as_json:
         emit_json(doc)
     else:
-        log.info(f"{result.path}: {result.size:,} bytes, sha256 {result.sha256}, "
-                 f"{'re-signed' if result.resigned else 'signature kept'}, {result.bytes_written:,} bytes written"
-                 + (f", notarization: {_notarization_cell(result.notarization)}" if result.notarization else ""))
+        log.result(f"{result.path}: group {enrollment.group_id} of account {enrollment.account_id}, console "
+                   f"{enrollment.console_url}, key {enrollment.key_id}; {result.size:,} bytes, sha256 {result.sha256}, "
+                   f"{'re-signed' if result.resigned else ('signature kept' if result.signer else 'unsigned')}, "
+                   f"{result.bytes_written:,} bytes written"
+                   + (f", notarization: {_notarization_cell(result.notarization)}" if result.notarization else ""))
 
 
 # --- storage and service --------------------------------------------------------------------
@@ -527,7 +674,68 @@ def publish_cmd(release_dir, storage_url):
     store = open_store(storage_url, StorageSettings.from_env(os.environ))
     with log.step(f"publish release {rel.version} to {store.url}"):
         key = publish_release(release_dir, store, RELEASES_PREFIX, version=rel.version)
-    log.info(f"release {rel.version}: {key}")
+    log.result(f"release {rel.version}: {key}")
+
+
+@main.command("releases")
+@click.option("--storage", "storage_url", required=True, help="file:///path, s3://bucket/prefix or az://container/prefix")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def releases_cmd(storage_url, as_json):
+    """The releases published to a store: version, formats, signed; and which one `latest` is per format."""
+    from builder.service.setup import RELEASES_PREFIX
+    from builder.storage import StorageSettings, open_store
+    from builder.storage.release import published_releases
+
+    store = open_store(storage_url, StorageSettings.from_env(os.environ))
+    found = published_releases(store, RELEASES_PREFIX)
+    latest = {fmt: r["version"] for r in found for fmt in r["formats"]}  # oldest first: the newest wins
+    for r in found:
+        r["latest_for"] = sorted(f for f, v in latest.items() if v == r["version"])
+    if as_json:
+        emit_json(found)
+    else:
+        log.summary_table(f"Releases in {store.url}", ["version", "formats", "signed", "latest for"],
+                          [[r["version"], " ".join(r["formats"]), "yes" if r["signed"] else "NO",
+                            " ".join(r["latest_for"]) or "-"] for r in found])
+
+
+@main.command("issued")
+@click.option("--state", "state_dir", type=click.Path(path_type=Path), default=Path(".builder-service"), show_default=True,
+              help="The service's state folder (its audit log).")
+@click.option("--account-id", required=True)
+@click.option("--group-id", help="Only this group.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def issued_cmd(state_dir, account_id, group_id, as_json):
+    """What the service issued to an account (or one group), from its audit log: installers,
+    signed enrollments and refusals, with the key id and the token's fingerprint, never the token."""
+    import sqlite3
+
+    path = state_dir / "audit.sqlite"
+    if not path.is_file():
+        raise UsageError(f"--state {state_dir}: no audit log (audit.sqlite)", "give the folder `builder serve --state` uses")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        db.row_factory = sqlite3.Row
+        query, params = "SELECT * FROM audit WHERE account_id = ?", [account_id]
+        if group_id:
+            query, params = query + " AND group_id = ?", [*params, group_id]
+        rows = [dict(r) for r in db.execute(query + " ORDER BY rowid", params)]
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"--state {state_dir}: audit.sqlite is unreadable ({exc})", "give the service's state folder") from None
+    finally:
+        db.close()
+    for r in rows:
+        r["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.pop("ts")))
+    if as_json:
+        emit_json(rows)
+    else:
+        log.summary_table(f"Issued to account {account_id}" + (f", group {group_id}" if group_id else ""),
+                          ["time", "action", "group", "format", "release", "installer", "token", "by", "detail"],
+                          [[r["time"], r["action"], r["group_id"] or "", r["format"] or "", r["release"] or "",
+                            r["installer_id"] or "", r["token_fingerprint"] or "", r["caller"], r["detail"] or ""]
+                           for r in rows])
 
 
 def service_options(fn):
@@ -626,5 +834,5 @@ def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console
     if as_json:
         emit_json(doc)
     else:
-        log.info(f"installer {installer_id}: {rec.key} ({rec.size:,} bytes, sha256 {rec.sha256})")
-        log.info(f"download link (valid 1 h, served by `builder serve`): {url}")
+        log.result(f"installer {installer_id}: {rec.key} ({rec.size:,} bytes, sha256 {rec.sha256})")
+        log.result(f"download link (valid 1 h, served by `builder serve`): {url}")

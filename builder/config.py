@@ -162,3 +162,26 @@ def validate_version(version: str) -> str:
     if major > 255 or minor > 255 or build > 65535:
         raise ConfigError(f"--version {version}: MSI limits are 255.255.65535", "use smaller numbers")
     return version
+
+
+# The identity fields a vendor must make its own before shipping; the hosts RFC 2606 reserves.
+IDENTITY_FIELDS = ("vendor", "name", "upgrade_code", "bundle_id", "pkg_identifier")
+_EXAMPLE_HOST = re.compile(r"(?:[^.]+\.)*example(?:\.(?:com|net|org))?")
+
+
+def is_example_host(host: str) -> bool:
+    """A host (or a host pattern, `*.` and `:port` allowed) under example.com/.net/.org or .example."""
+    name = host.lower().removeprefix("*.").partition(":")[0]
+    return _EXAMPLE_HOST.fullmatch(name) is not None
+
+
+def example_fields(product: Product) -> list[str]:
+    """The product identity fields still at the embedded example values (the example console
+    hosts included): what a signed release must not ship."""
+    defaults = load_product()
+    same = [f for f in IDENTITY_FIELDS if getattr(product, f) == getattr(defaults, f)]
+    if any(is_example_host(h) for h in product.console_hosts):
+        same.append("console_hosts")
+    if is_example_host(urlsplit(product.console_url).hostname or ""):
+        same.append("console_url")
+    return same

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Iterator
@@ -29,7 +30,9 @@ from typing import Iterator
 from rich.console import Console
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
+# Progress and diagnostics: stderr. soft_wrap: a long line (a path, a link) is never broken in
+# two, whatever the width rich guesses for a pipe.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 logger = logging.getLogger("builder")
 
 MIN_SECRET_CHARS = 16
@@ -171,7 +174,8 @@ def info(message: str) -> None:
 
 
 def warning(message: str) -> None:
-    console.print(f"[bold yellow]warning:[/] {redact(message)}")
+    if not _quiet:  # -q: errors and the result only
+        console.print(f"[bold yellow]warning:[/] {redact(message)}")
 
 
 def debug(message: str) -> None:
@@ -203,12 +207,23 @@ def take_timings() -> list[tuple[str, float]]:
     return out
 
 
+def _results() -> Console:
+    """Results: stdout, so that `builder verify x > report.txt` keeps them. Nothing is wrapped
+    or cut when stdout is not a terminal: a script or a file gets every character."""
+    terminal = sys.stdout.isatty()
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, width=None if terminal else 1_000_000)
+
+
+def result(message: str) -> None:
+    """One line of a command's result on stdout, printed with -q too (-q: errors and the result)."""
+    _results().print(redact(message))
+
+
 def summary_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    if _quiet:
-        return
+    """A command's result as a table on stdout (printed with -q too); never truncated."""
     table = Table(title=title, title_justify="left")
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, overflow="fold", no_wrap=not sys.stdout.isatty())
     for row in rows:
         table.add_row(*(redact(str(c)) for c in row))
-    console.print(table)
+    _results().print(table)

@@ -28,17 +28,55 @@ SCHEMA = 1
 _RECORDED_TOOLS = ("wixl", "makensis", "osslsigncode", "xorriso")
 
 
+def check_out_folder(out: Path, version: str) -> None:
+    """A release folder holds one version: building 1.0.1 into 1.0.0's folder would leave both
+    sets of files beside a manifest naming one. OutputError before anything is built."""
+    try:
+        held = json.loads((Path(out) / MANIFEST).read_text()).get("version")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        raise OutputError(f"--out {out}: holds an unreadable {MANIFEST}",
+                          "give an empty folder per release, e.g. releases/" + version) from None
+    if held != version:
+        raise OutputError(f"--out {out}: holds release {held}; a release folder holds one version",
+                          f"give a folder per release, e.g. {Path(out).parent / version}")
+    raise OutputError(f"--out {out}: holds release {held} already",
+                      "remove the folder to build it again, or give a new folder")
+
+
 def release(*, format_names: list[str], product: Product, version: str, payload: Path, signers: Signers,
             trust: Trust, out: Path, source_date_epoch: int) -> dict:
+    """Build every format into `out` and write the manifest last. Any failure leaves `out` as it
+    found it (build.build places nothing on failure; what it placed is removed if a later step fails)."""
+    check_out_folder(out, version)
     outputs = build.build(format_names=format_names, product=product, version=version, payload=payload,
                           enrollment=None, trust=trust, signers=signers, out=out, source_date_epoch=source_date_epoch)
+    try:
+        return _write_manifest(outputs, product=product, version=version, signers=signers, trust=trust, out=out,
+                               source_date_epoch=source_date_epoch)
+    except BaseException:
+        for o in outputs:
+            o.path.unlink(missing_ok=True)
+        raise
+    finally:
+        # The summary build.build wrote is superseded by the manifest (or by the error).
+        for stale in out.glob("*.summary.json"):
+            stale.unlink(missing_ok=True)
+
+
+def _write_manifest(outputs, *, product: Product, version: str, signers: Signers, trust: Trust, out: Path,
+                    source_date_epoch: int) -> dict:
     files = {}
     for o in outputs:
         fmt = formats.get(o.format)
         entry = {"file": o.path.name, "size": o.size, "sha256": o.sha256, "signer": o.signer,
                  "timestamp": o.details.get("timestamp"), "notarized": o.notarized,
                  "notarization": o.details.get("notarization")}
-        entry.update(fmt.release_entry(o.path, product) if hasattr(fmt, "release_entry") else {})
+        # The EXE's and MSI's slot lives in their Authenticode signature: an unsigned release
+        # has none (stamp --format exe|msi-tagged refuses it; msi, pkg and dmg stamps work).
+        if hasattr(fmt, "release_entry") and not (signers.unsigned and o.format in ("exe", "msi")):
+            entry.update(fmt.release_entry(o.path, product))
         files[o.format] = entry
     manifest = {
         "schema": SCHEMA,
@@ -57,9 +95,6 @@ def release(*, format_names: list[str], product: Product, version: str, payload:
         write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     except OSError as exc:
         raise OutputError(f"--out {out}: cannot write {MANIFEST} ({exc.strerror or exc})", "check free space and permissions") from None
-    # The summary build.build wrote is superseded by the manifest.
-    for stale in out.glob("*.summary.json"):
-        stale.unlink()
     return manifest
 
 

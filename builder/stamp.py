@@ -59,7 +59,9 @@ def stamp_ranges(base: ReleaseFile, enrollment: SignedEnrollment) -> list[tag.Pi
     """The stamped file as pieces of the base plus the new slot bytes. No I/O."""
     info = base.slot
     if info is None:
-        raise SlotError(f"release file {base.path.name} has no enrollment slot", "re-run `builder release`")
+        raise SlotError(f"release file {base.path.name} has no enrollment slot (an unsigned release has none: "
+                        "the slot lives in the Authenticode signature)",
+                        "build the release signed, or stamp --format msi (baked), pkg or dmg")
     size, extents = info["size"], [tuple(e) for e in info["extents"]]
     new = slotfmt.encode_slot(enrollment.jws.reveal().encode("ascii"), size)
     if info.get("checksum_neutral"):
@@ -118,7 +120,7 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
         raise UsageError(f"unknown stamp format {fmt!r}", f"choose from {', '.join(STAMP_FORMATS)}")
     check_pinned(release, enrollment)
     if out.suffix.lower() != SUFFIX[fmt]:
-        raise UsageError(f"--out {out}: a {fmt} installer must end in {SUFFIX[fmt]}", "rename the output")
+        raise UsageError(f"--out {out}: the {fmt} installer must end in {SUFFIX[fmt]}", "rename the output")
     base = release.file(STAMP_FORMATS[fmt])
     log.register_secret(enrollment.token.reveal())
     if out.is_dir():

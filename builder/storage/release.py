@@ -100,3 +100,23 @@ def publish_release(local_dir: Path, store: Store, prefix: str, *, version: str 
     if not store.put_if_absent(mkey, index).created:
         return same_or_conflict(store.get(mkey))
     return mkey
+
+
+def published_releases(store: Store, prefix: str) -> list[dict]:
+    """Every release published under `prefix`, oldest version first: {version, formats, signed,
+    builder}, read from each index and the release manifest it names."""
+    base = join_key(validate_prefix(prefix), "releases")
+    found = []
+    for info in store.list(base):
+        if not info.key.endswith("/" + RELEASE_MANIFEST):
+            continue
+        index = json.loads(store.get(info.key))
+        entry = index.get("files", {}).get(RELEASE_MANIFEST)
+        manifest = json.loads(store.get(entry["key"])) if entry else {}
+        found.append({"version": index.get("version"), "formats": sorted(manifest.get("files", {})),
+                      "signed": manifest.get("signed"), "builder": manifest.get("builder")})
+    return sorted(found, key=lambda r: _version_key(r["version"] or ""))
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.+-]", version))

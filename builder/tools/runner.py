@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -139,6 +140,9 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+_VERSION_RE = re.compile(r"\d+(?:\.\d+)+(?:[-~+][0-9A-Za-z.~+-]*)?")
+
+
 def version(tool: Tool) -> str | None:
     """First line the tool prints about its version, or None when it is not installed."""
     exe = shutil.which(tool.command)
@@ -151,4 +155,8 @@ def version(tool: Tool) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return "installed (version unknown)"
     out = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip().splitlines()
-    return out[0].strip() if out else "installed"
+    if not out:
+        return "installed"
+    # The version itself: "osslsigncode 2.9, using:" -> 2.9, "v3.08-3+deb12u1" -> 3.08-3+deb12u1.
+    found = _VERSION_RE.search(out[0])
+    return found.group(0) if found else out[0].strip()

@@ -105,7 +105,7 @@ def test_token_file_and_stdin_are_accepted(tmp_path, test_payload, dev_keys, enr
     proc = run_cli("verify", "--ca", dev_keys.ca_cert, "--json", inst["path"])
     assert proc.returncode == 0, proc.stderr
     assert_no_token(proc)
-    report = json.loads(proc.stdout)
+    [report] = json.loads(proc.stdout)  # always an array, one report per file
     assert report["enrollment"]["account_id"] == "acct-1" and report["enrollment"]["state"] == "valid"
     assert report["enrollment"]["token_fingerprint"] == doc["enrollment"]["token_fingerprint"]
     # without the development CA the signature does not chain to a trusted root
@@ -126,9 +126,31 @@ def test_verify_refuses_unknown_and_truncated_files(tmp_path):
 
 def test_doctor_lists_tools():
     proc = run_cli("doctor", "--json")
-    rows = json.loads(proc.stdout)
+    rows = json.loads(proc.stdout)["tools"]
     assert {r["tool"] for r in rows} >= {"wixl", "makensis", "osslsigncode"}
     assert proc.returncode == (0 if all(r["version"] for r in rows) else 6)
+    versions = {r["tool"]: r["version"] for r in rows}
+    # The version itself, not the tool's first line ("osslsigncode 2.9, using:").
+    ossl = subprocess.run(["osslsigncode", "--version"], capture_output=True, text=True)
+    assert versions["osslsigncode"] in (ossl.stdout + ossl.stderr).splitlines()[0]
+    assert versions["osslsigncode"][0].isdigit() and "," not in versions["osslsigncode"]
+
+
+def test_doctor_opens_the_keys_and_the_store_as_a_run_would(tmp_path, dev_keys, enrollment_key_file, vendor_keys):
+    store = tmp_path / "store"
+    store.mkdir()
+    good = run_cli("doctor", "--json", "--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key,
+                   "--enrollment-key", enrollment_key_file, "--storage", store.as_uri())
+    checks = {c["check"]: c for c in json.loads(good.stdout)["checks"]}
+    assert [checks[k]["status"] for k in ("signing keys", "enrollment key", "storage")] == ["ok"] * 3, good.stdout
+    assert "Builder Development Code Signing" in checks["signing keys"]["detail"]
+    assert checks["storage"]["detail"].endswith("0 release(s) published")
+    bad = run_cli("doctor", "--json", "--sign-cert", dev_keys.sign_cert, "--sign-key", vendor_keys.key,
+                  "--redis", "redis://127.0.0.1:9/0")
+    assert bad.returncode == errors.SigningError.exit_code, bad.stdout
+    checks = {c["check"]: c for c in json.loads(bad.stdout)["checks"]}
+    assert checks["signing keys"]["status"] == "FAILED" and "is not the key of the certificate" in checks["signing keys"]["detail"]
+    assert checks["redis"]["status"] == "FAILED" and "does not answer" in checks["redis"]["detail"]
 
 
 def test_build_without_an_enrollment_key_is_refused_before_anything_is_built(tmp_path, test_payload):
@@ -157,3 +179,201 @@ def test_enrollment_command_prints_a_signed_enrollment(tmp_path, dev_keys, enrol
                       "--console-url", "https://attacker.example", "--enrollment-key", enrollment_key_file, env={"TOK": TOKEN})
     assert refused.returncode == errors.EnrollmentError.exit_code and "console-url" in refused.stderr
     assert refused.stdout == ""
+
+
+# --- output for people and scripts (stdout and stderr are pipes here, as in a script) --------
+
+
+@pytest.fixture(scope="module")
+def long_named_msi(tmp_path_factory, test_payload, dev_keys, enrollment_key_file) -> Path:
+    """A signed MSI in a folder whose path is far longer than 80 columns."""
+    out = tmp_path_factory.mktemp("out") / ("a-long-folder-name-" * 6) / "installers"
+    proc = run_cli(*base_args(out, test_payload, enrollment_key_file), "--format", "msi", "--token-env", "TOK",
+                   "--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert,
+                   env={"TOK": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    # The build's summary table is its result: on stdout, the file's whole path on one line.
+    msi = next(out.glob("*.msi"))
+    assert any(str(msi) in line for line in proc.stdout.splitlines()), proc.stdout
+    return msi
+
+
+def test_verify_prints_its_report_on_stdout_unwrapped(long_named_msi, dev_keys, tmp_path):
+    proc = run_cli("verify", "--ca", dev_keys.ca_cert, long_named_msi)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(long_named_msi) and len(lines[0]) > 120  # one line, not cut at 80 columns
+    assert "  signature: ok; signer: " in proc.stdout and "  enrollment: valid (signed by pinned key " in proc.stdout
+    assert proc.stderr == ""  # nothing else to say
+    assert_no_token(proc)
+    # `verify x > report.txt`: the report is in the file.
+    report = tmp_path / "report.txt"
+    with open(report, "w") as fh:
+        done = subprocess.run([sys.executable, "-m", "builder", "verify", "--ca", str(dev_keys.ca_cert), str(long_named_msi)],
+                              stdout=fh, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and report.read_text() == proc.stdout
+
+
+def test_quiet_keeps_the_result_and_drops_the_progress(long_named_msi, dev_keys, tmp_path, test_payload,
+                                                      enrollment_key_file):
+    out = tmp_path / "q"
+    proc = run_cli("-q", *base_args(out, test_payload, enrollment_key_file), "--format", "msi", "--token-env", "TOK",
+                   "--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert,
+                   env={"TOK": TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no ✓ steps
+    assert "Installers" in proc.stdout and str(next(out.glob("*.msi"))) in proc.stdout
+    proc = run_cli("-q", "verify", "--ca", dev_keys.ca_cert, long_named_msi)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == str(long_named_msi)
+
+
+def test_verify_and_inspect_json_is_always_an_array(long_named_msi, dev_keys):
+    for args in (("verify", "--ca", dev_keys.ca_cert), ("inspect",)):
+        one = run_cli(*args, "--json", long_named_msi)
+        two = run_cli(*args, "--json", long_named_msi, long_named_msi)
+        assert one.returncode == two.returncode == 0, one.stderr + two.stderr
+        assert [d["file"] for d in json.loads(one.stdout)] == [str(long_named_msi)]
+        assert [d["file"] for d in json.loads(two.stdout)] == [str(long_named_msi)] * 2
+
+
+# --- defaults that must not ship, and checks before any tool runs -----------------------------
+
+
+@pytest.fixture(scope="module")
+def vendor_keys(tmp_path_factory):
+    """A code-signing certificate as a vendor's CA issues it (not a DEVELOPMENT one)."""
+    from tests.support import vendorpki
+
+    return vendorpki.make(tmp_path_factory.mktemp("vendor-pki"), "Acme Issuing CA", "Acme Remote Support, Inc.")
+
+
+def release_args(out, payload, key, *extra):
+    return ["release", "--version", "1.0.0", "--payload", payload, "--out", out, "--enrollment-key", key, *extra]
+
+
+def test_real_keys_refuse_the_example_identity(tmp_path, test_payload, vendor_keys, enrollment_key_file):
+    sign = ["--format", "exe", "--sign-cert", vendor_keys.cert, "--sign-key", vendor_keys.key, "--ca", vendor_keys.ca]
+    out = tmp_path / "rel"
+    proc = run_cli(*release_args(out, test_payload, enrollment_key_file, *sign))
+    assert proc.returncode == errors.ConfigError.exit_code, proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "example product identity (vendor, name, upgrade_code, bundle_id, pkg_identifier; console hosts " \
+           "console.example.com)" in line and "--allow-example-identity" in line
+    assert not out.exists()  # refused before anything was built
+    # A vendor's own identity and console: built.
+    identity = tmp_path / "product.toml"
+    identity.write_text('[product]\nvendor = "Acme Remote Support"\nname = "Acme Agent"\n'
+                        'upgrade_code = "0F3A1C52-7D8B-4E6F-9A21-3B4C5D6E7F80"\nbundle_id = "com.acme.agent"\n'
+                        'pkg_identifier = "com.acme.agent.pkg"\nconsole_url = "https://console.acme.test"\n'
+                        'console_hosts = ["console.acme.test"]\n')
+    proc = run_cli(*release_args(out, test_payload, enrollment_key_file, *sign, "--config", identity))
+    assert proc.returncode == 0, proc.stderr
+    # Or, knowingly, the example one.
+    proc = run_cli(*release_args(tmp_path / "rel2", test_payload, enrollment_key_file, *sign, "--allow-example-identity"))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_release_no_sign_works_and_a_folder_holds_one_version(tmp_path, test_payload, enrollment_key_file):
+    out = tmp_path / "releases" / "1.0.0"
+    proc = run_cli(*release_args(out, test_payload, enrollment_key_file, "--no-sign"))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["signed"] is False and set(manifest["files"]) == {"exe", "msi", "pkg", "dmg"}
+    assert not list(out.glob("*.summary.json"))
+    before = sorted(p.name for p in out.iterdir())
+    # The slot lives in the signature: an unsigned release has none to stamp.
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    stamp = ["stamp", "--release", out, "--account-id", "a", "--group-id", "g", "--token-file", token_file,
+             "--enrollment-key", enrollment_key_file, "--no-sign", "--console-url", "https://console.example.com"]
+    proc = run_cli(*stamp, "--format", "exe", "--out", tmp_path / "g.exe")
+    assert proc.returncode == errors.SlotError.exit_code and "unsigned release has none" in proc.stderr
+    assert not (tmp_path / "g.exe").exists()
+    proc = run_cli(*stamp, "--format", "msi", "--out", tmp_path / "g.msi")
+    assert proc.returncode == 0, proc.stderr
+    assert_no_token(proc)
+    # 1.0.1 into 1.0.0's folder: refused before anything is built, the folder as it was.
+    proc = run_cli("release", "--version", "1.0.1", "--payload", test_payload, "--out", out,
+                   "--enrollment-key", enrollment_key_file, "--no-sign")
+    assert proc.returncode == errors.OutputError.exit_code and "holds release 1.0.0" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_failing_release_leaves_its_folder_as_it_found_it(tmp_path, test_payload, dev_keys, enrollment_key_file):
+    out = tmp_path / "rel"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    # No Mac identity: named before the Windows installers are built.
+    proc = run_cli(*release_args(out, test_payload, enrollment_key_file, "--sign-cert", dev_keys.sign_cert,
+                                 "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert))
+    assert proc.returncode == errors.UsageError.exit_code
+    assert "the pkg needs a Developer ID Installer identity" in proc.stderr
+    assert "build and sign" not in proc.stderr  # nothing was built first
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_keys_and_the_timestamp_server_are_checked_before_any_tool_runs(tmp_path, test_payload, dev_keys,
+                                                                        vendor_keys, enrollment_key_file):
+    out = tmp_path / "rel"
+    cases = [
+        # a key that is not the certificate's (osslsigncode would say "Failed to checking the consistency")
+        (["--sign-cert", dev_keys.sign_cert, "--sign-key", vendor_keys.key], errors.SigningError,
+         f"--sign-key {vendor_keys.key} is not the key of the certificate"),
+        # a wrong PKCS#12 password
+        (["--sign-pkcs12", dev_keys.sign_pkcs12], errors.SigningError, "wrong password"),
+        # a timestamp server nobody answers on (osslsigncode: "Unable to set unauthenticated attributes")
+        (["--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--timestamp-url", "http://127.0.0.1:9/"],
+         errors.SigningError, "--timestamp-url http://127.0.0.1:9/: the timestamp server does not answer"),
+    ]
+    for extra, error, words in cases:
+        proc = run_cli(*release_args(out, test_payload, enrollment_key_file, "--format", "exe", *extra),
+                       env={"BUILDER_SIGN_PASSWORD": "not-the-password"})
+        assert proc.returncode == error.exit_code, proc.stderr
+        [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert words in line, line
+        assert "build and sign" not in proc.stderr and not out.exists()
+    # Signing without a timestamp: said, once.
+    proc = run_cli(*release_args(out, test_payload, enrollment_key_file, "--format", "exe", "--sign-cert",
+                                 dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("warning: no --timestamp-url") == 1
+
+
+def test_releases_and_issued_answer_the_operators_questions(tmp_path, test_payload, enrollment_key_file):
+    store = (tmp_path / "store").as_uri()
+    for version, fmts in (("1.0.0", ["msi", "pkg"]), ("1.0.1", ["msi"])):
+        folder = tmp_path / "releases" / version
+        proc = run_cli("release", "--version", version, "--payload", test_payload, "--out", folder, "--no-sign",
+                       "--enrollment-key", enrollment_key_file, *[a for f in fmts for a in ("--format", f)])
+        assert proc.returncode == 0, proc.stderr
+        assert run_cli("publish", folder, "--to", store).returncode == 0
+    proc = run_cli("releases", "--storage", store, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [
+        {"version": "1.0.0", "formats": ["msi", "pkg"], "signed": False, "builder": json.loads(proc.stdout)[0]["builder"],
+         "latest_for": ["pkg"]},
+        {"version": "1.0.1", "formats": ["msi"], "signed": False, "builder": json.loads(proc.stdout)[1]["builder"],
+         "latest_for": ["msi"]},
+    ]
+    text = run_cli("releases", "--storage", store)
+    assert "1.0.1" in text.stdout and "latest for" in text.stdout
+
+    state = tmp_path / "state"
+    env = {"T": TOKEN, "BUILDER_STORAGE_HMAC_KEY": "k" * 64}
+    for group in ("g1", "g2"):
+        proc = run_cli("issue", "--format", "pkg", "--release", "1.0.0", "--account-id", "acct", "--group-id", group,
+                       "--token-env", "T",
+                       "--storage", store, "--state", state, "--enrollment-key", enrollment_key_file, "--no-sign",
+                       "--console-url", "https://console.example.com", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert_no_token(proc)
+    proc = run_cli("issued", "--state", state, "--account-id", "acct", "--group-id", "g1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert rows and {r["group_id"] for r in rows} == {"g1"} and {r["release"] for r in rows} == {"1.0.0"}
+    assert all(r["format"] == "pkg" and len(r["token_fingerprint"] or "") > 8 for r in rows)
+    assert_no_token(proc)
+    everyone = json.loads(run_cli("issued", "--state", state, "--account-id", "acct", "--json").stdout)
+    assert {r["group_id"] for r in everyone} == {"g1", "g2"}
+    missing = run_cli("issued", "--state", tmp_path / "nowhere", "--account-id", "acct")
+    assert missing.returncode == errors.UsageError.exit_code and "no audit log" in missing.stderr

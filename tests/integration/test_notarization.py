@@ -203,7 +203,7 @@ def test_cli_build_release_stamp_notarize_and_verify(tmp_path, keys, api_key, st
     notarize = ["--notarize-key", api_key[2], "--notary-url", standin.url]
     enrollment = ["--account-id", "acct-1", "--group-id", "grp-1", "--token-env", "TOK",
                   "--console-url", "https://console.example.com", "--enrollment-key", dev_keys.folder / "enrollment.key"]
-    proc = _cli("build", "--format", "pkg", "--format", "dmg", "--version", "1.0.0", *enrollment,
+    proc = _cli("build", "--allow-example-identity", "--format", "pkg", "--format", "dmg", "--version", "1.0.0", *enrollment,
                 "--payload", test_payload, "--out", tmp_path / "out", *mac, *notarize, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert api_key[1].splitlines()[1] not in proc.stdout + proc.stderr  # the key never shows
@@ -229,10 +229,11 @@ def test_cli_build_release_stamp_notarize_and_verify(tmp_path, keys, api_key, st
     assert verified.returncode == 0, verified.stdout[-3000:] + verified.stderr[-3000:]
     reports = json.loads(verified.stdout)
     assert all(r["notarized"] is True and "stapled" in r["notarization"] for r in reports)
-    said = " ".join(_cli("verify", "--ca", pki.root_pem, pkg).stderr.split())
+    said = " ".join(_cli("verify", "--ca", pki.root_pem, pkg).stdout.split())  # the result, on stdout
     assert "notarized: yes (a notarization ticket is stapled" in said
 
-    proc = _cli("release", "--format", "pkg", "--format", "dmg", "--version", "1.0.0", "--payload", test_payload,
+    proc = _cli("release", "--allow-example-identity", "--format", "pkg", "--format", "dmg", "--version", "1.0.0",
+                "--payload", test_payload,
                 "--out", tmp_path / "release", "--enrollment-key", dev_keys.folder / "enrollment.key", *mac, *notarize,
                 "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -254,7 +255,7 @@ def test_cli_build_release_stamp_notarize_and_verify(tmp_path, keys, api_key, st
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["notarization"]["status"] == "Accepted"
     verified = _cli("verify", "--ca", pki.root_pem, tmp_path / "group.dmg", "--json")
-    assert verified.returncode == 0 and json.loads(verified.stdout)["notarized"] is True
+    assert verified.returncode == 0 and json.loads(verified.stdout)[0]["notarized"] is True
 
 
 def test_cli_rejection_exits_13_with_the_log_and_without_credentials_says_not_notarized(
@@ -262,7 +263,7 @@ def test_cli_rejection_exits_13_with_the_log_and_without_credentials_says_not_no
     standin.reject = True
     mac = ["--mac-sign-pkcs12", keys["Application"].pkcs12, "--mac-sign-pkcs12", keys["Installer"].pkcs12,
            "--ca", pki.root_pem]
-    args = ["build", "--format", "pkg", "--version", "1.0.0", "--account-id", "a", "--group-id", "g",
+    args = ["build", "--allow-example-identity", "--format", "pkg", "--version", "1.0.0", "--account-id", "a", "--group-id", "g",
             "--token-env", "TOK", "--console-url", "https://console.example.com", "--payload", test_payload,
             "--enrollment-key", dev_keys.folder / "enrollment.key"]
     proc = _cli(*args, "--out", tmp_path / "rejected", *mac, "--notary-url", standin.url,

@@ -160,7 +160,7 @@ def builder_verify(path: Path, ca: Path) -> tuple[subprocess.CompletedProcess, d
     proc = subprocess.run([sys.executable, "-m", "builder", "verify", "--ca", str(ca), "--json", str(path)],
                           capture_output=True, text=True, timeout=120, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    return proc, (json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {})
+    return proc, (json.loads(proc.stdout)[0] if proc.stdout.strip().startswith("[") else {})
 
 
 def check_download(data: bytes, doc: dict, fmt: str, group: str, token: str, ca: Path, folder: Path) -> None:

@@ -6,9 +6,7 @@ signatures carry an RFC 3161 timestamp from osslsigncode's offline test TSA, so 
 shown to sit beside an existing unauthenticated attribute.
 """
 
-import datetime
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -18,15 +16,12 @@ from types import SimpleNamespace
 
 import pytest
 from asn1crypto import cms
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from builder.binfmt import cfb, pe, tag
 from builder.binfmt.pkcs7 import SLOT_OID, add_slot
 from builder.binfmt.slot import SLOT_SIZE, encode_slot
 from builder.errors import FormatError, SlotError
+from tests.support import vendorpki
 
 RFC3161_OID = "1.3.6.1.4.1.311.3.3.1"
 PAYLOAD = json.dumps({"account": "acct-0001", "group": "group-0001",
@@ -69,58 +64,9 @@ def check(*cmd, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return proc
 
 
-def write_private(path: Path, data: bytes) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> SimpleNamespace:
-    d = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Slot Test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
-                                       False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                         critical=False)
-          .sign(ca_key, hashes.SHA256()))
-
-    def leaf(cn: str, usage, critical: bool):
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-                .issuer_name(ca_name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(days=1))
-                .not_valid_after(now + datetime.timedelta(days=29))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
-                                             False, False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=critical)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    ca_key.public_key()), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
-        return cert.public_bytes(serialization.Encoding.PEM), pem_key
-
-    pem = ca.public_bytes(serialization.Encoding.PEM)
-    sign_cert, sign_key = leaf("Slot Test Signer", ExtendedKeyUsageOID.CODE_SIGNING, False)
-    tsa_cert, tsa_key = leaf("Slot Test TSA", ExtendedKeyUsageOID.TIME_STAMPING, True)
-    (d / "ca.pem").write_bytes(pem)
-    (d / "cert.pem").write_bytes(sign_cert)
-    (d / "tsa.pem").write_bytes(tsa_cert + pem)
-    return SimpleNamespace(ca=d / "ca.pem", cert=d / "cert.pem", tsa=d / "tsa.pem",
-                           key=write_private(d / "key.pem", sign_key),
-                           tsa_key=write_private(d / "tsa.key", tsa_key))
+    return vendorpki.make(tmp_path_factory.mktemp("pki"))
 
 
 def sign(pki, src: Path, dst: Path) -> Path:
