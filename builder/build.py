@@ -136,10 +136,12 @@ def build(
                 built = fmt.build(request)
             details = dict(built.details)
             if not signers.unsigned:
-                with log.step(f"{fmt.name}: verify"):
+                with log.step(f"{fmt.name}: verify"):  # a ✗ when it does not verify, never a ✓ before the error
                     report = fmt.verify(built.path, signers.verify_ca)
-                if not report.get("ok"):
-                    raise VerificationError(f"{fmt.name}: the signed installer does not verify: {report.get('detail', 'see builder verify')}", "check the signing certificate chain (--ca)")
+                    if not report.get("ok"):
+                        raise VerificationError(f"{fmt.name}: the signed installer does not verify: "
+                                                f"{report.get('detail', 'see builder verify')}",
+                                                "check the signing certificate chain (--ca)")
                 details["timestamp"] = (report.get("signature") or {}).get("timestamp")
             return Output(fmt.name, built.path, built.path.stat().st_size, sha256_file(built.path),
                           built.signer, built.notarized, time.perf_counter() - start, details)

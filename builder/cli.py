@@ -376,6 +376,11 @@ def _report(path: Path, ca: Path | None, check: bool) -> dict:
     return fmt.verify(path, ca) if check else fmt.inspect(path)
 
 
+# What `kind` means to an admin reading verify's report (the MSI's two kinds look alike otherwise).
+_KINDS = {"msi": " (the enrollment is the ENROLLMENT property's default: GPO, Intune)",
+          "msi-tagged": " (the enrollment is in a slot of its signature, read at install time)"}
+
+
 def _print_report(path: Path, doc: dict) -> None:
     """One file's report, on stdout (the result of verify and inspect)."""
     sig = doc.get("signature") or {}
@@ -383,7 +388,7 @@ def _print_report(path: Path, doc: dict) -> None:
     out(f"{path}")
     for key in ("format", "kind", "version", "product"):
         if doc.get(key):
-            out(f"  {key}: {doc[key]}")
+            out(f"  {key}: {doc[key]}" + _KINDS.get(doc[key], "") * (key == "kind"))
     if sig:
         status = "ok" if sig.get("ok") else f"FAILED ({sig.get('detail')})"
         out(f"  signature: {status}; signer: {sig.get('signer') or '-'}; timestamp: {sig.get('timestamp') or 'none'}")
@@ -395,7 +400,7 @@ def _print_report(path: Path, doc: dict) -> None:
         detail = f"signed by pinned key {enr.get('key_id')}" if state == "valid" else enr.get("reason", "")
         out(f"  enrollment: {state}" + (f" ({detail})" if detail else ""))
         for key, value in enr.items():
-            if key not in ("state", "reason", "key_id"):
+            if key not in ("state", "reason", "key_id") and value is not None:
                 out(f"    {key}: {value}")
     else:
         out("  enrollment: none stamped")
@@ -685,11 +690,11 @@ def releases_cmd(storage_url, as_json):
     """The releases published to a store: version, formats, signed; and which one `latest` is per format."""
     from builder.service.setup import RELEASES_PREFIX
     from builder.storage import StorageSettings, open_store
-    from builder.storage.release import published_releases
+    from builder.storage.release import latest_per_format, published_releases
 
     store = open_store(storage_url, StorageSettings.from_env(os.environ))
     found = published_releases(store, RELEASES_PREFIX)
-    latest = {fmt: r["version"] for r in found for fmt in r["formats"]}  # oldest first: the newest wins
+    latest = latest_per_format(found)
     for r in found:
         r["latest_for"] = sorted(f for f, v in latest.items() if v == r["version"])
     if as_json:
@@ -698,6 +703,32 @@ def releases_cmd(storage_url, as_json):
         log.summary_table(f"Releases in {store.url}", ["version", "formats", "signed", "latest for"],
                           [[r["version"], " ".join(r["formats"]), "yes" if r["signed"] else "NO",
                             " ".join(r["latest_for"]) or "-"] for r in found])
+
+
+@main.command("prune")
+@click.option("--storage", "storage_url", required=True, help="file:///path, s3://bucket/prefix or az://container/prefix")
+@click.option("--keep", type=click.IntRange(min=1), required=True, help="How many of the newest releases to keep.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def prune_cmd(storage_url, keep, dry_run, as_json):
+    """Remove old releases from a store, with the installers issued from them and the objects no
+    kept release uses. The newest release of each format is always kept."""
+    from builder.service.setup import RELEASES_PREFIX
+    from builder.storage import StorageSettings, open_store
+    from builder.storage.release import prune, prune_plan
+
+    store = open_store(storage_url, StorageSettings.from_env(os.environ))
+    plan = prune_plan(store, RELEASES_PREFIX, keep)
+    if not dry_run:
+        with log.step(f"prune {len(plan['keys'])} objects from {store.url}"):
+            prune(store, plan)
+    if as_json:
+        emit_json({**plan, "dry_run": dry_run})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        log.result(f"kept {', '.join(plan['keep']) or 'nothing'}; {verb} {', '.join(plan['remove']) or 'no release'} "
+                   f"({len(plan['keys'])} objects)")
 
 
 @main.command("issued")

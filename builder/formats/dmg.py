@@ -274,7 +274,7 @@ class DmgFormat:
                                    enrollment=request.enrollment, trust=request.trust, work=request.work / "pkg",
                                    source_date_epoch=request.source_date_epoch, signers=signers)
         pkg_request.work.mkdir(mode=0o700, exist_ok=True)
-        pkg_path, pkg_signer, pkg_details = pkgformat.PkgFormat().build_signed(pkg_request)
+        pkg_path, pkg_signer, pkg_details = pkgformat.PkgFormat().build_signed(pkg_request, label="dmg: its pkg")
         final = request.work / SIGNED_NAME
         final.unlink(missing_ok=True)
         key = None if signers.unsigned else signers.apple_application

@@ -60,8 +60,10 @@ def require_keys(request: BuildRequest, payload: common.MacPayload | None, what:
     return signers.apple_application, signers.apple_installer
 
 
-def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path, app_key: AppleKey | None) -> dict:
-    """Everything up to the pkg signature: stage, sign the code, write the members and the xar."""
+def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path, app_key: AppleKey | None,
+                   label: str = "pkg") -> dict:
+    """Everything up to the pkg signature: stage, sign the code, write the members and the xar.
+    `label` starts each progress line (the DMG's own pkg says so)."""
     product, epoch, enrollment = request.product, request.source_date_epoch, request.enrollment
     if enrollment is not None:
         log.register_secret(enrollment.token.reveal())
@@ -69,14 +71,14 @@ def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path,
     root = work / ROOT_NAME
     payload_file = work / "Payload"
     try:
-        with log.step("pkg: stage the payload"):
+        with log.step(f"{label}: stage the payload"):
             layout = common.stage_root(payload, product, root)
         if app_key is not None and payload.code:
             when = common.signing_time(epoch, app_key)
             apple = _apple()
             for rel in payload.code:
                 apple.sign_code(app_key, root / layout.install_dir.lstrip("/") / rel, signing_time=when)
-        with log.step("pkg: Payload and Bom"):
+        with log.step(f"{label}: Payload and Bom"):
             entries = common.payload_entries(root, epoch)
             stats = common.write_payload(entries, payload_file)
             bom = build_bom_entries(entries)
@@ -89,7 +91,7 @@ def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path,
             common.SCRIPTS: scripts,
             common.PACKAGE_INFO: common.render_package_info(product, request.version, stats).encode(),
         }
-        with log.step("pkg: xar"):
+        with log.step(f"{label}: xar"):
             with atomic_output(out) as fh:
                 xar.write_xar(fh, [(m, members[m]) for m in common.MEMBERS], epoch=epoch)
     finally:
@@ -128,7 +130,7 @@ class PkgFormat:
         return Built(path=path, signer=signer, notarized=notarization["notarized"],
                      details={**details, "notarization": notarization})
 
-    def build_signed(self, request: BuildRequest) -> tuple[Path, str | None, dict]:
+    def build_signed(self, request: BuildRequest, label: str = "pkg") -> tuple[Path, str | None, dict]:
         """The signed (not notarized) pkg in request.work: (path, signer, details). The DMG uses it."""
         payload = common.check_payload(request.payload_dir("macos"))
         app_key, installer_key = require_keys(request, payload, "pkg")
@@ -136,7 +138,7 @@ class PkgFormat:
         final = request.work / SIGNED_NAME
         for stale in (unsigned, final):
             stale.unlink(missing_ok=True)
-        details = build_unsigned(request, payload, unsigned, app_key)
+        details = build_unsigned(request, payload, unsigned, app_key, label)
         if installer_key is None:
             os.replace(unsigned, final)
             return final, None, details

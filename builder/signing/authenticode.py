@@ -274,7 +274,8 @@ def verify(path: Path, ca: Path | None = None, tsa_ca: Path | None = None) -> Ve
     ok = result.returncode == 0 and "Signature verification: ok" in out and problem is None
     if ok:
         detail = "signature ok" + (f", timestamp {when} verified" if when else "")
-    elif "No signature found" in out or "does not contain any signature" in out.lower():
+    elif ("No signature found" in out or "does not contain any signature" in out.lower()
+          or "Unable to extract existing signature" in out):
         detail = "not signed"
     elif "MISMATCH" in out:
         detail = "content changed after signing (digest mismatch)"
@@ -286,8 +287,22 @@ def verify(path: Path, ca: Path | None = None, tsa_ca: Path | None = None) -> Ve
         detail = f"the signer's certificate is not valid at the timestamp time {at.group(1).strip()} ({reason})"
     else:
         detail = runner.last_line(out)
-    return Verification(ok, subject.group(1).strip() if subject else None, when if ok or not problem else None,
+    return Verification(ok, oneline_to_rfc4514(subject.group(1).strip()) if subject else None,
+                        when if ok or not problem else None,
                         detail, problem, root_missing=not ok and _only_root_missing(out))
+
+
+_ONELINE_SPLIT = re.compile(r"/(?=[A-Za-z][A-Za-z0-9.]*=)")
+
+
+def oneline_to_rfc4514(subject: str) -> str:
+    """osslsigncode's `/CN=a/O=b` (OpenSSL's oneline form, RDNs in order) as RFC 4514 `O=b,CN=a`,
+    the form the build summary and the manifest use, so that one signer reads the same everywhere."""
+    if not subject.startswith("/"):
+        return subject
+    rdns = [part for part in _ONELINE_SPLIT.split(subject[1:]) if part]
+    escaped = [name + "=" + re.sub(r'([,+"\\<>;])', r"\\\1", value) for name, _, value in (r.partition("=") for r in rdns)]
+    return ",".join(reversed(escaped))
 
 
 def signer_subject(key: SigningKey) -> str | None:

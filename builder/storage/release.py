@@ -118,5 +118,40 @@ def published_releases(store: Store, prefix: str) -> list[dict]:
     return sorted(found, key=lambda r: _version_key(r["version"] or ""))
 
 
+def latest_per_format(releases: list[dict]) -> dict[str, str]:
+    """format -> the newest version holding it, from published_releases() (oldest first)."""
+    return {fmt: r["version"] for r in releases for fmt in r["formats"]}
+
+
 def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.+-]", version))
+
+
+def prune_plan(store: Store, prefix: str, keep: int) -> dict:
+    """What `builder prune --keep N` removes: the releases older than the newest `keep` (the newest
+    release of each format always stays: `latest` keeps meaning something for every format), the
+    installers and records issued from them, and the objects no kept release names.
+
+    Returns {"keep": [versions], "remove": [versions], "keys": [keys to delete, in a safe order]}:
+    records first (no record may name a missing installer), then installers and stamps, then
+    release indexes (no index may name a missing object), then the objects."""
+    releases = published_releases(store, prefix)
+    kept = {r["version"] for r in releases[-keep:]} | set(latest_per_format(releases).values())
+    base = validate_prefix(prefix)
+    indexes = {r["version"]: json.loads(store.get(manifest_key(base, r["version"]))) for r in releases}
+    remove = [v for v in indexes if v not in kept]
+    needed = {e["key"] for v in kept for e in indexes[v]["files"].values()}
+    records, issued = [], []
+    for info in store.list("records"):
+        record = json.loads(store.get(info.key))
+        if record.get("release") in remove:
+            records.append(info.key)
+            issued.append(record["key"])
+    objects = sorted({e["key"] for v in remove for e in indexes[v]["files"].values()} - needed)
+    keys = records + sorted(set(issued)) + [manifest_key(base, v) for v in remove] + objects
+    return {"keep": [r["version"] for r in releases if r["version"] in kept], "remove": remove, "keys": keys}
+
+
+def prune(store: Store, plan: dict) -> None:
+    for key in plan["keys"]:
+        store.delete(key)

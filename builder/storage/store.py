@@ -187,6 +187,12 @@ class Store:
                     out.append(ObjectInfo(key, meta["size"], meta.get("e_tag"), meta.get("last_modified")))
         return sorted(out, key=lambda o: o.key)
 
+    def delete(self, key: str) -> None:
+        """Remove one object (a missing one is fine): for `builder prune` only; nothing else deletes."""
+        full = self._full(key)
+        with self._errors("delete", key):
+            obstore.delete(self._obs, full)
+
     def _existing_stamp(self, key: str) -> StampResult | None:
         """A stamp already stored under `key` (never overwritten): what put_pieces_if_absent
         answers without doing any work."""

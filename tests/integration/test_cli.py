@@ -377,3 +377,44 @@ def test_releases_and_issued_answer_the_operators_questions(tmp_path, test_paylo
     assert {r["group_id"] for r in everyone} == {"g1", "g2"}
     missing = run_cli("issued", "--state", tmp_path / "nowhere", "--account-id", "acct")
     assert missing.returncode == errors.UsageError.exit_code and "no audit log" in missing.stderr
+
+
+def test_prune_keeps_the_newest_and_the_latest_of_each_format(tmp_path, test_payload, enrollment_key_file):
+    root = tmp_path / "store"
+    store = root.as_uri()
+    for version, fmts in (("1.0.0", ["msi", "pkg"]), ("1.0.1", ["msi"]), ("1.0.2", ["msi"])):
+        folder = tmp_path / "releases" / version
+        proc = run_cli("release", "--version", version, "--payload", test_payload, "--out", folder, "--no-sign",
+                       "--enrollment-key", enrollment_key_file, *[a for f in fmts for a in ("--format", f)])
+        assert proc.returncode == 0, proc.stderr
+        assert run_cli("publish", folder, "--to", store).returncode == 0
+    env = {"T": TOKEN, "BUILDER_STORAGE_HMAC_KEY": "k" * 64}
+    issued = {}
+    for version, fmt in (("1.0.0", "pkg"), ("1.0.1", "msi")):
+        proc = run_cli("issue", "--format", fmt, "--release", version, "--account-id", "acct", "--group-id", "g",
+                       "--token-env", "T", "--storage", store, "--state", tmp_path / "state", "--no-sign",
+                       "--enrollment-key", enrollment_key_file, "--console-url", "https://console.example.com",
+                       "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        issued[version] = json.loads(proc.stdout)
+    files = lambda: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())  # noqa: E731
+    before = files()
+
+    dry = run_cli("prune", "--storage", store, "--keep", "1", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert (plan["keep"], plan["remove"]) == (["1.0.0", "1.0.2"], ["1.0.1"])  # 1.0.0: the latest pkg
+    assert files() == before  # a dry run removes nothing
+
+    proc = run_cli("prune", "--storage", store, "--keep", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"kept 1.0.0, 1.0.2; removed 1.0.1 ({len(plan['keys'])} objects)"
+    after = files()
+    assert sorted(set(before) - set(after)) == sorted(plan["keys"])
+    assert not any("releases/1.0.1/" in k for k in after)
+    assert f"records/{issued['1.0.1']['id']}.json" not in after and f"records/{issued['1.0.0']['id']}.json" in after
+    assert [r["version"] for r in json.loads(run_cli("releases", "--storage", store, "--json").stdout)] == ["1.0.0", "1.0.2"]
+    # What stays is whole: every object a kept index names is there.
+    for version in ("1.0.0", "1.0.2"):
+        index = json.loads((root / "dist" / "releases" / version / "manifest.json").read_text())
+        assert all((root / e["key"]).is_file() for e in index["files"].values()), version
