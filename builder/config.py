@@ -18,7 +18,10 @@ from builder.errors import ConfigError
 from builder.trust import normalise_host_pattern
 
 DEFAULTS_FILE = Path(__file__).parent / "resources" / "defaults.toml"
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# Installed (a wheel): inside the package; in the checkout: templates/ at its top.
+_INSTALLED_TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES_DIR = (_INSTALLED_TEMPLATES if _INSTALLED_TEMPLATES.is_dir()
+                 else Path(__file__).resolve().parent.parent / "templates")
 
 _GUID_RE = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
 # Names that end up in XML, NSIS strings, registry paths, file paths and plists. Kept to a set
