@@ -135,7 +135,8 @@ def main() -> int:
         else:
             errors.append("service: skipped, it needs the release the stamping section makes")
         if "stamping" in results:
-            section("soak", soak.run, bench.work, Path(results["stamping"]["release_folder"]), bench.keys.ca_cert)
+            section("soak", soak.run, bench.work, Path(results["stamping"]["release_folder"]), bench.keys.ca_cert,
+                    bench.enrollment_key_file)
         else:
             errors.append("soak: skipped, it needs the release the stamping section makes")
         results.get("stamping", {}).pop("release_folder", None)

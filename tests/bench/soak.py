@@ -101,9 +101,10 @@ def _phase(name: str, svc: Service, headers: dict, pids: dict[str, int]) -> dict
     return out
 
 
-def run(work: Path, release_folder: Path, ca_cert: Path) -> dict:
+def run(work: Path, release_folder: Path, ca_cert: Path, enrollment_key_file: Path) -> dict:
     heading("5. Soak (issue 10): RSS of `builder serve` and `builder worker` under first-time requests")
-    bench = SimpleNamespace(work=work / "soak", keys=SimpleNamespace(ca_cert=ca_cert))
+    bench = SimpleNamespace(work=work / "soak", keys=SimpleNamespace(ca_cert=ca_cert),
+                            enrollment_key_file=enrollment_key_file)
     storage_url = (bench.work / "store").as_uri()
     publish_release(release_folder, open_store(storage_url, StorageSettings()), RELEASES_PREFIX, version=VERSION)
     api_key = secrets.token_urlsafe(24)
@@ -166,6 +167,8 @@ def report(result: dict) -> None:
 def main() -> int:
     from builder import log, release
     from builder.signing import devca
+    from builder.signing.enrollment_key import FileEnrollmentKey, create_dev_key
+    from builder.trust import Trust
     from tests.support.service import signers_for
 
     log.setup(quiet=True)
@@ -174,11 +177,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="soak-", dir=out) as tmp:
         work = Path(tmp)
         keys = devca.create(work / "keys")
+        key_file = create_dev_key(keys.folder)
         from builder.config import load_product
 
-        release.release(format_names=["exe"], product=load_product(), version=VERSION, payload=REPO / "payload" / "build",
-                        signers=signers_for(keys), out=work / "release", source_date_epoch=1767225600)
-        result = run(work, work / "release", keys.ca_cert)
+        product = load_product()
+        trust = Trust((FileEnrollmentKey(key_file).pin,), product.console_hosts)
+        release.release(format_names=["exe"], product=product, version=VERSION, payload=REPO / "payload" / "build",
+                        signers=signers_for(keys), trust=trust, out=work / "release", source_date_epoch=1767225600)
+        result = run(work, work / "release", keys.ca_cert, key_file)
     bad = [r for phase in ("inprocess", "rq") for r in [result.get(phase) or {}] if r.get("failures")]
     return 1 if bad else 0
 
