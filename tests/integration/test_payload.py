@@ -272,6 +272,17 @@ def stamped(base: Path, se: str, kind: str, out: Path) -> Path:
     return out
 
 
+def refused_installer(machine: Machine, tmp_path: Path, name: str, code: int, data: bytes) -> subprocess.CompletedProcess[str]:
+    """`data` as an installer file, refused by enroll-from-installer with `code`, writing nothing."""
+    installer = tmp_path / f"{name}.bin"
+    installer.write_bytes(data)
+    result = machine.agent("enroll-from-installer", "--installer", machine.z(installer),
+                           "--registry-key", f"{REG_KEY}\\{name}", "--config", rf"{DATA_DIR}\{name}.json")
+    refused(result, code, name)
+    assert not machine.host(rf"{DATA_DIR}\{name}.json").exists(), name
+    return result
+
+
 @pytest.mark.wine
 def test_installer_attacks_are_refused(machine: Machine, bases, keys, tmp_path: Path) -> None:
     """Everything outside the one slot of the one PKCS#7 is bytes anyone can add to a signed
@@ -312,13 +323,8 @@ def test_installer_attacks_are_refused(machine: Machine, bases, keys, tmp_path: 
         assert cases[name][1].rindex(MAGIC) > cases[name][1].index(genuine.encode())
     with step(f"{len(cases) + 1} refused installers"):
         for name, (code, data) in cases.items():
-            installer = tmp_path / f"{name}.bin"
-            installer.write_bytes(data)
-            result = machine.agent("enroll-from-installer", "--installer", machine.z(installer),
-                                   "--registry-key", f"{REG_KEY}\\{name}", "--config", rf"{DATA_DIR}\{name}.json")
-            refused(result, code, name)
+            result = refused_installer(machine, tmp_path, name, code, data)
             assert reasons.get(name, "") in result.stderr, (name, result.stderr)
-            assert not machine.host(rf"{DATA_DIR}\{name}.json").exists(), name
         missing = machine.agent("enroll-from-installer", "--installer", r"C:\no\such.exe",
                                 "--registry-key", f"{REG_KEY}\\missing", "--config", rf"{DATA_DIR}\missing.json")
         refused(missing, 7, "missing")

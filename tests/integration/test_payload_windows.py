@@ -39,6 +39,7 @@ from tests.integration.test_payload import (  # noqa: F401 (keys and bases are f
     config_bytes,
     keys,
     refused,
+    refused_installer,
     stamped,
     tampered,
 )
@@ -252,12 +253,7 @@ def test_enrolls_from_signed_installers_and_refuses_forged_ones(machine: Machine
             keys.pinned, token=TOKEN, console_url="https://console.evil.example").encode())),
     }
     for name, (code, data) in cases.items():
-        installer = tmp_path / f"{name}.bin"
-        installer.write_bytes(data)
-        result = machine.agent("enroll-from-installer", "--installer", machine.z(installer),
-                               "--registry-key", f"{REG_KEY}\\{name}", "--config", rf"{DATA_DIR}\{name}.json")
-        refused(result, code, name)
-        assert not machine.host(rf"{DATA_DIR}\{name}.json").exists(), name
+        refused_installer(machine, tmp_path, name, code, data)
     assert not machine.host(DATA_DIR).exists()
     assert machine.registry() == {}  # the refused cases created no key under it
 
