@@ -353,7 +353,8 @@ def build(format_names, version, account_id, group_id, token_file, token_env, co
         emit_json(doc)
     else:
         log.summary_table(
-            "Installers",
+            f"Installers for group {signed.group_id} of account {signed.account_id}, console {signed.console_url}, "
+            f"enrollment key {signed.key_id}",
             ["format", "file", "size", "sha256", "signer", "notarization"],
             [[o.format, str(o.path), f"{o.size:,}", o.sha256[:16] + "…", o.signer or "UNSIGNED",
               _notarization_cell(o.details.get("notarization"))] for o in outputs],

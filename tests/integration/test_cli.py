@@ -222,7 +222,9 @@ def test_quiet_keeps_the_result_and_drops_the_progress(long_named_msi, dev_keys,
                    env={"TOK": TOKEN})
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no ✓ steps
-    assert "Installers" in proc.stdout and str(next(out.glob("*.msi"))) in proc.stdout
+    assert str(next(out.glob("*.msi"))) in proc.stdout
+    # The summary says which group, account and console the installers enroll with.
+    assert "Installers for group grp-1 of account acct-1, console https://console.example.com" in proc.stdout
     proc = run_cli("-q", "verify", "--ca", dev_keys.ca_cert, long_named_msi)
     assert proc.returncode == 0 and proc.stdout.splitlines()[0] == str(long_named_msi)
 
