@@ -30,7 +30,7 @@ from builder.config import Product
 from builder.errors import ConfigError, FormatError, ToolFailedError, UsageError, VerificationError
 from builder.formats.base import BuildRequest, Built, SigningKey
 from builder.formats import slotted
-from builder.formats.windows_payload import installed_trust, payload_files, stage_trust
+from builder.formats.windows_payload import EXE_UNINSTALLER, exe_arp_key, installed_trust, payload_files, stage_trust
 from builder.signing import authenticode
 from builder.tools import nsis, runner
 from builder.trust import TRUST_FILE, describe
@@ -42,7 +42,7 @@ SIGNED_NAME = "setup.exe"
 SIGN_SCRIPT_NAME = "sign-uninstaller.sh"
 STAGE_NAME = "files"
 CONFIG_NAME = "enrollment.json"  # the MSI's name for the agent's config, in the same folder
-UNINSTALLER_NAME = "uninstall.exe"
+UNINSTALLER_NAME = EXE_UNINSTALLER
 # REG_SZ values under HKLM\<registry_key> the uninstaller removes: the agent's verified
 # enrollment, the installers' staging value, and the unsigned values of earlier versions.
 REGISTRY_VALUE_NAMES = ("Enrollment", "PendingEnrollment", "AccountId", "GroupId", "ConsoleUrl", "EnrollmentToken")
@@ -111,7 +111,8 @@ def render_script(
         outfile=outfile,
         config_name=CONFIG_NAME,
         uninstaller_name=UNINSTALLER_NAME,
-        arp_key_name=product.service_name,
+        arp_key=exe_arp_key(product),
+        msi_upgrade_code="{" + product.upgrade_code + "}",
         dirs=_dirs(relpaths, staged_as),
         agent_source=f"{staged_as}/{product.agent_exe}",
         trust_source=f"{staged_as}/{TRUST_FILE}",

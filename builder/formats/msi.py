@@ -26,7 +26,7 @@ from builder.config import TEMPLATES_DIR, Product
 from builder.errors import FormatError, ToolFailedError, UsageError, VerificationError
 from builder.formats.base import BuildRequest, Built
 from builder.formats import slotted
-from builder.formats.windows_payload import installed_trust, payload_files, stage_trust
+from builder.formats.windows_payload import EXE_UNINSTALLER, UNINSTALL_ROOT, exe_arp_key, installed_trust, payload_files, stage_trust
 from builder.signing import authenticode
 from builder.tools import msitools
 from builder.trust import TRUST_FILE, SignedEnrollment, describe
@@ -42,9 +42,12 @@ ENROLLMENT_PROPERTY = "ENROLLMENT"
 LEGACY_PROPERTIES = ("ACCOUNT_ID", "CONSOLE_URL", "ENROLLMENT_TOKEN", "GROUP_ID")
 UPGRADE_PROPERTY = "WIX_UPGRADE_DETECTED"
 DOWNGRADE_PROPERTY = "WIX_DOWNGRADE_DETECTED"
+# Set by AppSearch when the EXE installed the agent (templates/wix/agent.wxs.j2): this MSI takes
+# that install over.
+EXE_INSTALLED_PROPERTY = "AGENT_EXE_INSTALLED"
 # Passed from the client to the elevated server side of a per-machine install (what WiX's
 # Secure="yes" does; wixl drops that attribute and breaks when the property is set by hand).
-SECURE_PROPERTIES = (ENROLLMENT_PROPERTY, *LEGACY_PROPERTIES, DOWNGRADE_PROPERTY, UPGRADE_PROPERTY)
+SECURE_PROPERTIES = (ENROLLMENT_PROPERTY, *LEGACY_PROPERTIES, DOWNGRADE_PROPERTY, UPGRADE_PROPERTY, EXE_INSTALLED_PROPERTY)
 # msidbUpgradeAttributesMigrateFeatures | msidbUpgradeAttributesVersionMaxInclusive
 UPGRADE_ATTRIBUTES = 1 | 512
 # CustomAction.Type bits: EXE in an installed file (18), ignore exit code (64), rollback (256),
@@ -59,6 +62,20 @@ CUSTOM_ACTION_TYPES = {
 # Only in a release's MSI (no enrollment baked in): reads the signature slot at install time.
 ENROLL_FROM_INSTALLER = ("AgentEnrollFromInstaller", _EXE_FILE | _IN_SCRIPT | _NO_IMPERSONATE)
 REMOVE_EXISTING_SEQUENCE = 1401  # after InstallValidate (1400), before InstallInitialize (1500)
+# Taking an EXE install over: what the EXE leaves beyond the files, service, registry values and
+# config this MSI replaces (builder/formats/windows_payload.py) is removed when this MSI is
+# installed, by RemoveRegistryValues (2600) and RemoveFiles (3500), which Windows Installer rolls
+# back with the rest of a failed install (wine 8 does not: tests/integration/test_one_product.py).
+# Rows of the registry component, which every install installs and which is 64-bit (so the key
+# is the 64-bit view's).
+TAKEOVER_COMPONENT = "EnrollmentRegistry"
+TAKEOVER_ROWS = ("ExeArpEntry", "ExeUninstaller")
+_REMOVE_KEY = "-"  # RemoveRegistry.Name: the key, its values and subkeys
+_REMOVE_ON_INSTALL = 1  # msidbRemoveFileInstallModeOnInstall
+# wixl 0.101 writes no RemoveRegistry table (it has no element for one).
+REMOVE_REGISTRY_SCHEMA = ("CREATE TABLE `RemoveRegistry` (`RemoveRegistry` CHAR(72) NOT NULL, `Root` SHORT NOT NULL, "
+                          "`Key` CHAR(255) NOT NULL LOCALIZABLE, `Name` CHAR(255) LOCALIZABLE, `Component_` CHAR(72) NOT NULL "
+                          "PRIMARY KEY `RemoveRegistry`)")
 REQUIRED_TABLES = ("Property", "File", "Component", "ServiceInstall", "CustomAction", "InstallExecuteSequence", "Upgrade")
 
 
@@ -156,8 +173,17 @@ def _input_digest(product: Product, version: str, enrollment: SignedEnrollment |
     return h.hexdigest()
 
 
-def _dir_chain(parts: list[str], prefix: str, last_id: str) -> list[dict]:
-    return [{"id": last_id if i == len(parts) - 1 else f"{prefix}{i}", "name": wix_text(name)} for i, name in enumerate(parts)]
+def _dir_chain(parts: list[str], prefix: str, last_id: str, product: Product) -> list[dict]:
+    """The folders from Program Files (or ProgramData) down to `last_id`; each one above it has
+    a component of its own (`component`, `guid`) that creates it, so that uninstall removes it
+    once empty (Windows Installer removes empty folders it created for a component; seen under
+    wine: without these, an empty "C:\\Program Files\\<vendor>" stayed)."""
+    chain = []
+    for i, name in enumerate(parts):
+        folder_id = last_id if i == len(parts) - 1 else f"{prefix}{i}"
+        chain.append({"id": folder_id, "name": wix_text(name), "component": f"Folder{folder_id}",
+                      "guid": product.component_guid(f":folder:{folder_id}")})
+    return chain
 
 
 def agent_arguments(product: Product, command: str) -> str:
@@ -189,13 +215,14 @@ def render_wxs(
         version=wix_text(version),
         product_code=product_code,
         enrollment=enrollment_ctx,
-        install_dirs=_dir_chain(product.install_parts, "InstallPart", "INSTALLFOLDER"),
-        data_dirs=_dir_chain(product.install_parts, "DataPart", "DATAFOLDER"),
+        install_dirs=_dir_chain(product.install_parts, "InstallPart", "INSTALLFOLDER", product),
+        data_dirs=_dir_chain(product.install_parts, "DataPart", "DATAFOLDER", product),
         payload_root=root,
         all_files=files,
         agent_file_id=AGENT_FILE_ID,
         agent_args=lambda command: wix_text(agent_arguments(product, command)),
         agent_args_installer=wix_text(agent_arguments(product, "enroll-from-installer")),
+        exe_arp_key=wix_text(exe_arp_key(product)),
         registry_guid=product.component_guid(":registry"),
         data_guid=product.component_guid(":data-folder"),
     )
@@ -219,6 +246,7 @@ def _post_build(msi: Path, product: Product, version: str, package_code: str, ep
         raise ToolFailedError(f"wixl wrote an unexpected Upgrade table ({len(rows)} {UPGRADE_PROPERTY} rows)",
                               "check the wixl version (built for msitools 0.101)")
     upgrade_code = "{" + product.upgrade_code + "}"
+    existing = msitools.tables(msi)
     msitools.query(
         msi,
         # MajorUpgrade covers versions below this one only, so group B's MSI of the same version
@@ -233,6 +261,13 @@ def _post_build(msi: Path, product: Product, version: str, package_code: str, ep
         # and service with it (measured under wine). WiX's default instead: right after
         # InstallValidate, the old product removed before anything new is written.
         f"UPDATE InstallExecuteSequence SET Sequence = {REMOVE_EXISTING_SEQUENCE} WHERE Action = 'RemoveExistingProducts'",
+        # Over an EXE install: its Add/Remove Programs entry and its uninstaller go, so that one
+        # entry is left, this one (templates/wix/agent.wxs.j2).
+        *(() if "RemoveRegistry" in existing else (REMOVE_REGISTRY_SCHEMA,)),
+        "INSERT INTO `RemoveRegistry` (`RemoveRegistry`, `Root`, `Key`, `Name`, `Component_`) "
+        f"VALUES ('{TAKEOVER_ROWS[0]}', 2, '{exe_arp_key(product)}', '{_REMOVE_KEY}', '{TAKEOVER_COMPONENT}')",
+        "INSERT INTO `RemoveFile` (`FileKey`, `Component_`, `FileName`, `DirProperty`, `InstallMode`) "
+        f"VALUES ('{TAKEOVER_ROWS[1]}', '{TAKEOVER_COMPONENT}', '{EXE_UNINSTALLER}', 'INSTALLFOLDER', {_REMOVE_ON_INSTALL})",
     )
     # wixl's package code is random and its times are the build's: both fixed from the inputs.
     stamp = _summary_time(epoch)
@@ -365,6 +400,9 @@ class MsiFormat:
         if not _covers_same_version(tables.get("Upgrade", []), version):
             problems.append("the Upgrade table does not replace the same version: another group's MSI would install beside this one")
         services = [r.get("Name") for r in tables.get("ServiceInstall", [])]
+        if not _takes_exe_over(tables, services):
+            problems.append("it does not remove the EXE's Add/Remove Programs entry and uninstaller: over an EXE install, "
+                            "the machine would list the agent twice")
         actions = {r["Action"]: r.get("Sequence") for r in tables.get("InstallExecuteSequence", []) if "Action" in r}
         ca_types = {r["Action"]: r.get("Type") for r in tables.get("CustomAction", []) if "Action" in r}
         remove_at, initialize_at = actions.get("RemoveExistingProducts"), actions.get("InstallInitialize")
@@ -417,6 +455,18 @@ def _check_container(path: Path) -> None:
     if sector not in (512, 4096) or size % sector:
         raise FormatError(f"{path}: truncated or damaged MSI ({size} bytes is not a whole number of {sector}-byte sectors)",
                           "download or copy the file again")
+
+
+def _takes_exe_over(tables: dict[str, list[dict[str, str]]], services: list[str | None]) -> bool:
+    """The rows _post_build adds: on install, the EXE's Add/Remove Programs key (named after the
+    service) and its uninstaller are removed."""
+    arp_keys = {f"{UNINSTALL_ROOT}\\{name}".lower() for name in services if name}
+    key = any(r.get("Key", "").lower() in arp_keys and r.get("Name") == _REMOVE_KEY and r.get("Root") == "2"
+              and r.get("Component_") == TAKEOVER_COMPONENT for r in tables.get("RemoveRegistry", []))
+    file = any(r.get("FileName") == EXE_UNINSTALLER and r.get("DirProperty") == "INSTALLFOLDER"
+               and r.get("Component_") == TAKEOVER_COMPONENT and int(r.get("InstallMode") or 0) & _REMOVE_ON_INSTALL
+               for r in tables.get("RemoveFile", []))
+    return key and file
 
 
 def _covers_same_version(rows: list[dict[str, str]], version: str) -> bool:

@@ -15,6 +15,18 @@ from builder.trust import TRUST_FILE, Trust
 # Names that need no quoting in WiX, NSIS or a Windows path, and are valid on NTFS.
 PAYLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._\-()+]*$")
 
+# Where the EXE leaves its marks beyond what both formats install: its Add/Remove Programs entry
+# (HKLM, 64-bit view; the MSI's entry is its ProductCode) and its uninstaller in the install
+# folder. The MSI removes both when it takes an EXE install over, so the machine keeps one
+# product; the EXE refuses to replace an MSI install (templates/nsis/installer.nsi.j2).
+UNINSTALL_ROOT = "Software\\Microsoft\\Windows\\CurrentVersion\\Uninstall"
+EXE_UNINSTALLER = "uninstall.exe"
+
+
+def exe_arp_key(product: Product) -> str:
+    """The EXE's Add/Remove Programs key under HKLM: named after the service."""
+    return f"{UNINSTALL_ROOT}\\{product.service_name}"
+
 
 def payload_files(folder: Path, product: Product) -> list[str]:
     """Relative POSIX paths of the files to install, sorted. Dot-files (build stamps,

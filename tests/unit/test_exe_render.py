@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 from builder.binfmt import nsis
-from builder.config import load_product
+from builder.config import TEMPLATES_DIR, load_product
 from builder.enrollment import Secret
 from builder.errors import FormatError, PayloadError
 from builder.formats import exe
@@ -46,6 +46,21 @@ def test_the_enrollment_is_checked_before_an_installed_agent_is_touched():
     assert "SetErrorLevel 5" in text[check:abort]
 
 
+def test_an_msi_install_is_refused_before_anything_is_done():
+    """The EXE leaves an agent installed from the MSI alone: exit 1638 from .onInit, before
+    the install section (which verifies the enrollment, then stops the service)."""
+    text = render()
+    init = text.split("Function .onInit", 1)[1].split("FunctionEnd", 1)[0]
+    assert init.index("!insertmacro REQUIRE_ADMIN") < init.index("!insertmacro REFUSE_OVER_MSI")
+    macro = text.split("!macro REFUSE_OVER_MSI", 1)[1].split("!macroend", 1)[0]
+    assert "msi::MsiEnumRelatedProductsW(w \"${MSI_UPGRADE_CODE}\"" in macro
+    assert f'!define MSI_UPGRADE_CODE "{{{load_product().upgrade_code}}}"' in text
+    refuse = macro.split("${If} $0 == 0", 1)[1]
+    assert refuse.index("SetErrorLevel 1638") < refuse.index("Quit") < refuse.index("${EndIf}")
+    header = (TEMPLATES_DIR / exe.TEMPLATE).read_text().split("#}", 1)[0]
+    assert "1638 (102 seen from Linux through wine) the agent is installed from its MSI" in header.replace("\n  ", " "), "the exit code is not in the template's list"
+
+
 def test_no_enrollment_in_the_script_only_where_to_read_it():
     text = render()
     assert "builder-enrollment/" not in text and "WriteEnrollmentValue" not in text
@@ -64,12 +79,14 @@ def test_uninstall_removes_the_enrollment_values():
 def test_product_values_come_from_the_config():
     product = load_product(overrides={"name": "Acme Agent (x64)", "vendor": "Acme, Inc", "service_name": "AcmeSvc", "service_display_name": "Acme Service",
                                       "install_folder": "Acme/Remote Agent", "registry_key": "SOFTWARE\\Acme\\RA",
-                                      "agent_exe": "acme-agent.exe"})
+                                      "agent_exe": "acme-agent.exe",
+                                      "upgrade_code": "0A0A0A0A-1B1B-4C4C-8D8D-2E2E2E2E2E2E"})
     text = exe.render_script(product, "2.0.7", ["acme-agent.exe", "lib/x.dll", "trust.json"])
     assert '!define PRODUCT_NAME "Acme Agent (x64)"' in text
     assert '!define REGKEY "SOFTWARE\\Acme\\RA"' in text
     assert '!define INSTALL_FOLDER "Acme\\Remote Agent"' in text
     assert 'Uninstall\\AcmeSvc"' in text
+    assert '!define MSI_UPGRADE_CODE "{0A0A0A0A-1B1B-4C4C-8D8D-2E2E2E2E2E2E}"' in text
     assert 'VIProductVersion "2.0.7.0"' in text
     assert 'SetOutPath "$INSTDIR\\lib"' in text and 'File "files/lib/x.dll"' in text
     assert 'Delete "$INSTDIR\\lib\\x.dll"' in text and 'RMDir "$INSTDIR\\lib"' in text

@@ -74,7 +74,7 @@ def parsed(text: str) -> tuple[ET.Element, dict[str, str]]:
 
 
 def values(root: ET.Element, variables: dict[str, str], tag: str, key: str, attr: str) -> dict[str, str]:
-    return {e.get(key): wixl_eval(e.get(attr), variables) for e in root.iter(WIX + tag)}
+    return {e.get(key): wixl_eval(e.get(attr), variables) for e in root.iter(WIX + tag) if e.get(attr) is not None}
 
 
 @pytest.mark.parametrize("literal, wixl_gives", [
@@ -165,6 +165,52 @@ def test_install_and_data_folders_follow_the_product():
     assert top["DATAFOLDER"].find(WIX + "Component/" + WIX + "CreateFolder") is not None
 
 
+def test_vendor_folders_are_components_so_that_uninstall_removes_them():
+    """Every folder above the install and data folders is created by a component of its own
+    (removed once empty on uninstall), whatever the depth of product.install_folder."""
+    product = load_product(overrides={"install_folder": "Acme/Remote/Agent"})
+    root, _ = parsed(msi.render_wxs(product, "1.2.3", None, ["agent.exe"], product_code="11111111-2222-3333-4444-555555555555"))
+    top = {d.get("Id"): d for d in root.iter(WIX + "Directory")}
+    refs = {r.get("Id") for r in root.iter(WIX + "ComponentRef")}
+    for parent in ("ProgramFiles64Folder", "CommonAppDataFolder"):
+        chain, node = [], top[parent]
+        while (children := [d for d in node if d.tag == WIX + "Directory"]):
+            node = children[0]
+            chain.append(node)
+        assert [d.get("Name") for d in chain] == ["Acme", "Remote", "Agent"]
+        for folder in chain[:-1]:
+            [component] = [c for c in folder if c.tag == WIX + "Component" and c.find(WIX + "CreateFolder") is not None]
+            assert component.get("Win64") == "yes" and component.get("Id") in refs
+            assert component.get("Guid") == product.component_guid(":folder:" + folder.get("Id"))
+
+
+def test_an_exe_install_is_found_and_its_config_kept_if_the_takeover_rolls_back():
+    product = load_product(overrides={"service_name": "AcmeSvc"})
+    root, variables = parsed(msi.render_wxs(product, "1.2.3", None, ["agent.exe"], product_code="11111111-2222-3333-4444-555555555555"))
+    [prop] = [p for p in root.iter(WIX + "Property") if p.get("Id") == msi.EXE_INSTALLED_PROPERTY]
+    [search] = list(prop)
+    assert (search.get("Root"), wixl_eval(search.get("Key"), variables), search.get("Name"), search.get("Win64")) == (
+        "HKLM", "Software\\Microsoft\\Windows\\CurrentVersion\\Uninstall\\AcmeSvc", "UninstallString", "yes")
+    assert msi.EXE_INSTALLED_PROPERTY in msi.SECURE_PROPERTIES  # set on the client, read by the server
+    sequence = {c.get("Action"): c.text for c in root.iter(WIX + "Custom")}
+    # A refused enrollment over an EXE install rolls back without deleting the EXE's config.
+    assert f"NOT {msi.EXE_INSTALLED_PROPERTY}" in sequence["AgentForgetOnRollback"]
+
+
+def test_the_exe_takeover_rows_are_recognised():
+    """What inspect() looks for: on install, the EXE's Add/Remove Programs key (named after the
+    service) and its uninstaller are removed, as msi._post_build adds them."""
+    key = {"RemoveRegistry": "ExeArpEntry", "Root": "2", "Key": "Software\\Microsoft\\Windows\\CurrentVersion\\Uninstall\\Svc",
+           "Name": "-", "Component_": "EnrollmentRegistry"}
+    file = {"FileKey": "ExeUninstaller", "Component_": "EnrollmentRegistry", "FileName": "uninstall.exe",
+            "DirProperty": "INSTALLFOLDER", "InstallMode": "1"}
+    assert msi._takes_exe_over({"RemoveRegistry": [key], "RemoveFile": [file]}, ["Svc"])
+    assert not msi._takes_exe_over({"RemoveRegistry": [key], "RemoveFile": [file]}, ["OtherSvc"])
+    assert not msi._takes_exe_over({"RemoveRegistry": [{**key, "Name": "DisplayName"}], "RemoveFile": [file]}, ["Svc"])
+    assert not msi._takes_exe_over({"RemoveRegistry": [key], "RemoveFile": [{**file, "InstallMode": "2"}]}, ["Svc"])
+    assert not msi._takes_exe_over({"RemoveFile": [file]}, ["Svc"])
+
+
 def test_service_and_custom_actions():
     product = load_product()
     root, variables = parsed(render(hostile()))
@@ -174,7 +220,7 @@ def test_service_and_custom_actions():
     assert service.get("Name") == product.service_name and service.get("Start") == "auto"
     assert wixl_eval(service.get("Arguments"), variables) == f"service {where}"
     control = root.find(f".//{WIX}ServiceControl")
-    assert (control.get("Start"), control.get("Stop"), control.get("Remove")) == ("install", "both", "uninstall")
+    assert (control.get("Start"), control.get("Stop"), control.get("Remove")) == ("install", "both", "both")
     actions = {a.get("Id"): a for a in root.iter(WIX + "CustomAction")}
     assert wixl_eval(actions["AgentEnrollFromRegistry"].get("ExeCommand"), variables) == f"enroll-from-registry {where}"
     assert wixl_eval(actions["AgentForget"].get("ExeCommand"), variables) == f"forget {where}"
