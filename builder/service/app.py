@@ -46,7 +46,12 @@ class ServiceSettings:
     api_keys: dict[str, str]
     link_secret: bytes
     link_ttl_s: int = 3600
+    # How long POST /v1/installers waits for the installer before answering 202 ...
     wait_s: float = 20.0
+    # ... and, with workers, for one of them to take the job: an idle worker takes it within
+    # milliseconds (and makes an exe or msi-tagged in milliseconds more); with none registered
+    # the answer is a 202 at once.
+    pickup_s: float = 0.5
     download_route: str = "/v1/download"
     # Lifetime of an enrollment from POST /v1/enrollments (None: it does not expire).
     enrollment_ttl_s: int | None = None
@@ -355,7 +360,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
                                     console_url=body.console_url or issuer.default_console_url(version))
             installer_id, rec = issuer.request(who, release=version, fmt=body.format, enrollment=enrollment,
-                                               wait_s=settings.wait_s)
+                                               wait_s=settings.wait_s, pickup_s=settings.pickup_s)
             status = "ready" if rec else "pending"
             issued_total.labels(body.format, status).inc()
             return answer(request, installer_id, rec, release=version, fmt=body.format)

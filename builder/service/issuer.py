@@ -60,9 +60,7 @@ PREFIX_CACHE = 32
 # Waiting for a queued job's record: first look after POLL_FIRST_S, then ever less often.
 POLL_FIRST_S = 0.005
 POLL_MAX_S = 0.25
-# How long a request waits for a registered worker to take its job before answering 202: an
-# idle worker takes it within milliseconds (slot stamps are then ready in milliseconds more).
-PICKUP_S = 0.5
+FAILURE_CHECK_S = 0.5
 VERIFIED_MARKER = ".verified-index.json"
 VERSIONS_TTL_S = 5.0
 
@@ -488,9 +486,11 @@ class Issuer:
                           group_id=enrollment.group_id, token_fp=fp, detail=f"key_id={signed.key_id}")
         return version, signed
 
-    def request(self, caller: str, *, release: str, fmt: str, enrollment: Enrollment, wait_s: float) -> tuple[str, Record | None]:
-        """(id, record once ready). The same request twice gives the same id and installer;
-        concurrent identical requests share one piece of work."""
+    def request(self, caller: str, *, release: str, fmt: str, enrollment: Enrollment, wait_s: float,
+                pickup_s: float | None = None) -> tuple[str, Record | None]:
+        """(id, record once ready, or None while it is made). The same request twice gives the
+        same id and installer; concurrent identical requests share one piece of work. With
+        workers and `pickup_s`, None comes early when no worker takes the job (_wait_for_job)."""
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}", f"choose from {', '.join(FORMATS)}")
         log.register_secret(enrollment.token.reveal())
@@ -508,16 +508,17 @@ class Issuer:
         if rec is None:
             signed = self.sign(version, enrollment)
             key_id = signed.key_id
-            rec = self._run(installer_id, version, fmt, signed, wait_s)
+            rec = self._run(installer_id, version, fmt, signed, wait_s, pickup_s)
         self.audit.record(caller, "issue" if rec else "queued", installer_id=installer_id, release=version, fmt=fmt,
                           account_id=enrollment.account_id, group_id=enrollment.group_id, token_fp=fp,
                           sha256=rec.sha256 if rec else None, detail=f"key_id={key_id}" if key_id else None)
         return installer_id, rec
 
-    def _run(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment, wait_s: float) -> Record | None:
+    def _run(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment, wait_s: float,
+             pickup_s: float | None = None) -> Record | None:
         if self.queue is not None:
             self.queue.submit(installer_id, version, fmt, enrollment)
-            return self._wait_for_job(installer_id, wait_s)
+            return self._wait_for_job(installer_id, wait_s, pickup_s)
         with self._inflight_lock:
             found = self._inflight.get(installer_id)
             if found is None:
@@ -529,37 +530,47 @@ class Issuer:
         except TimeoutError:
             return None
 
-    def _wait_for_job(self, installer_id: str, wait_s: float) -> Record | None:
-        """The record of a queued job, while a worker works on it, up to `wait_s`; None (the
-        caller answers 202) at once when no worker is registered, and after PICKUP_S when none
-        has taken the job (all busy, or gone without deregistering): a request does not hold a
-        connection and a thread for work nobody does. A slot stamp is ready in milliseconds, a
-        baked one in seconds: look soon, then back off, so that a waiting request costs a few
-        reads, not one every 10 ms."""
+    def _wait_for_job(self, installer_id: str, wait_s: float, pickup_s: float | None) -> Record | None:
+        """The record of a queued job, up to `wait_s`. With `pickup_s` (the HTTP service), only
+        while a worker works on it: None (the caller answers 202) at once when no worker is
+        registered, and after `pickup_s` when none has taken the job (all busy, or gone without
+        deregistering), so that a request does not hold a connection and a thread for work
+        nobody does. A slot stamp is ready in milliseconds, a baked one in seconds: look soon,
+        then back off, so that a waiting request costs a few reads, not one every 10 ms."""
         start = time.monotonic()
-        try:
-            pickup_s = PICKUP_S if self.queue.has_workers() else 0.0
-        except StorageUnavailableError:
-            pickup_s = wait_s  # cannot tell: the record in storage decides
-        deadline, taken, pause = start + wait_s, False, POLL_FIRST_S
+        deadline, next_failure_check, pause = start + wait_s, start + FAILURE_CHECK_S, POLL_FIRST_S
+        # Until a worker is seen with the job, its state is read at every look; then only
+        # whether it failed, every FAILURE_CHECK_S.
+        taken = pickup_s is None
+        if not taken:
+            try:
+                pickup_s = pickup_s if self.queue.has_workers() else 0.0
+            except StorageUnavailableError:
+                taken = True  # cannot tell: the record in storage decides
         while True:
             rec = self.record(installer_id)
             if rec is not None:
                 return rec
-            try:
-                state = self.queue.state(installer_id)
-            except StorageUnavailableError:
-                # A queue that stops answering is no reason to fail or give up on a job a worker
-                # may be finishing: the record in storage is what says the installer is ready.
-                state, taken = None, True
-            if state == "failed":
-                self.raise_if_failed(installer_id)
-            taken = taken or state in ("started", "finished")
             now = time.monotonic()
-            if now >= deadline or (not taken and now - start >= pickup_s):
-                return self.record(installer_id)
+            if not taken:
+                try:
+                    state = self.queue.state(installer_id)
+                except StorageUnavailableError:
+                    state = "unknown"  # a worker may be finishing it: wait for the record
+                if state == "failed":
+                    self.raise_if_failed(installer_id)
+                taken = state in ("started", "finished", "unknown")
+                if not taken and now - start >= pickup_s:
+                    return self.record(installer_id)
+            elif now >= next_failure_check:
+                self._raise_if_failed_quietly(installer_id)
+                next_failure_check = now + FAILURE_CHECK_S
+            if now >= deadline:
+                break
             time.sleep(min(pause, deadline - now))
             pause = min(pause * 2, POLL_MAX_S)
+        self._raise_if_failed_quietly(installer_id)
+        return None
 
     def raise_if_failed(self, installer_id: str) -> None:
         """The failure a worker reported for this request, as the error it would have been
@@ -568,6 +579,14 @@ class Issuer:
             problem = self.queue.failure(installer_id)
             if problem is not None:
                 raise StampFailed(problem.message, problem=problem)
+
+    def _raise_if_failed_quietly(self, installer_id: str) -> None:
+        """While waiting for a job already queued: a queue that stops answering is no reason to
+        fail the request, since the record in storage is what says the installer is ready."""
+        try:
+            self.raise_if_failed(installer_id)
+        except StorageUnavailableError:
+            pass
 
     def pending(self, installer_id: str) -> tuple[str, str] | None:
         """(release, format) of a request still being worked on or queued, else None."""

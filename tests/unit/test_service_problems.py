@@ -31,7 +31,6 @@ from builder.errors import (
     VerificationError,
 )
 from builder.formats.base import Signers
-from builder.service import issuer as issuer_module
 from builder.service import jobs
 from builder.service.issuer import Audit, Issuer, Record, Refusal, _Damaged
 from builder.service.problems import (
@@ -226,35 +225,40 @@ def make_issuer(tmp_path):
 def test_no_worker_registered_is_answered_at_once(make_issuer):
     store, queue = FakeStore(), FakeQueue(workers=False, states=["queued"])
     issuer = make_issuer(store, queue)
-    assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300) is None
+    assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300, pickup_s=60) is None
     assert (queue.submitted, queue.looks) == (1, 1)  # one look at the job, no waiting
 
 
-def test_a_job_no_worker_takes_within_the_pickup_window_is_answered_pending(make_issuer, monkeypatch):
-    monkeypatch.setattr(issuer_module, "PICKUP_S", 0.0)
+def test_a_job_no_worker_takes_within_the_pickup_window_is_answered_pending(make_issuer):
     queue = FakeQueue(workers=True, states=["queued"])
     issuer = make_issuer(FakeStore(), queue)
-    assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300) is None
+    assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300, pickup_s=0.0) is None
     assert queue.looks == 1
 
 
-def test_a_taken_job_is_waited_for_with_back_off(make_issuer, monkeypatch):
-    monkeypatch.setattr(issuer_module, "PICKUP_S", 0.0)
+def test_a_taken_job_is_waited_for_with_back_off(make_issuer):
     store = FakeStore(ready_after=6)
     queue = FakeQueue(workers=True, states=["started"])
     issuer = make_issuer(store, queue)
-    rec = issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300)
+    rec = issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300, pickup_s=0.0)
     assert rec is not None and rec.id == "0" * 32
     assert store.gets == 7  # 5 ms, then twice as long each time: a handful of reads
 
 
-def test_a_queue_that_stops_answering_does_not_end_the_wait(make_issuer, monkeypatch):
+def test_without_a_pickup_window_the_caller_waits_for_the_installer(make_issuer):
+    """`builder issue --redis` waits for its installer, taken or not."""
+    store = FakeStore(ready_after=4)
+    queue = FakeQueue(workers=False, states=["queued"])
+    issuer = make_issuer(store, queue)
+    assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300) is not None
+
+
+def test_a_queue_that_stops_answering_does_not_end_the_wait(make_issuer):
     """The record in storage says when the installer is ready, Redis or not."""
-    monkeypatch.setattr(issuer_module, "PICKUP_S", 0.0)
     store = FakeStore(ready_after=3)
     queue = FakeQueue(workers=True, states=[jobs.QueueUnavailableError("down", retry_after=5)])
     issuer = make_issuer(store, queue)
-    assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300) is not None
+    assert issuer._run("0" * 32, "1.0.0", "exe", None, wait_s=300, pickup_s=0.0) is not None
 
 
 def test_a_failed_job_is_the_problem_the_worker_found(make_issuer):
@@ -262,5 +266,5 @@ def test_a_failed_job_is_the_problem_the_worker_found(make_issuer):
     queue = FakeQueue(workers=True, states=["started", "failed"], problem=found)
     issuer = make_issuer(FakeStore(), queue)
     with pytest.raises(StampFailed) as caught:
-        issuer._run("0" * 32, "1.0.0", "msi", None, wait_s=300)
+        issuer._run("0" * 32, "1.0.0", "msi", None, wait_s=300, pickup_s=0.5)
     assert describe(caught.value) == found
