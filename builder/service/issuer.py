@@ -214,7 +214,8 @@ class Issuer:
         self.ca = ca
         self._releases: dict[str, tuple[Release, dict]] = {}
         self._refused: dict[str, Refusal] = {}
-        self._release_lock = threading.Lock()
+        self._release_lock = threading.Lock()  # held while a release is fetched and verified
+        self._states_lock = threading.Lock()  # what /healthz reads meanwhile: held for a copy
         # id -> (future, release, format) of the work this process does for a request
         self._inflight: dict[str, tuple[Future, str, str]] = {}
         self._inflight_lock = threading.Lock()
@@ -276,14 +277,15 @@ class Issuer:
                                      f"it has {', '.join(_stamp_formats(rel))}; ask for one of those, or for release latest")
 
     def _formats_published(self) -> list[str]:
-        with self._release_lock:
+        with self._states_lock:
             opened = [rel for rel, _index in self._releases.values()]
         return sorted({f for rel in opened for f in _stamp_formats(rel)}) or ["none"]
 
     def release_states(self) -> tuple[list[str], dict[str, Refusal]]:
         """(versions opened and verified, oldest first; refused versions -> why). What this
-        process knows, without asking storage: for /healthz and /metrics."""
-        with self._release_lock:
+        process knows, without asking storage, nor waiting for a release being verified: for
+        /healthz and /metrics."""
+        with self._states_lock:
             ok, refused = list(self._releases), dict(self._refused)
         return sorted(ok, key=_version_key), {v: refused[v] for v in sorted(refused, key=_version_key)}
 
@@ -301,13 +303,16 @@ class Issuer:
             if version in self._refused:
                 raise self._refused[version].error()
             try:
-                self._releases[version] = self._fetch_and_open(version)
+                opened = self._fetch_and_open(version)
             except (FormatError, VerificationError, _Damaged) as exc:
                 refusal = Refusal.of(version, exc)
-                self._refused[version] = refusal
+                with self._states_lock:
+                    self._refused[version] = refusal
                 _warn_line(f"release {version} is refused, the service serves the others: {refusal.detail}")
                 raise refusal.error() from None
-            return self._releases[version]
+            with self._states_lock:
+                self._releases[version] = opened
+            return opened
 
     def _fetch_and_open(self, version: str) -> tuple[Release, dict]:
         index_key = f"{self.prefix}/releases/{version}/manifest.json"
