@@ -13,6 +13,11 @@ process per worker, spawned at start: when it dies mid-job (killed, out of memor
 fails and RQ's Retry runs it again with a new helper; when a job overruns its timeout, the
 helper is killed with it. A killed worker's own job is retried by RQ's registry cleanup once
 the job's timeout has passed.
+
+A job that fails for a reason retrying will not fix (builder.service.problems: no key for the
+format, another BUILDER_QUEUE_KEY, a refused release) is not retried: its problem goes into the
+job's meta, RQ marks it failed once (one log line, no traceback), and the service answers the
+client with that problem, as it would have in-process.
 """
 
 from __future__ import annotations
