@@ -1,8 +1,11 @@
 """The HTTP service behind the console's "download installer" button (FastAPI).
 
-Every route but /healthz needs a bearer API key. Bad input is a 4xx with a one-line message,
-never a 500; storage trouble is a 503 with Retry-After. Tokens arrive in request bodies only
-and leave the process only inside installers: they are not logged, audited or echoed.
+Every route but /healthz needs a bearer API key. Every error answer is `{"error": one sentence,
+"code": a stable snake_case code, "field": the request field concerned or null}`
+(builder.service.problems): bad input is a 4xx, never a 500; storage or queue trouble is a 503
+with Retry-After; what the service was not configured for is a 503 `not_configured`. Tokens
+arrive in request bodies only and leave the process only inside installers: they are not
+logged, audited or echoed.
 """
 
 from __future__ import annotations
@@ -15,20 +18,22 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from builder import __version__, log
 from builder import enrollment as enrollment_rules
 from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret, validate_id, validate_token
-from builder.errors import BuilderError, EnrollmentError, FormatError, SigningError, StorageError, UsageError
-from builder.service.issuer import FORMATS, Issuer, NoEnrollmentKey, Record, Revoked, UnknownRelease
+from builder.errors import BuilderError, UsageError
+from builder.service.issuer import FORMATS, Issuer, Record, ReleaseRefused
+from builder.service.problems import CODE_OF_STATUS, CODES, Problem, describe
 from builder.storage import LinkStatus
-from builder.storage.errors import InvalidKeyError, StorageUnavailableError
 from builder.storage.links import check_link, sign_link
 
 MAX_BODY_BYTES = 64 * 1024
@@ -41,7 +46,12 @@ class ServiceSettings:
     api_keys: dict[str, str]
     link_secret: bytes
     link_ttl_s: int = 3600
+    # How long POST /v1/installers waits for the installer before answering 202 ...
     wait_s: float = 20.0
+    # ... and, with workers, for one of them to take the job: an idle worker takes it within
+    # milliseconds (and makes an exe or msi-tagged in milliseconds more); with none registered
+    # the answer is a 202 at once.
+    pickup_s: float = 0.5
     download_route: str = "/v1/download"
     # Lifetime of an enrollment from POST /v1/enrollments (None: it does not expire).
     enrollment_ttl_s: int | None = None
@@ -115,21 +125,56 @@ class InstallerResponse(BaseModel):
     status: Literal["ready", "pending"]
     sha256: str | None = None
     url: str | None = None
-    format: str | None = None
-    release: str | None = None
+    format: str | None = Field(default=None, description="The format asked for (also while pending).")
+    release: str | None = Field(default=None, description="The version `latest` resolved to (also while pending).")
     size: int | None = None
 
 
-class Problem(BaseModel):
+class ErrorBody(BaseModel):
+    """Every error answer (README: "Error codes")."""
+
+    error: str = Field(description="One sentence: what is wrong and what to do.")
+    code: Literal[tuple(CODES)] = Field(description="Stable and machine-readable: branch on this, not on `error`.")  # type: ignore[valid-type]
+    field: str | None = Field(description="The request field concerned, or null.")
+
+
+class RefusedRelease(BaseModel):
+    reason: Literal["signature", "checksum", "malformed", "incomplete"]
     error: str
 
 
-_ERRORS = {404: {"model": Problem}, 400: {"model": Problem}, 401: {"model": Problem}, 403: {"model": Problem},
-           410: {"model": Problem}, 413: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}}
+class ReleasesHealth(BaseModel):
+    ok: list[str] = Field(description="Releases opened and verified by this process.")
+    refused: dict[str, RefusedRelease] = Field(description="Published releases that do not verify here, by version.")
 
 
-def _problem(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": log.redact(message)}, status_code=status, headers=headers)
+class Health(BaseModel):
+    status: Literal["ok", "degraded"] = Field(description="degraded: some published release is refused (the others are served).")
+    version: str
+    releases: ReleasesHealth
+
+
+class Releases(BaseModel):
+    releases: list[str] = Field(description="Published versions that verify here, oldest first.")
+    latest: str | None = Field(description="The newest of them.")
+    latest_by_format: dict[str, str] = Field(description="What `latest` means for each format: the newest release that has it.")
+    refused: dict[str, RefusedRelease] = Field(description="Published versions this service refuses, and why.")
+
+
+_ERRORS = {status: {"model": ErrorBody} for status in sorted({s for s, _ in CODES.values()} - {405})}
+
+
+def _problem(problem: Problem) -> JSONResponse:
+    return JSONResponse(problem.body(), status_code=problem.status, headers=problem.headers())
+
+
+def _refusal(status: int, code: str, message: str, headers: dict | None = None) -> HTTPException:
+    """An HTTP-level refusal (auth, ids, links) in the same shape as every other error."""
+    return HTTPException(status, Problem(status=status, code=code, message=message), headers=headers)
+
+
+def _too_large() -> JSONResponse:
+    return _problem(Problem(status=413, code="body_too_large", message=f"request body over {MAX_BODY_BYTES} bytes: send at most 64 KiB"))
 
 
 class _BodyLimit:
@@ -143,8 +188,7 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            response = _problem(413, f"request body over {MAX_BODY_BYTES} bytes")
-            return await response(scope, receive, send)
+            return await _too_large()(scope, receive, send)
         seen, too_large, started = 0, False, False
 
         async def limited():
@@ -171,7 +215,7 @@ class _BodyLimit:
         except _TooLarge:
             pass
         if too_large and not started:
-            await _problem(413, f"request body over {MAX_BODY_BYTES} bytes")(scope, receive, send)
+            await _too_large()(scope, receive, send)
 
 
 class _TooLarge(Exception):
@@ -201,45 +245,73 @@ class _Counting:
             self.counter.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
 
 
+class _ReleaseStates:
+    """/metrics: the releases this process serves and those it refuses, read at each scrape."""
+
+    def __init__(self, issuer: Issuer):
+        self.issuer = issuer
+
+    def collect(self):
+        ok, refused = self.issuer.release_states()
+        verified = GaugeMetricFamily("builder_releases_verified", "Published releases this service verified and serves")
+        verified.add_metric([], len(ok))
+        yield verified
+        bad = GaugeMetricFamily("builder_release_refused", "Published releases that do not verify here (1 each), by reason",
+                                labels=["version", "reason"])
+        for version, refusal in refused.items():
+            bad.add_metric([version, refusal.reason], 1)
+        yield bad
+
+
+def _refused_doc(issuer: Issuer) -> dict[str, RefusedRelease]:
+    return {v: RefusedRelease(reason=r.reason, error=r.error().message) for v, r in issuer.release_states()[1].items()}
+
+
 def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     # Every route but /healthz needs a key: the OpenAPI document is served below, behind one,
     # and the interactive docs (which would load scripts from a CDN) are off.
     app = FastAPI(title="builder installer service", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
-                  description="Issues group-specific, signed agent installers for the console's download button.")
+                  description="Issues group-specific, signed agent installers for the console's download button. "
+                              "Every error answer is {error, code, field}; the README's table lists the codes.")
     app.add_middleware(_BodyLimit)
     registry = CollectorRegistry()
     requests_total = Counter("builder_http_requests_total", "HTTP requests", ["route", "status"], registry=registry)
     issue_seconds = Histogram("builder_issue_seconds", "Time to answer POST /v1/installers", ["format", "status"],
                               registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     issued_total = Counter("builder_installers_total", "Installers requested", ["format", "outcome"], registry=registry)
+    registry.register(_ReleaseStates(issuer))
     bearer = HTTPBearer(auto_error=False)
+    challenge = {"WWW-Authenticate": "Bearer"}
 
     async def caller(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise HTTPException(401, "missing bearer API key", headers={"WWW-Authenticate": "Bearer"})
+            raise _refusal(401, "unauthorized", "missing bearer API key: send Authorization: Bearer <key>", challenge)
         digest = hashlib.sha256(credentials.credentials.encode()).hexdigest()
         for known, name in settings.api_keys.items():
             if hmac.compare_digest(known, digest):
                 return name
-        raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        raise _refusal(401, "unauthorized", "unknown API key: use one of the keys the service was configured with", challenge)
 
     # Starlette's own (404 for an unknown path, 405, 400 for an unreadable body) as well as ours.
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
-        return _problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        problem = exc.detail if isinstance(exc.detail, Problem) else _framework_problem(exc)
+        return JSONResponse(problem.body(), status_code=problem.status, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(BuilderError)
     async def builder_error(_request, exc: BuilderError):
-        return _problem(_status_of(exc), _http_words(str(exc)), headers=_headers_of(exc))
-
-    from fastapi.exceptions import RequestValidationError
+        return _problem(describe(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        # Pydantic's message may quote the input (a token): name the field and the rule only.
-        return _problem(422, f"{where}: {first.get('type', 'invalid')}: {first.get('msg', 'invalid value').split(',')[0]}")
+        return _problem(_validation_problem(exc))
+
+    @app.exception_handler(Exception)
+    async def bug(_request, exc: Exception):
+        # Starlette logs the traceback after this answer: a bug keeps it, the client gets no
+        # class name or message.
+        return _problem(Problem(status=500, code="internal_error",
+                                message="internal error: the service's operators have the details in its log"))
 
     app.add_middleware(_Counting, counter=requests_total)
 
@@ -250,16 +322,22 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             return str(request.base_url).rstrip("/") + path
         return issuer.store.presigned_url(rec.key, settings.link_ttl_s)
 
-    def answer(request: Request, installer_id: str, rec: Record | None) -> JSONResponse:
+    def answer(request: Request, installer_id: str, rec: Record | None, *, release: str | None = None,
+               fmt: str | None = None) -> JSONResponse:
         if rec is None:
-            return JSONResponse(InstallerResponse(id=installer_id, status="pending").model_dump(), status_code=202)
+            body = InstallerResponse(id=installer_id, status="pending", format=fmt, release=release)
+            return JSONResponse(body.model_dump(), status_code=202)
         body = InstallerResponse(id=installer_id, status="ready", sha256=rec.sha256, url=url_for(request, rec),
                                  format=rec.format, release=rec.release, size=rec.size)
         return JSONResponse(body.model_dump())
 
-    @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict:
-        return {"status": "ok", "version": __version__}
+    @app.get("/healthz", tags=["ops"], response_model=Health)
+    def healthz() -> Health:
+        """Up, and the releases this process serves and refuses (no key: for load balancers).
+        Asks nothing of storage: releases published since start appear once a request opens them."""
+        ok, refused = issuer.release_states()
+        return Health(status="degraded" if refused else "ok", version=__version__,
+                      releases=ReleasesHealth(ok=ok, refused=_refused_doc(issuer)))
 
     @app.get("/openapi.json", tags=["ops"], include_in_schema=False)
     async def openapi(_who: str = Depends(caller)) -> JSONResponse:
@@ -278,14 +356,14 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             # Registered for redaction by issuer.request once the Enrollment has validated it: a
             # word sent as a token must not be masked in every later message.
             token = Secret(body.token)
-            version = issuer.resolve(body.release)
+            version = issuer.resolve(body.release, body.format)
             enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
                                     console_url=body.console_url or issuer.default_console_url(version))
             installer_id, rec = issuer.request(who, release=version, fmt=body.format, enrollment=enrollment,
-                                               wait_s=settings.wait_s)
+                                               wait_s=settings.wait_s, pickup_s=settings.pickup_s)
             status = "ready" if rec else "pending"
             issued_total.labels(body.format, status).inc()
-            return answer(request, installer_id, rec)
+            return answer(request, installer_id, rec, release=version, fmt=body.format)
         finally:
             issue_seconds.labels(body.format, status).observe(time.perf_counter() - start)
 
@@ -293,17 +371,18 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
              tags=["installers"])
     def get_installer(installer_id: str, request: Request, who: str = Depends(caller)):
         if not _ID_RE.fullmatch(installer_id):
-            raise HTTPException(404, "no such installer id")
+            raise _refusal(404, "not_found", "no such installer id: ids are the 32 hex digits POST /v1/installers gave")
         rec = issuer.record(installer_id)
         if rec is None:
             issuer.raise_if_failed(installer_id)
-            if issuer.is_pending(installer_id):
-                return answer(request, installer_id, None)
-            raise HTTPException(404, "no such installer id")
+            pending = issuer.pending(installer_id)
+            if pending is not None:
+                return answer(request, installer_id, None, release=pending[0], fmt=pending[1])
+            raise _refusal(404, "not_found", "no such installer id: POST /v1/installers again to make it")
         if issuer.is_revoked(rec.token_fingerprint):
             issuer.audit.record(who, "refused-revoked", installer_id=rec.id, release=rec.release, fmt=rec.format,
                                 account_id=rec.account_id, group_id=rec.group_id, token_fp=rec.token_fingerprint)
-            raise HTTPException(410, "this installer carries a revoked enrollment token")
+            raise _revoked_installer()
         issuer.audit.record(who, "issue-url", installer_id=rec.id, release=rec.release, fmt=rec.format,
                             account_id=rec.account_id, group_id=rec.group_id, token_fp=rec.token_fingerprint, sha256=rec.sha256)
         return answer(request, installer_id, rec)
@@ -311,10 +390,11 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     @app.post("/v1/enrollments", response_model=EnrollmentResponse, responses=_ERRORS, tags=["installers"])
     def create_enrollment(body: EnrollmentRequest, who: str = Depends(caller)):
         """One group's signed enrollment, for `msiexec /i <the release's msi-tagged or release MSI>
-        ENROLLMENT=<it> /qn`: one generic MSI for every group, the group passed as a parameter."""
+        ENROLLMENT=<it> /qn`: one generic MSI for every group, the group passed as a parameter.
+        `latest` is the newest release with an MSI."""
         # Registered for redaction by issuer.enrollment once the Enrollment has validated it.
         token = Secret(body.token)
-        version = issuer.resolve(body.release)
+        version = issuer.resolve(body.release, "msi")
         enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
                                 console_url=body.console_url or issuer.default_console_url(version))
         version, signed = issuer.enrollment(who, release=version, enrollment=enrollment,
@@ -325,10 +405,18 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         # Not through _problem/redact: the signed enrollment is what was asked for.
         return JSONResponse(body_out.model_dump())
 
-    @app.get("/v1/releases", tags=["releases"], responses=_ERRORS)
-    def releases(_who: str = Depends(caller)) -> dict:
-        versions = issuer.release_versions()
-        return {"releases": versions, "latest": versions[-1] if versions else None}
+    @app.get("/v1/releases", tags=["releases"], response_model=Releases, responses=_ERRORS)
+    def releases(_who: str = Depends(caller)) -> Releases:
+        served, by_format = [], {}
+        for version in issuer.release_versions():
+            try:
+                formats = issuer.formats_of(version)
+            except ReleaseRefused:
+                continue
+            served.append(version)
+            by_format.update(dict.fromkeys(formats, version))  # oldest first: the newest wins
+        return Releases(releases=served, latest=served[-1] if served else None, latest_by_format=by_format,
+                        refused=_refused_doc(issuer))
 
     @app.post("/v1/revocations", tags=["tokens"], responses=_ERRORS)
     def revoke(body: RevocationRequest, who: str = Depends(caller)) -> dict:
@@ -342,13 +430,15 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     def download(installer_id: str, exp: str = "", sig: str = ""):
         """The local store's download route: an HMAC-signed, expiring link per installer."""
         status = check_link(settings.link_secret, installer_id, exp, sig, time.time())
+        if status is LinkStatus.EXPIRED:
+            raise _refusal(status.http_status, "link_expired", "download link expired: ask for the installer again for a fresh one")
         if status is not LinkStatus.OK:
-            raise HTTPException(status.http_status, "download link expired" if status is LinkStatus.EXPIRED else "invalid download link")
+            raise _refusal(status.http_status, "invalid_link", "invalid download link")
         rec = issuer.record(installer_id) if _ID_RE.fullmatch(installer_id) else None
         if rec is None or issuer.store.kind != "file":
-            raise HTTPException(404, "no such installer")
+            raise _refusal(404, "not_found", "no such installer")
         if issuer.is_revoked(rec.token_fingerprint):
-            raise HTTPException(410, "this installer carries a revoked enrollment token")
+            raise _revoked_installer()
         headers = {"Content-Disposition": f'attachment; filename="{issuer.download_name(rec)}"'}
         if rec.streamed:
             # base[0:off] + slot + base[off+len:], read from the release object: no copy stored.
@@ -361,37 +451,32 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     return app
 
 
-# Enrollment rules are shared with the CLI, whose messages name its options; a web caller sent
-# JSON fields.
-_CLI_TO_FIELD = {"--account-id": "account_id", "--group-id": "group_id", "--console-url": "console_url",
-                 "--token-file": "token", "--token-env": "token"}
+def _revoked_installer() -> HTTPException:
+    return _refusal(410, "installer_revoked",
+                    "this installer carries a revoked enrollment token: request one with the group's current token")
 
 
-def _http_words(message: str) -> str:
-    for option, name in _CLI_TO_FIELD.items():
-        message = message.replace(option, name)
-    return message
+_FRAMEWORK_WORDS = {404: "no such route: the OpenAPI document at /openapi.json lists them",
+                    405: "this route does not take this method: the OpenAPI document at /openapi.json lists them"}
 
 
-def _status_of(exc: BuilderError) -> int:
-    if isinstance(exc, (StorageUnavailableError, NoEnrollmentKey)):
-        return 503
-    if isinstance(exc, (EnrollmentError, InvalidKeyError)):
-        return 422
-    if isinstance(exc, UsageError):
-        return 400
-    if isinstance(exc, UnknownRelease):
-        return 404
-    if isinstance(exc, Revoked):
-        return 403
-    if isinstance(exc, (SigningError, FormatError)):
-        return 500  # the release or the signing setup is broken: nothing was published
-    if isinstance(exc, StorageError):
-        return 502
-    return 500
+def _framework_problem(exc: StarletteHTTPException) -> Problem:
+    """Starlette's own refusals (unknown path, wrong method, unreadable body) as problems."""
+    status = exc.status_code
+    return Problem(status=status, code=CODE_OF_STATUS.get(status, "bad_request"),
+                   message=_FRAMEWORK_WORDS.get(status) or str(exc.detail))
 
 
-def _headers_of(exc: BuilderError) -> dict | None:
-    if isinstance(exc, StorageUnavailableError):
-        return {"Retry-After": str(int(getattr(exc, "retry_after", 5) or 5))}
-    return None
+def _validation_problem(exc: RequestValidationError) -> Problem:
+    """The first thing wrong with the request. Pydantic's own message names the rule, never the
+    value (a token may be the value): field and rule only."""
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return Problem(status=422, code="invalid_json", message="the body is not valid JSON: send one JSON object")
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    field = loc[0] if loc and isinstance(loc[0], str) else None
+    where = ".".join(str(p) for p in loc) or "body"
+    rule = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        rule = "not a field of this request: remove it"
+    return Problem(status=422, code="invalid_field", field=field, message=f"{where}: {rule}")

@@ -32,10 +32,21 @@ from pathlib import Path
 from builder import log, stamp
 from builder.config import is_version
 from builder.enrollment import Enrollment, Secret
-from builder.errors import BuilderError, FormatError, StorageError, UsageError
+from rich.markup import escape
+
+from builder.errors import FormatError, StorageError, UsageError, VerificationError
 from builder.fileio import iter_range, write_atomic
 from builder.formats.base import Signers
 from builder.release import Release
+from builder.service.problems import (  # noqa: F401 - the service's errors, importable from here too
+    FormatNotInRelease,
+    NoEnrollmentKey,
+    NotConfigured,
+    ReleaseRefused,
+    Revoked,
+    StampFailed,
+    UnknownRelease,
+)
 from builder.trust import SignedEnrollment, verify as verify_signed
 from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError, content_key
 from builder.storage.release import INDEX_FORMAT
@@ -54,26 +65,6 @@ VERIFIED_MARKER = ".verified-index.json"
 VERSIONS_TTL_S = 5.0
 
 
-class UnknownRelease(BuilderError):
-    exit_code = 12
-
-
-class Revoked(BuilderError):
-    exit_code = 12
-
-
-class NoEnrollmentKey(BuilderError):
-    """The service was started without an enrollment key: it cannot sign enrollments."""
-
-    exit_code = 2
-
-
-class StampFailed(BuilderError):
-    """A worker could not make the installer (after its retries); nothing was published."""
-
-    exit_code = 7
-
-
 def token_fingerprint(token: Secret) -> str:
     """The full SHA-256 of the token: the id under which it is revoked and audited."""
     return hashlib.sha256(token.reveal().encode()).hexdigest()
@@ -87,6 +78,66 @@ def request_id(release: str, fmt: str, enrollment: Enrollment) -> str:
 
 def _version_key(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split("."))
+
+
+def _stamp_formats(rel: Release) -> list[str]:
+    """The formats a release can be stamped into (msi-tagged from its msi, dmg from its pkg)."""
+    return [fmt for fmt, base in stamp.STAMP_FORMATS.items() if base in rel.manifest["files"]]
+
+
+def _warn_line(message: str) -> None:
+    """A warning on one line however long: log.warning wraps at the terminal's width (80
+    columns when stderr is a file), which splits one event over several log lines."""
+    log.console.print(f"[bold yellow]warning:[/] {escape(log.redact(message))}", soft_wrap=True)
+
+
+class _Damaged(VerificationError):
+    """A release object that is missing or does not match the release's index."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# Formats stamped by signing again: (Signers field, what the key is, an alternative).
+_RESIGNING_KEYS = {
+    "msi": ("authenticode", "Authenticode code-signing key", "; msi-tagged needs no key"),
+    "pkg": ("apple_installer", "Developer ID Installer identity", ""),
+    "dmg": ("apple_application", "Developer ID Application identity", ""),
+}
+
+# Why a release is refused, in words that name no path of this host (for /healthz and answers).
+REFUSAL_REASONS = {
+    "signature": "a signature does not verify with the CA this service trusts",
+    "checksum": "a file does not match the sha256 its manifest or index gives",
+    "malformed": "its index, manifest or files are not what builder publishes",
+    "incomplete": "an object its index names is missing from storage",
+}
+
+
+@dataclass(frozen=True)
+class Refusal:
+    version: str
+    reason: str  # a key of REFUSAL_REASONS
+    detail: str  # the whole error, for the log: it may name this host's paths and options
+
+    @property
+    def why(self) -> str:
+        return REFUSAL_REASONS[self.reason]
+
+    @classmethod
+    def of(cls, version: str, exc: Exception) -> "Refusal":
+        if isinstance(exc, _Damaged):
+            reason = exc.reason
+        elif isinstance(exc, VerificationError):
+            reason = "checksum" if "does not match its sha256" in str(exc) else "signature"
+        else:
+            reason = "malformed"
+        return cls(version, reason, log.redact(str(exc)))
+
+    def error(self) -> ReleaseRefused:
+        return ReleaseRefused(f"release {self.version} does not verify on this service ({self.why})",
+                              "ask for another release or for latest; the service's operators see why in its log and /healthz")
 
 
 @dataclass(frozen=True)
@@ -162,8 +213,11 @@ class Issuer:
         self.prefix = releases_prefix
         self.ca = ca
         self._releases: dict[str, tuple[Release, dict]] = {}
-        self._release_lock = threading.Lock()
-        self._inflight: dict[str, Future] = {}
+        self._refused: dict[str, Refusal] = {}
+        self._release_lock = threading.Lock()  # held while a release is fetched and verified
+        self._states_lock = threading.Lock()  # what /healthz reads meanwhile: held for a copy
+        # id -> (future, release, format) of the work this process does for a request
+        self._inflight: dict[str, tuple[Future, str, str]] = {}
         self._inflight_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stamp")
         self._records: collections.OrderedDict[str, Record] = collections.OrderedDict()
@@ -187,73 +241,155 @@ class Issuer:
         self._versions = (now, versions)
         return versions
 
-    def resolve(self, release: str) -> str:
-        if release == "latest":
-            versions = self.release_versions()
-            if not versions:
-                raise UnknownRelease("no release is published yet", "publish one with `builder publish`")
-            return versions[-1]
-        if not is_version(release):
-            raise UnknownRelease(f"release {release!r} is not a version or 'latest'", "for example 1.2.3")
-        return release
+    def resolve(self, release: str, fmt: str | None = None) -> str:
+        """The version a request names. `latest` is the newest release that verifies here and
+        has `fmt` (any format when None): a Windows-only release does not hide the last pkg, and a
+        release that does not verify is skipped. A named version must have `fmt`."""
+        if release != "latest":
+            if not is_version(release):
+                raise UnknownRelease(f"release {release!r} is not a version or 'latest'", "for example 1.2.3")
+            if fmt is not None:
+                self._require_format(self.open_release(release)[0], release, fmt)
+            return release
+        versions = self.release_versions()
+        if not versions:
+            raise UnknownRelease("no release is published yet", "publish one with `builder publish`")
+        refused = []
+        for version in reversed(versions):
+            try:
+                rel = self.open_release(version)[0]
+            except ReleaseRefused:
+                refused.append(version)
+                continue
+            if fmt is None or stamp.STAMP_FORMATS[fmt] in rel.manifest["files"]:
+                return version
+        if len(refused) == len(versions):
+            raise ReleaseRefused(f"no published release verifies on this service (refused: {', '.join(refused)})",
+                                 "its operators must publish a release signed under the CA the service trusts")
+        skipped = f" (releases that do not verify were skipped: {', '.join(refused)})" if refused else ""
+        raise FormatNotInRelease(f"no published release has a {fmt} installer{skipped}",
+                                 f"ask for one of: {', '.join(self._formats_published())}")
+
+    @staticmethod
+    def _require_format(rel: Release, version: str, fmt: str) -> None:
+        if stamp.STAMP_FORMATS[fmt] not in rel.manifest["files"]:
+            raise FormatNotInRelease(f"release {version} has no {fmt} installer",
+                                     f"it has {', '.join(_stamp_formats(rel))}; ask for one of those, or for release latest")
+
+    def _formats_published(self) -> list[str]:
+        with self._states_lock:
+            opened = [rel for rel, _index in self._releases.values()]
+        return sorted({f for rel in opened for f in _stamp_formats(rel)}) or ["none"]
+
+    def release_states(self) -> tuple[list[str], dict[str, Refusal]]:
+        """(versions opened and verified, oldest first; refused versions -> why). What this
+        process knows, without asking storage, nor waiting for a release being verified: for
+        /healthz and /metrics."""
+        with self._states_lock:
+            ok, refused = list(self._releases), dict(self._refused)
+        return sorted(ok, key=_version_key), {v: refused[v] for v in sorted(refused, key=_version_key)}
+
+    def formats_of(self, version: str) -> list[str]:
+        return _stamp_formats(self.open_release(version)[0])
 
     def open_release(self, version: str) -> tuple[Release, dict]:
-        """The release, downloaded once into the cache and verified once, and its storage index."""
+        """The release, downloaded once into the cache and verified once, and its storage index.
+        A release that does not verify (signed under another CA, a file that does not match its
+        hash, a malformed index) is refused, reported once, and refused again at once when asked:
+        published releases never change."""
         with self._release_lock:
             if version in self._releases:
                 return self._releases[version]
-            index_key = f"{self.prefix}/releases/{version}/manifest.json"
+            if version in self._refused:
+                raise self._refused[version].error()
             try:
-                index_bytes = self.store.get(index_key)
-            except ObjectNotFoundError:
-                raise UnknownRelease(f"release {version} is not published", "GET /v1/releases lists what is") from None
+                opened = self._fetch_and_open(version)
+            except (FormatError, VerificationError, _Damaged) as exc:
+                refusal = Refusal.of(version, exc)
+                with self._states_lock:
+                    self._refused[version] = refusal
+                _warn_line(f"release {version} is refused, the service serves the others: {refusal.detail}")
+                raise refusal.error() from None
+            with self._states_lock:
+                self._releases[version] = opened
+            return opened
+
+    def _fetch_and_open(self, version: str) -> tuple[Release, dict]:
+        index_key = f"{self.prefix}/releases/{version}/manifest.json"
+        try:
+            index_bytes = self.store.get(index_key)
+        except ObjectNotFoundError:
+            raise UnknownRelease(f"release {version} is not published", "GET /v1/releases lists what is") from None
+        try:
             index = json.loads(index_bytes)
-            if index.get("format") != INDEX_FORMAT:
-                raise FormatError(f"release {version}: index {index_key} is not a release index")
-            folder = self.cache_dir / "releases" / version
-            if not (folder / "manifest.json").is_file():
-                staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.cache_dir))
+        except ValueError:
+            raise FormatError(f"release {version}: index {index_key} is not JSON") from None
+        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+            raise FormatError(f"release {version}: index {index_key} is not a release index")
+        folder = self.cache_dir / "releases" / version
+        if not (folder / "manifest.json").is_file():
+            staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.cache_dir))
+            try:
                 for name, entry in index["files"].items():
-                    data = self.store.get(entry["key"])
+                    try:
+                        data = self.store.get(entry["key"])
+                    except ObjectNotFoundError:
+                        raise _Damaged("incomplete", f"release {version}: object {entry['key']} named by its index is missing") from None
                     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                        shutil.rmtree(staging)
-                        raise StorageError(f"release {version}: object {entry['key']} does not match its sha256")
+                        raise _Damaged("checksum", f"release {version}: object {entry['key']} does not match its sha256")
                     (staging / name).parent.mkdir(parents=True, exist_ok=True)
                     (staging / name).write_bytes(data)
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(staging, folder)
-                except OSError:  # another process won the race: use its copy
-                    shutil.rmtree(staging, ignore_errors=True)
-            self._releases[version] = self._open_cached(folder, index_bytes)
-            return self._releases[version]
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staging, folder)
+            except OSError:  # another process won the race: use its copy
+                shutil.rmtree(staging, ignore_errors=True)
+        return self._open_cached(folder, index_bytes)
 
     def _open_cached(self, folder: Path, index_bytes: bytes) -> tuple[Release, dict]:
         """Release.open on the cached copy: with full verification (sha256 + signatures) the
         first time, and with a size check only when this cache already verified the same index
-        (a marker any process of this host writes after verifying)."""
+        under the same CA (a marker any process of this host writes after verifying): a service
+        restarted with another CA verifies again."""
         marker = folder / VERIFIED_MARKER
         seen = marker.read_bytes() if marker.is_file() else None
-        rel = Release.open(folder, ca=self.ca, verify=seen != index_bytes)
-        if seen != index_bytes:
-            write_atomic(marker, index_bytes)
+        verified_as = index_bytes + b"\0ca:" + (hashlib.sha256(self.ca.read_bytes()).hexdigest().encode() if self.ca else b"system")
+        rel = Release.open(folder, ca=self.ca, verify=seen != verified_as)
+        if seen != verified_as:
+            write_atomic(marker, verified_as)
         return rel, json.loads(index_bytes)
 
     def warm(self) -> None:
-        """Open releases and hash the unchanged prefix of their slot formats now, so that the
-        first stamps do not pay for it. Best effort: storage that is down now is reported when
-        a request needs it."""
+        """Open and verify every published release now, and hash the unchanged prefix of their
+        slot formats, so that the first stamps do not pay for it. A release that does not verify
+        is reported (one line) and refused; the others are served. Best effort: storage that is
+        down now is reported when a request needs it."""
         try:
-            opened = [self.open_release(v)[0] for v in self.release_versions()]
+            versions = self.release_versions()
         except StorageError as exc:
             log.warning(f"releases not prepared ahead: {exc}")
             return
+        opened = []
+        for version in versions:
+            try:
+                opened.append(self.open_release(version)[0])
+            except (ReleaseRefused, UnknownRelease):
+                continue  # reported by open_release; or gone since the listing
+            except StorageError as exc:
+                log.warning(f"releases not prepared ahead: {exc}")
+                return
         for rel in opened:
             for fmt in stamp.SLOTTED:
                 name = stamp.STAMP_FORMATS[fmt]
                 if name in rel.manifest["files"] and rel.file(name).slot:
                     base = rel.file(name)
                     _pieces_sha256(base.path, [("base", 0, base.slot["extents"][0][0])])
+        ok, refused = self.release_states()
+        if refused:
+            _warn_line(f"serving releases {', '.join(ok) or 'none'}; refused (do not verify): {', '.join(refused)}")
 
     def msi_name(self, version: str) -> str:
         """The file name of the release's MSI (what `msiexec /i` names in a ready command line)."""
@@ -319,10 +455,23 @@ class Issuer:
         console_url) when its pins would refuse it."""
         if self.enrollment_key is None:
             raise NoEnrollmentKey("this service has no enrollment key, so it cannot sign enrollments",
-                                  "start it with --enrollment-key or --enrollment-key-pkcs11")
+                                  "its operators must configure the enrollment key (a file or an HSM key) the releases pin")
+        trust = self.open_release(version)[0].trust()
+        if trust.key(self.enrollment_key.kid) is None:
+            raise NotConfigured(f"release {version} does not pin this service's enrollment key {self.enrollment_key.kid}",
+                                "its operators must give the service a key the release pins, or publish a release that pins this one")
         now = int(time.time())
-        return self.enrollment_key.sign(enrollment, self.open_release(version)[0].trust(), issued_at=now,
+        return self.enrollment_key.sign(enrollment, trust, issued_at=now,
                                         expires_at=now + expires_in if expires_in else None)
+
+    def require_signing(self, fmt: str) -> None:
+        """NotConfigured unless this process holds the key that `fmt` is signed with again (a
+        baked msi, a pkg, a dmg); exe and msi-tagged are stamped into their slot unsigned again."""
+        needed = _RESIGNING_KEYS.get(fmt)
+        if needed is None or self.signers.unsigned or getattr(self.signers, needed[0]) is not None:
+            return
+        raise NotConfigured(f"this service cannot make {fmt} installers: it has no {needed[1]} to sign them",
+                            f"its operators must configure one (on its workers, when it has workers){needed[2]}")
 
     def parse_signed(self, version: str, jws: str) -> SignedEnrollment:
         """A signed enrollment handed to a worker, checked against the release's pins."""
@@ -342,71 +491,99 @@ class Issuer:
                           group_id=enrollment.group_id, token_fp=fp, detail=f"key_id={signed.key_id}")
         return version, signed
 
-    def request(self, caller: str, *, release: str, fmt: str, enrollment: Enrollment, wait_s: float) -> tuple[str, Record | None]:
-        """(id, record once ready). The same request twice gives the same id and installer;
-        concurrent identical requests share one piece of work."""
+    def request(self, caller: str, *, release: str, fmt: str, enrollment: Enrollment, wait_s: float,
+                pickup_s: float | None = None) -> tuple[str, Record | None]:
+        """(id, record once ready, or None while it is made). The same request twice gives the
+        same id and installer; concurrent identical requests share one piece of work. With
+        workers and `pickup_s`, None comes early when no worker takes the job (_wait_for_job)."""
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}", f"choose from {', '.join(FORMATS)}")
         log.register_secret(enrollment.token.reveal())
-        version = self.resolve(release)
+        version = self.resolve(release, fmt)  # 404 now rather than a failed job later
         fp = token_fingerprint(enrollment.token)
         if self.is_revoked(fp):
             self.audit.record(caller, "refused-revoked", release=version, fmt=fmt, account_id=enrollment.account_id,
                               group_id=enrollment.group_id, token_fp=fp)
             raise Revoked("this enrollment token was revoked", "request an installer with the group's current token")
-        rel, _index = self.open_release(version)  # 404 now rather than a failed job later
-        if stamp.STAMP_FORMATS[fmt] not in rel.manifest["files"]:
-            raise UnknownRelease(f"release {version} has no {fmt} installer",
-                                 f"it has: {', '.join(rel.manifest['files'])}")
+        if self.queue is None:
+            self.require_signing(fmt)  # workers check their own keys
         installer_id = request_id(version, fmt, enrollment)
         rec = self.record(installer_id)
         key_id = None
         if rec is None:
             signed = self.sign(version, enrollment)
             key_id = signed.key_id
-            rec = self._run(installer_id, version, fmt, signed, wait_s)
+            rec = self._run(installer_id, version, fmt, signed, wait_s, pickup_s)
         self.audit.record(caller, "issue" if rec else "queued", installer_id=installer_id, release=version, fmt=fmt,
                           account_id=enrollment.account_id, group_id=enrollment.group_id, token_fp=fp,
                           sha256=rec.sha256 if rec else None, detail=f"key_id={key_id}" if key_id else None)
         return installer_id, rec
 
-    def _run(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment, wait_s: float) -> Record | None:
+    def _run(self, installer_id: str, version: str, fmt: str, enrollment: SignedEnrollment, wait_s: float,
+             pickup_s: float | None = None) -> Record | None:
         if self.queue is not None:
             self.queue.submit(installer_id, version, fmt, enrollment)
-            # A slot stamp is ready in milliseconds, a baked one in seconds: look soon, then back
-            # off, so that a waiting request costs a few storage reads, not one every 10 ms.
-            now = time.monotonic()
-            deadline, next_failure_check, pause = now + wait_s, now + FAILURE_CHECK_S, POLL_FIRST_S
-            while True:
-                rec = self.record(installer_id)
-                if rec is not None:
-                    return rec
-                now = time.monotonic()
-                if now >= deadline:
-                    break
-                if now >= next_failure_check:
-                    self._raise_if_failed_quietly(installer_id)
-                    next_failure_check = now + FAILURE_CHECK_S
-                time.sleep(min(pause, deadline - now))
-                pause = min(pause * 2, POLL_MAX_S)
-            self._raise_if_failed_quietly(installer_id)
-            return None
+            return self._wait_for_job(installer_id, wait_s, pickup_s)
         with self._inflight_lock:
-            fut = self._inflight.get(installer_id)
-            if fut is None:
+            found = self._inflight.get(installer_id)
+            if found is None:
                 fut = self._pool.submit(self.produce, installer_id, version, fmt, enrollment)
-                self._inflight[installer_id] = fut
+                found = self._inflight[installer_id] = (fut, version, fmt)
                 fut.add_done_callback(lambda _f: self._forget(installer_id))
         try:
-            return fut.result(timeout=wait_s)
+            return found[0].result(timeout=wait_s)
         except TimeoutError:
             return None
 
+    def _wait_for_job(self, installer_id: str, wait_s: float, pickup_s: float | None) -> Record | None:
+        """The record of a queued job, up to `wait_s`. With `pickup_s` (the HTTP service), only
+        while a worker works on it: None (the caller answers 202) at once when no worker is
+        registered, and after `pickup_s` when none has taken the job (all busy, or gone without
+        deregistering), so that a request does not hold a connection and a thread for work
+        nobody does. A slot stamp is ready in milliseconds, a baked one in seconds: look soon,
+        then back off, so that a waiting request costs a few reads, not one every 10 ms."""
+        start = time.monotonic()
+        deadline, next_failure_check, pause = start + wait_s, start + FAILURE_CHECK_S, POLL_FIRST_S
+        # Until a worker is seen with the job, its state is read at every look; then only
+        # whether it failed, every FAILURE_CHECK_S.
+        taken = pickup_s is None
+        if not taken:
+            try:
+                pickup_s = pickup_s if self.queue.has_workers() else 0.0
+            except StorageUnavailableError:
+                taken = True  # cannot tell: the record in storage decides
+        while True:
+            rec = self.record(installer_id)
+            if rec is not None:
+                return rec
+            now = time.monotonic()
+            if not taken:
+                try:
+                    state = self.queue.state(installer_id)
+                except StorageUnavailableError:
+                    state = "unknown"  # a worker may be finishing it: wait for the record
+                if state == "failed":
+                    self.raise_if_failed(installer_id)
+                taken = state in ("started", "finished", "unknown")
+                if not taken and now - start >= pickup_s:
+                    return self.record(installer_id)
+            elif now >= next_failure_check:
+                self._raise_if_failed_quietly(installer_id)
+                next_failure_check = now + FAILURE_CHECK_S
+            if now >= deadline:
+                break
+            time.sleep(min(pause, deadline - now))
+            pause = min(pause * 2, POLL_MAX_S)
+        self._raise_if_failed_quietly(installer_id)
+        return None
+
     def raise_if_failed(self, installer_id: str) -> None:
+        """The failure a worker reported for this request, as the error it would have been
+        in-process (same code, status and sentence)."""
         if self.queue is not None:
-            why = self.queue.failure(installer_id)
-            if why is not None:
-                raise StampFailed(f"the installer could not be made: {why}", "the service's operators have the worker log; ask again later")
+            problem = self.queue.failure(installer_id)
+            if problem is not None:
+                raise StampFailed(problem.message, problem=problem)
 
     def _raise_if_failed_quietly(self, installer_id: str) -> None:
         """While waiting for a job already queued: a queue that stops answering is no reason to
@@ -416,11 +593,13 @@ class Issuer:
         except StorageUnavailableError:
             pass
 
-    def is_pending(self, installer_id: str) -> bool:
+    def pending(self, installer_id: str) -> tuple[str, str] | None:
+        """(release, format) of a request still being worked on or queued, else None."""
         with self._inflight_lock:
-            if installer_id in self._inflight:
-                return True
-        return self.queue is not None and self.queue.is_pending(installer_id)
+            found = self._inflight.get(installer_id)
+        if found is not None:
+            return found[1], found[2]
+        return self.queue.pending(installer_id) if self.queue is not None else None
 
     def _forget(self, installer_id: str) -> None:
         with self._inflight_lock:
@@ -431,6 +610,7 @@ class Issuer:
         rec = self.record(installer_id)
         if rec is not None:
             return rec
+        self.require_signing(fmt)
         rel, index = self.open_release(version)
         base = rel.file(stamp.STAMP_FORMATS[fmt])
         suffix = stamp.SUFFIX[fmt]

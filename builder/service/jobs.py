@@ -13,6 +13,11 @@ process per worker, spawned at start: when it dies mid-job (killed, out of memor
 fails and RQ's Retry runs it again with a new helper; when a job overruns its timeout, the
 helper is killed with it. A killed worker's own job is retried by RQ's registry cleanup once
 the job's timeout has passed.
+
+A job that fails for a reason retrying will not fix (builder.service.problems: no key for the
+format, another BUILDER_QUEUE_KEY, a refused release) is not retried: its problem goes into the
+job's meta, RQ marks it failed once (one log line, no traceback), and the service answers the
+client with that problem, as it would have in-process.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import redis
 from cryptography.fernet import Fernet, InvalidToken
 from rq import Queue, Retry, SimpleWorker
 from rq.exceptions import DuplicateJobError, NoSuchJobError, StopRequested
-from rq.job import Job
+from rq.job import Job, get_current_job
+from rq.job_lifecycle import call_exception_handlers
 
 from builder import log, stamp
 from builder.trust import SignedEnrollment
 from builder.errors import BuilderError, UsageError
+from builder.service.problems import NotConfigured, Problem, describe, unexpected
 from builder.storage.errors import StorageUnavailableError
 
 QUEUE_NAME = "builder-stamp"
@@ -62,6 +69,21 @@ def fernet_from(key: str | None) -> Fernet:
 
 class QueueUnavailableError(StorageUnavailableError):
     """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500."""
+
+    code = "queue_unavailable"
+
+
+class _Job(Job):
+    """A job that RQ retries only when its failure may go away (builder.service.problems): a
+    request the service cannot serve (no signing key, another queue key, a refused release)
+    fails once, with its problem in the job's meta for the service to answer with."""
+
+    @property
+    def should_retry(self) -> bool:
+        problem = self.meta.get("problem") if isinstance(self.meta, dict) else None
+        if problem is not None and not problem.get("transient"):
+            return False
+        return super().should_retry
 
 
 class _Worker(SimpleWorker):
@@ -95,6 +117,17 @@ class _Worker(SimpleWorker):
             pause = min(pause * 2, 30.0)
             self.log.warning("Worker %s: starting its work loop again", self.name)
 
+    def handle_exception(self, job: Job, *exc_info) -> None:
+        problem = job.meta.get("problem") if isinstance(job.meta, dict) else None
+        if problem is not None and not problem.get("transient"):
+            # A request the service cannot serve until its operators change something: one line
+            # (a traceback is for bugs), and no retry (_Job.should_retry).
+            self.log.warning("Worker %s: job %s failed for good (%s): %s", self.name, job.id, problem["code"],
+                             problem["message"])
+            call_exception_handlers(self._exc_handlers, job, *exc_info)
+            return
+        super().handle_exception(job, *exc_info)
+
     def _stopping(self) -> bool:
         return self._stop_requested or self._shutdown_requested_date is not None
 
@@ -116,7 +149,7 @@ class RedisQueue:
     def __init__(self, redis_url: str, fernet: Fernet, *, name: str = QUEUE_NAME, job_timeout: int = 600):
         self.connection = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10,
                                                retry_on_timeout=True, health_check_interval=10)
-        self.queue = Queue(name, connection=self.connection)
+        self.queue = Queue(name, connection=self.connection, job_class=_Job)
         self.fernet = fernet
         self.job_timeout = job_timeout
 
@@ -140,7 +173,8 @@ class RedisQueue:
         try:
             self.queue.enqueue_call("builder.service.jobs.run_job", args=(sealed,), job_id=installer_id, unique=True,
                                     retry=Retry(max=3), timeout=SLOT_JOB_TIMEOUT_S if fmt in stamp.SLOTTED else self.job_timeout,
-                                    result_ttl=600, failure_ttl=86400, description=f"stamp {fmt} {version}")
+                                    result_ttl=600, failure_ttl=86400, description=f"stamp {fmt} {version}",
+                                    meta={"release": version, "format": fmt})
         except DuplicateJobError:
             job = self._job(installer_id)
             status = job.get_status(refresh=True) if job is not None else None
@@ -154,18 +188,39 @@ class RedisQueue:
         except NoSuchJobError:
             return None
 
-    def is_pending(self, installer_id: str) -> bool:
+    def has_workers(self) -> bool:
+        """Whether any worker is registered for the queue (one killed without deregistering
+        still counts, until RQ's cleanup drops it)."""
+        try:
+            return _Worker.count(connection=self.connection, queue=self.queue) > 0
+        except _REDIS_DOWN:
+            raise self._unavailable("worker count") from None
+
+    def state(self, installer_id: str) -> str | None:
+        """The job's RQ status (queued, started, finished, failed...), None without a job: one
+        read, for a request waiting on its job."""
+        try:
+            status = self.connection.hget(Job.key_for(installer_id), "status")
+        except _REDIS_DOWN:
+            raise self._unavailable("job status") from None
+        return status.decode() if status is not None else None
+
+    def pending(self, installer_id: str) -> tuple[str, str] | None:
+        """(release, format) of a job still queued or running, else None."""
         try:
             job = self._job(installer_id)
             if job is None:
-                return False
+                return None
             status = job.get_status(refresh=True)
         except _REDIS_DOWN:
             raise self._unavailable("job status") from None
-        return str(getattr(status, "value", status)) in PENDING_STATES
+        if str(getattr(status, "value", status)) not in PENDING_STATES:
+            return None
+        return job.meta.get("release"), job.meta.get("format")
 
-    def failure(self, installer_id: str) -> str | None:
-        """Why the job for `installer_id` failed for good (retries used up), or None."""
+    def failure(self, installer_id: str) -> Problem | None:
+        """Why the job for `installer_id` failed for good (a permanent problem, or retries used
+        up), or None: the problem the worker recorded, else a generic one."""
         try:
             job = self._job(installer_id)
             if job is None:
@@ -173,15 +228,16 @@ class RedisQueue:
             status = job.get_status(refresh=True)
             if str(getattr(status, "value", status)) != "failed":
                 return None
-            last = (job.latest_result().exc_string if job.latest_result() else "") or ""
         except _REDIS_DOWN:
             raise self._unavailable("job status") from None
-        lines = [ln.strip() for ln in last.splitlines() if ln.strip()]
-        return log.redact(lines[-1]) if lines else "the stamping job failed"
+        recorded = job.meta.get("problem")
+        if isinstance(recorded, dict):
+            return Problem.from_dict(recorded)
+        return unexpected("the worker's job failed")
 
     def worker(self, name: str | None = None) -> "_Worker":
         try:
-            return _Worker([self.queue], connection=self.connection, name=name,
+            return _Worker([self.queue], connection=self.connection, name=name, job_class=_Job,
                            maintenance_interval=MAINTENANCE_INTERVAL_S)
         except _REDIS_DOWN:
             raise self._unavailable("worker start") from None
@@ -189,20 +245,37 @@ class RedisQueue:
 
 def run_job(sealed: bytes) -> dict:
     """The RQ job: decrypt, stamp, store, record. Returns the record (no token in it). Slot
-    stamps run here; stamps that sign run in the worker's signing helper."""
+    stamps run here; stamps that sign run in the worker's signing helper. A failure leaves its
+    problem in the job's meta: what the service answers, and whether RQ retries it."""
     if WORKER_ISSUER is None or WORKER_FERNET is None or WORKER_HELPER is None:
         raise RuntimeError("run_job runs inside `builder worker`, which sets up the issuer and its helper first")
-    doc = _open(sealed)
-    if doc["format"] in stamp.SLOTTED:
-        return _produce(doc)
-    return WORKER_HELPER.run(sealed)  # decrypted again there: the token crosses the pipe sealed
+    try:
+        doc = _open(sealed)
+        if doc["format"] in stamp.SLOTTED:
+            return _produce(doc)
+        return WORKER_HELPER.run(sealed)  # decrypted again there: the token crosses the pipe sealed
+    except BuilderError as exc:
+        _note_problem(describe(exc))
+        raise
+
+
+def _note_problem(problem: Problem) -> None:
+    job = get_current_job()
+    if job is None:
+        return
+    job.meta["problem"] = problem.as_dict()
+    try:
+        job.save_meta()
+    except _REDIS_DOWN:
+        pass  # RQ cannot record the failure either; the job is retried after its timeout
 
 
 def _open(sealed: bytes) -> dict:
     try:
         return json.loads(WORKER_FERNET.decrypt(sealed))
     except InvalidToken:
-        raise RuntimeError("a job sealed with another BUILDER_QUEUE_KEY: give service and workers the same key") from None
+        raise NotConfigured("a job reached a worker sealed with another queue key, so the worker cannot read it",
+                            "its operators must give the service and every worker the same BUILDER_QUEUE_KEY") from None
 
 
 def _produce(doc: dict) -> dict:
@@ -213,7 +286,12 @@ def _produce(doc: dict) -> dict:
 
 
 class HelperFailed(BuilderError):
-    """The signing helper died or failed the job: RQ records it and retries the job."""
+    """The signing helper died (RQ retries the job with a new helper), or failed the job with
+    `problem`, which says whether RQ retries it."""
+
+    def __init__(self, message: str, hint: str | None = None, *, problem: Problem | None = None):
+        super().__init__(message, hint)
+        self.problem = problem
 
 
 class SigningHelper:
@@ -259,12 +337,13 @@ class SigningHelper:
         except (EOFError, OSError):
             code = self._proc.exitcode if self._proc is not None else None
             self.stop()
-            raise HelperFailed(f"the signing helper ended mid-job (exit code {code}); the job is retried") from None
+            raise HelperFailed(f"the signing helper ended mid-job (exit code {code}); the job is retried",
+                               problem=unexpected("the worker's signing helper ended mid-job")) from None
         except BaseException:  # RQ's job timeout, a stop request: a half-done signature is of no use
             self.stop(kill=True)
             raise
         if kind != "ok":
-            raise HelperFailed(value)
+            raise HelperFailed(value["detail"], problem=Problem.from_dict(value["problem"]))
         return value
 
     def stop(self, *, kill: bool = False) -> None:
@@ -306,7 +385,8 @@ def _helper_main(conn, make_issuer: Callable, log_settings: dict) -> None:
         try:
             reply = ("ok", _produce(_open(sealed)))
         except Exception as exc:  # noqa: BLE001 - the worker re-raises it for RQ to record
-            reply = ("error", log.redact(f"{type(exc).__name__}: {exc}"))
+            problem = describe(exc) if isinstance(exc, BuilderError) else unexpected("the signing helper failed")
+            reply = ("error", {"detail": log.redact(f"{type(exc).__name__}: {exc}"), "problem": problem.as_dict()})
         try:
             conn.send(reply)
         except OSError:

@@ -30,16 +30,17 @@ from builder.formats.base import Signers
 from builder.service.app import ServiceSettings, create_app
 from builder.service.issuer import Issuer, token_fingerprint
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer
-from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey
+from builder.signing import devca
+from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey, create_dev_key
 from builder.release import Release
 from builder.trust import verify as verify_signed
 from builder.enrollment import Secret
 from builder.signing.authenticode import SigningKey
-from builder.storage import publish_release
+from builder.storage import StorageSettings, open_store, publish_release
 from builder.storage.links import sign_link
 from tests.support.s3server import seaweedfs
 from tests.support.servers import free_ports
-from tests.support.service import RELEASE_VERSION, build_release, serve, signers_for
+from tests.support.service import RELEASE_VERSION, build_release, problem, serve, signers_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -188,7 +189,8 @@ def link_parts(url: str) -> tuple[str, dict]:
 def test_end_to_end_on_local_storage(local, dev_keys, tmp_path):
     releases = local.client.get("/v1/releases", headers=auth())
     assert releases.status_code == 200
-    assert releases.json() == {"releases": [RELEASE_VERSION], "latest": RELEASE_VERSION}
+    assert releases.json() == {"releases": [RELEASE_VERSION], "latest": RELEASE_VERSION, "refused": {},
+                               "latest_by_format": {"exe": RELEASE_VERSION, "msi": RELEASE_VERSION, "msi-tagged": RELEASE_VERSION}}
 
     token, group = new_token("e2e"), "group-e2e"
     ids = set()
@@ -296,8 +298,8 @@ def test_every_route_but_healthz_needs_an_api_key(local):
                 # A body that would be valid, and one that would not: neither is looked at first.
                 for body in ({"account_id": ACCOUNT, "group_id": "g-auth", "token": new_token("auth"), "format": "exe"}, {"x": 1}):
                     answer = local.client.request(method, path, json=body if method == "POST" else None, headers=headers)
-                    assert answer.status_code == 401, (method, path, answer.status_code)
-                    assert answer.json()["error"] and answer.headers.get("www-authenticate") == "Bearer"
+                    problem(answer, 401, "unauthorized", None)
+                    assert answer.headers.get("www-authenticate") == "Bearer", (method, path)
             checked.add((method, route.path))
     assert {("GET", "/metrics"), ("POST", "/v1/installers"), ("GET", "/v1/installers/{installer_id}"),
             ("GET", "/v1/releases"), ("POST", "/v1/revocations")} <= checked
@@ -333,44 +335,45 @@ GOOD = {"account_id": ACCOUNT, "group_id": "group-bad", "token": BAD_TOKEN, "for
 BIG = json.dumps({**GOOD, "console_url": "https://c.example.com/" + "a" * 100_000}).encode()
 
 BAD_POSTS = [
-    # (case, body as dict or raw bytes, status, a word the message must hold)
-    ("unknown format", {**GOOD, "format": "rpm"}, 422, "format"),
-    ("format not in the release", {**GOOD, "format": "pkg"}, 404, "pkg"),
-    ("unknown release", {**GOOD, "release": "9.9.9"}, 404, "9.9.9"),
-    ("release not a version", {**GOOD, "release": "../1.0.0"}, 404, "release"),
-    ("malformed JSON", b'{"account_id": "a", ', 422, "json"),
-    ("JSON not an object", b'["exe"]', 422, "body"),
-    ("extra field", {**GOOD, "admin": True}, 422, "admin"),
-    ("missing token", {k: v for k, v in GOOD.items() if k != "token"}, 422, "token"),
-    ("group with ../", {**GOOD, "group_id": "../../etc"}, 422, "group_id"),
-    ("group with /", {**GOOD, "group_id": "a/b"}, 422, "group_id"),
-    ("group with backslash", {**GOOD, "group_id": "a\\b"}, 422, "group_id"),
-    ("group with unicode", {**GOOD, "group_id": "gruppe-ü"}, 422, "group_id"),
-    ("group with NUL", {**GOOD, "group_id": "g\x00x"}, 422, "group_id"),
-    ("group with newline", {**GOOD, "group_id": "g\nx"}, 422, "group_id"),
-    ("account with ../", {**GOOD, "account_id": "../x"}, 422, "account_id"),
-    ("account with control char", {**GOOD, "account_id": "a\x1bb"}, 422, "account_id"),
-    ("token with double quotes", {**GOOD, "token": BAD_TOKEN + '"x'}, 422, "token"),
-    ("token with single quote", {**GOOD, "token": BAD_TOKEN + "'x"}, 422, "token"),
-    ("token with space", {**GOOD, "token": BAD_TOKEN + " x"}, 422, "token"),
+    # (case, body as dict or raw bytes, status, code, field, a word the message must hold)
+    ("unknown format", {**GOOD, "format": "rpm"}, 422, "invalid_field", "format", "format"),
+    ("format not in the release", {**GOOD, "format": "pkg"}, 404, "format_not_in_release", "format", "pkg"),
+    ("format not in the named release", {**GOOD, "format": "dmg", "release": RELEASE_VERSION}, 404,
+     "format_not_in_release", "format", RELEASE_VERSION),
+    ("unknown release", {**GOOD, "release": "9.9.9"}, 404, "unknown_release", "release", "9.9.9"),
+    ("release not a version", {**GOOD, "release": "../1.0.0"}, 404, "unknown_release", "release", "release"),
+    ("malformed JSON", b'{"account_id": "a", ', 422, "invalid_json", None, "json"),
+    ("JSON not an object", b'["exe"]', 422, "invalid_field", None, "body"),
+    ("extra field", {**GOOD, "admin": True}, 422, "invalid_field", "admin", "admin"),
+    ("missing token", {k: v for k, v in GOOD.items() if k != "token"}, 422, "invalid_field", "token", "token"),
+    ("group with ../", {**GOOD, "group_id": "../../etc"}, 422, "invalid_field", "group_id", "group_id"),
+    ("group with /", {**GOOD, "group_id": "a/b"}, 422, "invalid_field", "group_id", "group_id"),
+    ("group with backslash", {**GOOD, "group_id": "a\\b"}, 422, "invalid_field", "group_id", "group_id"),
+    ("group with unicode", {**GOOD, "group_id": "gruppe-ü"}, 422, "invalid_field", "group_id", "group_id"),
+    ("group with NUL", {**GOOD, "group_id": "g\x00x"}, 422, "invalid_field", "group_id", "group_id"),
+    ("group with newline", {**GOOD, "group_id": "g\nx"}, 422, "invalid_field", "group_id", "group_id"),
+    ("account with ../", {**GOOD, "account_id": "../x"}, 422, "invalid_field", "account_id", "account_id"),
+    ("account with control char", {**GOOD, "account_id": "a\x1bb"}, 422, "invalid_field", "account_id", "account_id"),
+    ("token with double quotes", {**GOOD, "token": BAD_TOKEN + '"x'}, 422, "invalid_field", "token", "token"),
+    ("token with single quote", {**GOOD, "token": BAD_TOKEN + "'x"}, 422, "invalid_field", "token", "token"),
+    ("token with space", {**GOOD, "token": BAD_TOKEN + " x"}, 422, "invalid_field", "token", "token"),
     ("token with surrogate", ('{"account_id": "%s", "group_id": "g", "format": "exe", "token": "%s\\ud800"}'
-                              % (ACCOUNT, BAD_TOKEN)).encode(), 422, "token"),
-    ("console URL not https", {**GOOD, "console_url": "javascript:alert(1)"}, 422, "console_url"),
-    ("100 KB body", BIG, 413, "65536"),
+                              % (ACCOUNT, BAD_TOKEN)).encode(), 422, "invalid_field", "token", "token"),
+    ("console URL not https", {**GOOD, "console_url": "javascript:alert(1)"}, 422, "invalid_field", "console_url", "console_url"),
+    ("100 KB body", BIG, 413, "body_too_large", None, "65536"),
 ]
 
 
-@pytest.mark.parametrize("case, body, status, word", BAD_POSTS, ids=[c[0] for c in BAD_POSTS])
-def test_bad_requests_are_refused_and_write_nothing(local, case, body, status, word):
+@pytest.mark.parametrize("case, body, status, code, field, word", BAD_POSTS, ids=[c[0] for c in BAD_POSTS])
+def test_bad_requests_are_refused_and_write_nothing(local, case, body, status, code, field, word):
     before, audited = local.keys(), len(local.issuer.audit.rows())
     if isinstance(body, bytes):
         answer = local.client.post("/v1/installers", content=body,
                                    headers={**auth(), "Content-Type": "application/json"})
     else:
         answer = local.post(body)
-    assert answer.status_code == status, answer.text[:300]
-    error = answer.json()["error"]
-    assert isinstance(error, str) and word.lower() in error.lower()
+    error = problem(answer, status, code, field)
+    assert word.lower() in error.lower(), error
     leaked = BAD_TOKEN in answer.text
     assert not leaked, "the error answer carries the token"
     assert local.keys() == before and len(local.issuer.audit.rows()) == audited
@@ -395,8 +398,7 @@ def test_oversized_body_without_length_is_refused(local):
 ])
 def test_bad_installer_ids(local, installer_id, status):
     answer = local.client.get(f"/v1/installers/{installer_id}", headers=auth())
-    assert answer.status_code == status
-    assert answer.json()["error"]
+    problem(answer, status, "not_found", None)
 
 
 # -- token lifecycle -----------------------------------------------------------------------------
@@ -416,10 +418,10 @@ def test_revoke_then_rotate(local, tmp_path):
     assert revoked.json()["token_fingerprint"] == "sha256:" + old_fp[:16]
 
     gone = local.client.get(f"/v1/installers/{installer_id}", headers=auth())
-    assert gone.status_code == 410 and "revoked" in gone.json()["error"]
-    assert httpx.get(url, timeout=60).status_code == 410  # a link handed out before the revocation
+    assert "revoked" in problem(gone, 410, "installer_revoked", None)
+    problem(httpx.get(url, timeout=60), 410, "installer_revoked", None)  # a link handed out before the revocation
     refused = local.post(body)
-    assert refused.status_code == 403 and "revoked" in refused.json()["error"]
+    assert "revoked" in problem(refused, 403, "token_revoked", "token")
     assert local.post({**body, "format": "msi-tagged"}).status_code == 403  # every format
 
     rotated = local.post({**body, "token": new})
@@ -469,11 +471,11 @@ def test_download_links_refuse_tampering_and_expire(local):
     ]
     for link in tampered:
         refused = httpx.get(link, timeout=60)
-        assert refused.status_code == 403 and refused.json()["error"] == "invalid download link", link
+        assert problem(refused, 403, "invalid_link", None) == "invalid download link", link
 
     expired = sign_link(local.settings.link_secret, installer_id, int(time.time()) - 5, route=local.settings.download_route)
     answer = httpx.get(base + expired, timeout=60)
-    assert answer.status_code == 410 and "expired" in answer.json()["error"]
+    assert "expired" in problem(answer, 410, "link_expired", None)
     # A link signed with another key is refused as invalid, not reported as expired.
     foreign = sign_link(b"k" * 32, installer_id, int(time.time()) - 5, route=local.settings.download_route)
     assert httpx.get(base + foreign, timeout=60).status_code == 403
@@ -528,8 +530,7 @@ def test_signing_failure_is_a_clear_5xx_and_publishes_nothing(release_dir, dev_k
         token = new_token("sign")
         body = {"account_id": ACCOUNT, "group_id": "group-sign", "token": token, "format": "msi"}
         failed = service.post(body)
-        assert 500 <= failed.status_code < 600
-        error = failed.json()["error"]
+        error = problem(failed, 500, "signing_failed", None)
         assert "sign" in error.lower() and "key" in error.lower(), error
         leaked = token in failed.text
         assert not leaked
@@ -621,9 +622,8 @@ def test_unreachable_storage_is_503_with_retry_after(s3server, dev_keys, tmp_pat
         for answer in (service.post(body), service.post({**body, "release": RELEASE_VERSION}),
                        service.client.get("/v1/releases", headers=auth()),
                        service.client.get(f"/v1/installers/{'0' * 32}", headers=auth())):
-            assert answer.status_code == 503, answer.text[:300]
+            assert "unreachable" in problem(answer, 503, "storage_unavailable", None)
             assert int(answer.headers["retry-after"]) > 0
-            assert "unreachable" in answer.json()["error"]
         assert service.issuer.audit.rows() == []
         assert not list((service.state / "cache").glob("releases/*"))
     finally:
@@ -642,17 +642,18 @@ def test_storage_going_away_is_503_and_recorded_nowhere(release_dir, dev_keys, t
             s3.stop()
             for fmt in ("exe", "msi"):
                 answer = service.post({**body, "group_id": "group-away-2", "format": fmt})
-                assert answer.status_code == 503 and int(answer.headers["retry-after"]) > 0, answer.text[:300]
+                problem(answer, 503, "storage_unavailable", None)
+                assert int(answer.headers["retry-after"]) > 0, answer.text[:300]
             assert service.issuer.audit.rows() == rows
         finally:
             service.close()
 
 
 def test_unknown_paths_and_methods_answer_in_the_same_error_format(local):
-    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/installers/a/b", 404),
-                                 ("PUT", "/v1/installers", 405), ("DELETE", f"/v1/installers/{'0' * 32}", 405)):
-        answer = local.client.request(method, path, headers=auth())
-        assert answer.status_code == status and isinstance(answer.json()["error"], str), (method, path)
+    for method, path, status, code in (("GET", "/nope", 404, "not_found"), ("GET", "/v1/installers/a/b", 404, "not_found"),
+                                       ("PUT", "/v1/installers", 405, "method_not_allowed"),
+                                       ("DELETE", f"/v1/installers/{'0' * 32}", 405, "method_not_allowed")):
+        problem(local.client.request(method, path, headers=auth()), status, code, None)
 
 
 # -- signed enrollments (the repointing attacks) ------------------------------------------------
@@ -670,12 +671,11 @@ def test_console_urls_the_agents_would_refuse_are_422_naming_console_url(local, 
     for fmt in ("exe", "msi"):
         body = {"account_id": ACCOUNT, "group_id": "group-repoint", "token": new_token("repoint"), "format": fmt,
                 "console_url": console_url}
-        answer = local.post(body)
-        assert answer.status_code == 422, answer.text
-        assert "console_url" in answer.json()["error"] and why in answer.json()["error"]
+        error = problem(local.post(body), 422, "invalid_field", "console_url")
+        assert "console_url" in error and why in error
         enrollment = local.client.post("/v1/enrollments", json={k: v for k, v in body.items() if k != "format"},
                                        headers=auth())
-        assert enrollment.status_code == 422 and "console_url" in enrollment.json()["error"]
+        assert "console_url" in problem(enrollment, 422, "invalid_field", "console_url")
 
 
 def test_the_audit_log_records_the_enrollment_key_that_signed(local, dev_keys):
@@ -711,6 +711,161 @@ def test_a_service_without_an_enrollment_key_answers_503(release_dir, dev_keys, 
     try:
         body = {"account_id": ACCOUNT, "group_id": "group-nokey", "token": new_token("nokey"), "format": "exe"}
         answer = service.post(body)
-        assert answer.status_code == 503 and "enrollment key" in answer.json()["error"]
+        assert "enrollment key" in problem(answer, 503, "not_configured", None)
+        enrollment = service.client.post("/v1/enrollments", json={k: v for k, v in body.items() if k != "format"},
+                                         headers=auth())
+        assert "enrollment key" in problem(enrollment, 503, "not_configured", None)
     finally:
         service.close()
+
+
+# -- configuration the service lacks: 503 not_configured, in service terms ------------------------
+
+
+def test_a_baked_msi_without_a_code_signing_key_is_503_not_configured(release_dir, dev_keys, hmac_key, tmp_path):
+    """Issue 12: the service was started without Authenticode keys (what `serve` does with no
+    --sign-* options): the baked msi is refused up front, saying what the operator must configure."""
+    service = start_service(tmp_path, (tmp_path / "store").as_uri(), {"BUILDER_STORAGE_HMAC_KEY": hmac_key},
+                            signers=Signers(verify_ca=dev_keys.ca_cert), ca=dev_keys.ca_cert, publish=release_dir,
+                            served=False)
+    try:
+        token = new_token("nosign")
+        body = {"account_id": ACCOUNT, "group_id": "group-nosign", "token": token, "format": "msi"}
+        error = problem(service.post(body), 503, "not_configured", None)
+        assert "Authenticode" in error and "operators must configure" in error and "msi-tagged" in error, error
+        leaked = token in error
+        assert not leaked
+        assert service.keys("installers") == set() and service.keys("records") == set()
+        # The formats stamped into their slot need no key.
+        for fmt in ("exe", "msi-tagged"):
+            assert service.post({**body, "format": fmt}).status_code == 200
+    finally:
+        service.close()
+
+
+def test_a_release_that_does_not_pin_the_services_enrollment_key_is_503_not_configured(release_dir, dev_keys, hmac_key,
+                                                                                        tmp_path):
+    keys = tmp_path / "other-enrollment-key"
+    keys.mkdir()
+    service = start_service(tmp_path, (tmp_path / "store").as_uri(), {"BUILDER_STORAGE_HMAC_KEY": hmac_key},
+                            signers=signers_for(dev_keys), ca=dev_keys.ca_cert, publish=release_dir, served=False,
+                            enrollment_key=FileEnrollmentKey(create_dev_key(keys)))
+    try:
+        body = {"account_id": ACCOUNT, "group_id": "group-unpinned", "token": new_token("unpinned")}
+        for answer in (service.post({**body, "format": "exe"}),
+                       service.client.post("/v1/enrollments", json=body, headers=auth())):
+            error = problem(answer, 503, "not_configured", None)
+            assert f"release {RELEASE_VERSION} does not pin this service's enrollment key" in error
+    finally:
+        service.close()
+
+
+# -- several releases: `latest` per format, a release that does not verify ------------------------
+
+
+@pytest.fixture(scope="module")
+def windows_only_release(dev_keys, test_payload, tmp_path_factory) -> Path:
+    """1.0.1: an exe only (a Windows-only patch release)."""
+    return build_release(dev_keys, test_payload, tmp_path_factory.mktemp("release-1.0.1") / "release", formats=("exe",),
+                         version="1.0.1")
+
+
+@pytest.fixture(scope="module")
+def foreign_release(dev_keys, test_payload, tmp_path_factory) -> Path:
+    """1.0.2: exe and msi signed under another CA than the one the service trusts."""
+    other_ca = devca.create(tmp_path_factory.mktemp("other-ca"))
+    return build_release(dev_keys, test_payload, tmp_path_factory.mktemp("release-1.0.2") / "release",
+                         formats=("exe", "msi"), version="1.0.2", signed_by=other_ca)
+
+
+def publish_all(store, *folders: Path) -> None:
+    for folder in folders:
+        publish_release(folder, store, RELEASES_PREFIX, version=Release.open(folder, verify=False).version)
+
+
+def test_latest_is_the_newest_release_holding_the_format(release_dir, windows_only_release, dev_keys, hmac_key, tmp_path):
+    """Issue 12: after a Windows-only 1.0.1, `latest` still gives the formats 1.0.1 lacks, from
+    1.0.0; a named release without the format stays a 404 naming both."""
+    service = start_service(tmp_path, (tmp_path / "store").as_uri(), {"BUILDER_STORAGE_HMAC_KEY": hmac_key},
+                            signers=signers_for(dev_keys), ca=dev_keys.ca_cert, publish=None, served=False)
+    try:
+        publish_all(service.store, release_dir, windows_only_release)
+        body = {"account_id": ACCOUNT, "group_id": "group-latest", "token": new_token("latest")}
+        for fmt, newest in (("exe", "1.0.1"), ("msi", RELEASE_VERSION), ("msi-tagged", RELEASE_VERSION)):
+            answer = service.post({**body, "format": fmt})  # release defaults to latest
+            assert answer.status_code == 200, answer.text[:300]
+            assert (answer.json()["format"], answer.json()["release"]) == (fmt, newest)
+        error = problem(service.post({**body, "format": "msi", "release": "1.0.1"}), 404, "format_not_in_release", "format")
+        assert "release 1.0.1 has no msi installer" in error and "exe" in error, error
+        releases = service.client.get("/v1/releases", headers=auth()).json()
+        assert releases == {"releases": [RELEASE_VERSION, "1.0.1"], "latest": "1.0.1", "refused": {},
+                            "latest_by_format": {"exe": "1.0.1", "msi": RELEASE_VERSION, "msi-tagged": RELEASE_VERSION}}
+        # An enrollment is for `msiexec /i` the release's MSI: the newest release with one.
+        enrollment = service.client.post("/v1/enrollments", json=body, headers=auth())
+        assert enrollment.status_code == 200 and enrollment.json()["release"] == RELEASE_VERSION
+    finally:
+        service.close()
+
+
+def test_serve_starts_with_a_release_that_does_not_verify_and_serves_the_others(
+        release_dir, windows_only_release, foreign_release, dev_keys, hmac_key, tmp_path):
+    """Issue 12: `builder serve` over a store where 1.0.2 is signed under another CA starts,
+    says so in one log line, in /healthz and in /metrics, refuses requests naming 1.0.2 and
+    skips it for `latest`."""
+    store_url = (tmp_path / "store").as_uri()
+    publish_all(open_store(store_url, StorageSettings()), release_dir, windows_only_release, foreign_release)
+    (port,) = free_ports(1)
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "BUILDER_API_KEYS": f"console:{CONSOLE_KEY}",
+           "BUILDER_STORAGE_HMAC_KEY": hmac_key, "COLUMNS": "80"}
+    cmd = [sys.executable, "-m", "builder", "serve", "--host", "127.0.0.1", "--port", str(port), "--storage", store_url,
+           "--state", str(tmp_path / "state"), "--enrollment-key", str(dev_keys.folder / DEV_KEY_NAME),
+           "--ca", str(dev_keys.ca_cert)]
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "serve did not answer /healthz within 60 s"
+            try:
+                health = httpx.get(f"{base}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+        assert health.status_code == 200
+        doc = health.json()
+        assert doc["status"] == "degraded" and doc["releases"]["ok"] == [RELEASE_VERSION, "1.0.1"]
+        assert list(doc["releases"]["refused"]) == ["1.0.2"]
+        refused = doc["releases"]["refused"]["1.0.2"]
+        assert refused["reason"] == "signature" and "does not verify" in refused["error"]
+        assert str(tmp_path) not in health.text  # no path of the service's host without a key
+
+        # One line at start, naming the release and why (the operator's log may name paths).
+        lines = [ln for ln in log_path.read_text().splitlines() if "1.0.2" in ln]
+        refusal_lines = [ln for ln in lines if "release 1.0.2 is refused" in ln]
+        assert len(refusal_lines) == 1 and "signing root" in refusal_lines[0], log_path.read_text()[-3000:]
+
+        metrics = httpx.get(f"{base}/metrics", headers=auth(), timeout=10).text
+        assert 'builder_release_refused{reason="signature",version="1.0.2"} 1.0' in metrics
+        assert "builder_releases_verified 2.0" in metrics
+
+        body = {"account_id": ACCOUNT, "group_id": "group-foreign", "token": new_token("foreign"), "format": "exe"}
+        named = httpx.post(f"{base}/v1/installers", json={**body, "release": "1.0.2"}, headers=auth(), timeout=60)
+        assert "release 1.0.2 does not verify" in problem(named, 503, "release_refused", "release")
+        for fmt, served in (("exe", "1.0.1"), ("msi-tagged", RELEASE_VERSION)):
+            latest = httpx.post(f"{base}/v1/installers", json={**body, "format": fmt}, headers=auth(), timeout=60)
+            assert latest.status_code == 200 and latest.json()["release"] == served, latest.text[:300]
+        releases = httpx.get(f"{base}/v1/releases", headers=auth(), timeout=10).json()
+        assert releases["releases"] == [RELEASE_VERSION, "1.0.1"] and list(releases["refused"]) == ["1.0.2"]
+        leaked = body["token"] in log_path.read_text()
+        assert not leaked
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -26,17 +26,19 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography.fernet import Fernet
+from fastapi.testclient import TestClient
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from builder.service.app import ServiceSettings, create_app
 from builder.enrollment import Enrollment, Secret
+from builder.formats.base import Signers
 from builder.service.issuer import Issuer, request_id
 from builder.service.jobs import QUEUE_NAME
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer
 from builder.storage import StorageSettings, open_store, publish_release
 from tests.support.redisserver import RedisServer, redis_server
-from tests.support.service import RELEASE_VERSION, build_release, serve, signers_for, enrollment_key_for
+from tests.support.service import RELEASE_VERSION, build_release, problem, serve, signers_for, enrollment_key_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -68,11 +70,12 @@ def auth() -> dict:
 # -- processes -----------------------------------------------------------------------------------
 
 
-def start_worker(redis_url: str, storage_url: str, state: Path, env: dict, dev_keys) -> subprocess.Popen:
+def start_worker(redis_url: str, storage_url: str, state: Path, env: dict, dev_keys, *, signing: bool = True) -> subprocess.Popen:
+    """`builder worker` as deployed; without `signing`, a worker given no code-signing key."""
     state.mkdir(parents=True, exist_ok=True)
+    keys = ["--sign-cert", str(dev_keys.sign_cert), "--sign-key", str(dev_keys.sign_key)] if signing else []
     cmd = [sys.executable, "-m", "builder", "worker", "--redis", redis_url, "--storage", storage_url,
-           "--state", str(state), "--sign-cert", str(dev_keys.sign_cert), "--sign-key", str(dev_keys.sign_key),
-           "--ca", str(dev_keys.ca_cert)]
+           "--state", str(state), *keys, "--ca", str(dev_keys.ca_cert)]
     with open(state / "worker.log", "ab") as log:
         return subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
@@ -133,6 +136,20 @@ class Cluster:
 
     def job(self, installer_id: str) -> Job:
         return Job.fetch(installer_id, connection=self.issuer.queue.connection)
+
+    def ready(self, answer: httpx.Response) -> httpx.Response:
+        return until_ready(self.base_url, answer)
+
+
+def until_ready(base_url: str, answer: httpx.Response, timeout_s: float = 60) -> httpx.Response:
+    """A POST's answer once its installer is ready: after a 202 (no worker took the job at once),
+    GET it until it is, as a console does."""
+    deadline = time.monotonic() + timeout_s
+    while answer.status_code == 202:
+        assert time.monotonic() < deadline, f"the installer was not ready within {timeout_s} s"
+        time.sleep(0.1)
+        answer = httpx.get(f"{base_url}/v1/installers/{answer.json()['id']}", headers=auth(), timeout=30)
+    return answer
 
 
 def worker_environ(queue_key: str, hmac_key: str, extra: dict | None = None) -> dict:
@@ -239,8 +256,8 @@ def test_distinct_groups_are_stamped_by_the_workers(cluster):
     formats = ["msi", "exe", "msi-tagged", "exe", "msi", "msi-tagged", "exe", "msi-tagged"]
     bodies = [{"account_id": ACCOUNT, "group_id": f"group-w{i}", "token": new_token(f"w{i}"), "format": fmt}
               for i, fmt in enumerate(formats)]
-    answers = post_all(cluster, bodies)
-    assert all(a is not None and a.status_code == 200 for a in answers), [a and (a.status_code, a.text[:200]) for a in answers]
+    answers = [cluster.ready(a) for a in post_all(cluster, bodies)]
+    assert all(a.status_code == 200 for a in answers), [(a.status_code, a.text[:200]) for a in answers]
     docs = [a.json() for a in answers]
     assert all(d["status"] == "ready" for d in docs) and len({d["id"] for d in docs}) == 8
     assert len(published(cluster) - before) == 8
@@ -278,10 +295,10 @@ def test_identical_concurrent_requests_enqueue_one_job(cluster):
     before, signs = published(cluster), shim_calls(cluster.shim_log)
     queue.enqueue_call = counting_enqueue
     try:
-        answers = post_all(cluster, [body] * 8)
+        answers = [cluster.ready(a) for a in post_all(cluster, [body] * 8)]
     finally:
         del queue.enqueue_call
-    assert all(a is not None and a.status_code == 200 for a in answers), [a and a.status_code for a in answers]
+    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
     assert len({a.json()["id"] for a in answers}) == 1 and len({a.json()["sha256"] for a in answers}) == 1
     assert outcomes.count("enqueued") == 1, outcomes
     assert len(outcomes) > 1 and set(outcomes) <= {"enqueued", "DuplicateJobError"}, outcomes
@@ -336,7 +353,7 @@ def test_no_raw_token_in_redis_or_worker_logs(cluster):
     wait_until_started(cluster.issuer.queue.connection, installer_id)
     during = redis_blobs(cluster.redis)
     caller.join(timeout=60)
-    assert answer and answer[0].status_code == 200 and answer[0].json()["id"] == installer_id
+    assert answer and cluster.ready(answer[0]).status_code == 200 and answer[0].json()["id"] == installer_id
     after = redis_blobs(cluster.redis)
 
     # The scan reads what matters: the job's inflated data names the job function.
@@ -396,8 +413,10 @@ def test_killed_signing_helper_is_retried(cluster, dev_keys, tmp_path):
     os.killpg(helper, signal.SIGKILL)  # the helper, its shim and the shim's sleep: mid-signing
     caller.join(timeout=90)
 
-    assert answer and answer[0].status_code == 200, answer and answer[0].text[:300]
-    doc = answer[0].json()
+    assert answer, "the request did not return"
+    ready = cluster.ready(answer[0])
+    assert ready.status_code == 200, ready.text[:300]
+    doc = ready.json()
     assert doc["status"] == "ready"
     job = cluster.job(doc["id"])
     assert job.get_status() == "finished" and job.retries_left == 2  # one of its three retries was used
@@ -459,18 +478,149 @@ def test_service_and_worker_survive_a_redis_restart(release_dir, dev_keys, tmp_p
                     took = time.monotonic() - started
                     if answers[-1].status_code == 503:
                         time.sleep(0.5)
+                # A 202 until the worker, back on its feet, has registered and taken the job.
+                ready = until_ready(server.base_url, answers[-1], timeout_s=30)
                 log = (tmp_path / "worker" / "worker.log").read_text(errors="replace")[-6000:]
                 statuses = [a.status_code for a in answers]
                 # Recovery is bounded in time, not in attempts: under load a reconnect may take
                 # more than one 503 (each answered at once, with Retry-After).
                 recovered_in = time.monotonic() - restarted
                 assert recovered_in < 15, f"{statuses}: recovered {recovered_in:.1f} s after the restart"
-                assert answers[-1].status_code == 200 and answers[-1].json()["status"] == "ready", \
+                assert ready.status_code == 200 and ready.json()["status"] == "ready", \
                     f"{statuses}, last took {took:.1f} s, Redis was down {down_for:.1f} s; worker log:\n{log}"
-                assert post("group-after", "msi").status_code == 200
+                assert until_ready(server.base_url, post("group-after", "msi")).status_code == 200
                 assert worker.poll() is None, "the worker died with the Redis restart"
-                audited = [r["group_id"] for r in issuer.audit.rows()]
-                assert audited.count("group-during") == 1  # only the request that succeeded
+                requested = [r["group_id"] for r in issuer.audit.rows() if r["action"] in ("issue", "queued")]
+                assert requested.count("group-during") == 1  # only the request that was accepted
             issuer.close()
         finally:
             stop_process(worker)
+
+
+# -- requests the workers cannot serve; no worker at all (issue 12) ------------------------------
+
+
+def test_with_no_worker_running_a_request_is_answered_202_at_once(release_dir, dev_keys, tmp_path):
+    """Redis is up, no worker is: the job is queued and the answer is a 202 naming the format
+    and the release `latest` resolved to, without waiting for a worker that is not there (the
+    service's wait_s is far longer than the client's timeout). A worker started later does it."""
+    storage_url = (tmp_path / "store").as_uri()
+    publish_release(release_dir, open_store(storage_url, StorageSettings()), RELEASES_PREFIX, version=RELEASE_VERSION)
+    environ = worker_environ(Fernet.generate_key().decode(), secrets.token_hex(32))
+    with redis_server(tmp_path / "redis") as redis:
+        issuer, app = service_for(redis.url, storage_url, tmp_path / "service", environ, dev_keys, wait_s=300)
+        worker = None
+        try:
+            with serve(app) as server:
+                docs = {}
+                for fmt in ("exe", "msi"):
+                    body = {"account_id": ACCOUNT, "group_id": f"group-noworker-{fmt}", "token": new_token("noworker"),
+                            "format": fmt}
+                    answer = httpx.post(server.base_url + "/v1/installers", json=body, headers=auth(), timeout=15)
+                    assert answer.status_code == 202, answer.text[:300]
+                    doc = answer.json()
+                    assert (doc["status"], doc["format"], doc["release"]) == ("pending", fmt, RELEASE_VERSION), doc
+                    assert Job.fetch(doc["id"], connection=issuer.queue.connection).get_status() == "queued"
+                    again = httpx.get(f"{server.base_url}/v1/installers/{doc['id']}", headers=auth(), timeout=15)
+                    assert again.status_code == 202 and again.json() == doc
+                    docs[fmt] = doc
+
+                worker = start_worker(redis.url, storage_url, tmp_path / "worker", environ, dev_keys)
+                for fmt, doc in docs.items():
+                    ready = until_ready(server.base_url, httpx.Response(202, json=doc))
+                    assert ready.status_code == 200, ready.text[:300]
+                    assert (ready.json()["id"], ready.json()["format"], ready.json()["release"]) == (doc["id"], fmt, RELEASE_VERSION)
+        finally:
+            if worker is not None:
+                stop_process(worker)
+            issuer.close()
+
+
+@dataclass
+class Bare:
+    """A Redis with one worker that holds no code-signing key, and the service's settings."""
+
+    redis: RedisServer
+    storage_url: str
+    environ: dict
+    worker_log: Path
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def bare(release_dir, dev_keys, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bare")
+    storage_url = (root / "store").as_uri()
+    publish_release(release_dir, open_store(storage_url, StorageSettings()), RELEASES_PREFIX, version=RELEASE_VERSION)
+    environ = worker_environ(Fernet.generate_key().decode(), secrets.token_hex(32))
+    with redis_server(root / "redis") as redis:
+        worker = start_worker(redis.url, storage_url, root / "worker", environ, dev_keys, signing=False)
+        try:
+            wait_for_workers(redis, [worker], [root / "worker" / "worker.log"])
+            yield Bare(redis, storage_url, environ, root / "worker" / "worker.log", root)
+        finally:
+            stop_process(worker)
+
+
+def failed_once(connection, installer_id: str) -> Job:
+    """The job, once failed; it must never have been retried (its three retries untouched)."""
+    job = Job.fetch(installer_id, connection=connection)
+    assert job.get_status() == "failed" and job.retries_left == 3, (job.get_status(), job.retries_left)
+    return job
+
+
+def test_a_request_the_workers_cannot_serve_fails_once_with_the_in_process_answer(bare, dev_keys, tmp_path):
+    """A baked msi and workers without a code-signing key: 503 not_configured, the same answer
+    as a service without workers gives; the job fails once (no retry, no traceback)."""
+    body = {"account_id": ACCOUNT, "group_id": "group-bare", "token": new_token("bare"), "format": "msi"}
+
+    in_process = make_issuer(ServiceOptions(storage_url=bare.storage_url, state_dir=tmp_path / "in-process",
+                                            signers=Signers(verify_ca=dev_keys.ca_cert), ca=dev_keys.ca_cert,
+                                            enrollment_key=enrollment_key_for(dev_keys)), bare.environ)
+    app = create_app(in_process, ServiceSettings(api_keys=api_keys_from(bare.environ), link_secret=b"k" * 32))
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            expected = client.post("/v1/installers", json=body, headers=auth())
+    finally:
+        in_process.close()
+    error = problem(expected, 503, "not_configured", None)
+    assert "Authenticode" in error
+
+    issuer, app = service_for(bare.redis.url, bare.storage_url, tmp_path / "service", bare.environ, dev_keys, wait_s=60)
+    try:
+        with serve(app) as server:
+            answer = httpx.post(server.base_url + "/v1/installers", json=body, headers=auth(), timeout=90)
+            assert (answer.status_code, answer.json()) == (expected.status_code, expected.json())
+            installer_id = installer_id_for(issuer, body["group_id"], body["token"], "msi")
+            failed_once(issuer.queue.connection, installer_id)
+            looked_up = httpx.get(f"{server.base_url}/v1/installers/{installer_id}", headers=auth(), timeout=30)
+            assert (looked_up.status_code, looked_up.json()) == (expected.status_code, expected.json())
+            # The formats stamped into their slot need no key: the same worker makes them.
+            tagged = until_ready(server.base_url, httpx.post(server.base_url + "/v1/installers", headers=auth(),
+                                                             json={**body, "format": "msi-tagged"}, timeout=90))
+            assert tagged.status_code == 200
+    finally:
+        issuer.close()
+    log = bare.worker_log.read_text(errors="replace")
+    assert f"job {installer_id} failed for good (not_configured)" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    leaked = body["token"] in log
+    assert not leaked
+
+
+def test_a_queue_key_mismatch_is_503_not_configured_and_not_retried(bare, dev_keys, tmp_path):
+    """A service whose BUILDER_QUEUE_KEY is not the workers': the worker cannot open the job;
+    the client is told what the operators must configure, and RQ does not retry it."""
+    environ = {**bare.environ, "BUILDER_QUEUE_KEY": Fernet.generate_key().decode()}
+    issuer, app = service_for(bare.redis.url, bare.storage_url, tmp_path / "service", environ, dev_keys, wait_s=60)
+    try:
+        with serve(app) as server:
+            body = {"account_id": ACCOUNT, "group_id": "group-otherkey", "token": new_token("otherkey"), "format": "exe"}
+            answer = httpx.post(server.base_url + "/v1/installers", json=body, headers=auth(), timeout=90)
+            error = problem(answer, 503, "not_configured", None)
+            assert "queue key" in error and "BUILDER_QUEUE_KEY" in error, error
+            failed_once(issuer.queue.connection, answer_id := installer_id_for(issuer, body["group_id"], body["token"], "exe"))
+            log = bare.worker_log.read_text(errors="replace")
+            assert f"job {answer_id} failed for good (not_configured)" in log, log[-3000:]
+    finally:
+        issuer.close()

@@ -4,6 +4,7 @@ on 127.0.0.1 in a thread of the test process (so tests can look inside the issue
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -39,10 +40,13 @@ def trust_for(dev_keys) -> Trust:
     return Trust((enrollment_key_for(dev_keys).pin,), ("console.example.com",))
 
 
-def build_release(dev_keys, payload: Path, out: Path, formats=("exe", "msi")) -> Path:
-    """A signed release (base installers with empty slots + manifest.json) in `out`."""
-    release.release(format_names=list(formats), product=load_product(), version=RELEASE_VERSION, payload=payload,
-                    signers=signers_for(dev_keys), trust=trust_for(dev_keys), out=out, source_date_epoch=SOURCE_DATE_EPOCH)
+def build_release(dev_keys, payload: Path, out: Path, formats=("exe", "msi"), *, version: str = RELEASE_VERSION,
+                  signed_by=None) -> Path:
+    """A signed release (base installers with empty slots + manifest.json) in `out`, pinning
+    `dev_keys`' enrollment key; signed with `signed_by`'s code-signing key (default: dev_keys')."""
+    release.release(format_names=list(formats), product=load_product(), version=version, payload=payload,
+                    signers=signers_for(signed_by or dev_keys), trust=trust_for(dev_keys), out=out,
+                    source_date_epoch=SOURCE_DATE_EPOCH)
     return out
 
 
@@ -81,3 +85,26 @@ def serve(app) -> Iterator[UvicornThread]:
         yield server
     finally:
         server.stop()
+
+
+# -- the error contract (README: "Error codes") -------------------------------------------------
+
+_SNAKE = re.compile(r"[a-z]+(?:_[a-z]+)*")
+_CLI_OPTION = re.compile(r"(?<![\w-])--[a-z]")
+_PYTHON_CLASS = re.compile(r"\b(?:[A-Z][a-z]+)+(?:Error|Failed|Exception|Refused)\b|Traceback")
+
+
+def problem(answer, status: int, code: str, field=...) -> str:
+    """The sentence of an error answer, once its shape is checked: {error, code, field}, the
+    status and code expected, no CLI option and no Python class name in the sentence."""
+    assert answer.status_code == status, (answer.status_code, answer.text[:500])
+    doc = answer.json()
+    assert set(doc) == {"error", "code", "field"}, doc
+    assert doc["code"] == code and _SNAKE.fullmatch(doc["code"]), doc
+    if field is not ...:
+        assert doc["field"] == field, doc
+    error = doc["error"]
+    assert isinstance(error, str) and error.strip(), doc
+    assert not _CLI_OPTION.search(error), f"CLI advice in an HTTP answer: {error}"
+    assert not _PYTHON_CLASS.search(error), f"a Python class name in an HTTP answer: {error}"
+    return error
