@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from builder import __version__, formats, log
 from builder.config import load_product, parse_set_options, validate_version
@@ -31,7 +32,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BuilderError as exc:
-            log.console.print(f"[bold red]error:[/] {log.redact(str(exc))}", soft_wrap=True)
+            log.console.print(f"[bold red]error:[/] {escape(log.redact(str(exc)))}", soft_wrap=True)
             sys.exit(exc.exit_code)
 
     return wrapper
@@ -854,7 +855,7 @@ def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca,
                                         redis_url=redis_url, enrollment_key=key))
     token = _read_token(token_file, token_env)
-    version = issuer.resolve(release)
+    version = issuer.resolve(release, fmt)  # latest: the newest release holding this format
     enrollment = _enrollment(account_id, group_id, token, console_url or issuer.default_console_url(version))
     installer_id, rec = issuer.request("cli", release=version, fmt=fmt, enrollment=enrollment, wait_s=600)
     issuer.close()

@@ -28,7 +28,9 @@ import time
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 # Progress and diagnostics: stderr. soft_wrap: a long line (a path, a link) is never broken in
 # two, whatever the width rich guesses for a pipe.
@@ -170,12 +172,12 @@ def settings() -> dict:
 
 def info(message: str) -> None:
     if not _quiet:
-        console.print(redact(message))
+        console.print(escape(redact(message)))
 
 
 def warning(message: str) -> None:
     if not _quiet:  # -q: errors and the result only
-        console.print(f"[bold yellow]warning:[/] {redact(message)}")
+        console.print(f"[bold yellow]warning:[/] {escape(redact(message))}")
 
 
 def debug(message: str) -> None:
@@ -190,13 +192,13 @@ def step(title: str) -> Iterator[None]:
         yield
     except BaseException:
         if not _quiet:
-            console.print(f"[red]✗[/] {redact(title)} [dim]({time.perf_counter() - start:.2f}s)[/]")
+            console.print(f"[red]✗[/] {escape(redact(title))} [dim]({time.perf_counter() - start:.2f}s)[/]")
         raise
     seconds = time.perf_counter() - start
     with _lock:
         _timings.append((title, seconds))
     if not _quiet:
-        console.print(f"[green]✓[/] {redact(title)} [dim]({seconds:.2f}s)[/]")
+        console.print(f"[green]✓[/] {escape(redact(title))} [dim]({seconds:.2f}s)[/]")
 
 
 def take_timings() -> list[tuple[str, float]]:
@@ -216,7 +218,7 @@ def _results() -> Console:
 
 def result(message: str) -> None:
     """One line of a command's result on stdout, printed with -q too (-q: errors and the result)."""
-    _results().print(redact(message))
+    _results().print(redact(message), markup=False)
 
 
 def summary_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -225,5 +227,5 @@ def summary_table(title: str, columns: list[str], rows: list[list[str]]) -> None
     for col in columns:
         table.add_column(col, overflow="fold", no_wrap=not sys.stdout.isatty())
     for row in rows:
-        table.add_row(*(redact(str(c)) for c in row))
+        table.add_row(*(Text(redact(str(c))) for c in row))  # Text: a "[" in a value is not markup
     _results().print(table)

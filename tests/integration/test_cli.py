@@ -363,7 +363,8 @@ def test_releases_and_issued_answer_the_operators_questions(tmp_path, test_paylo
     state = tmp_path / "state"
     env = {"T": TOKEN, "BUILDER_STORAGE_HMAC_KEY": "k" * 64}
     for group in ("g1", "g2"):
-        proc = run_cli("issue", "--format", "pkg", "--release", "1.0.0", "--account-id", "acct", "--group-id", group,
+        # `latest`: the newest release holding a pkg (1.0.0), not the newest release (1.0.1, msi only).
+        proc = run_cli("issue", "--format", "pkg", "--account-id", "acct", "--group-id", group,
                        "--token-env", "T",
                        "--storage", store, "--state", state, "--enrollment-key", enrollment_key_file, "--no-sign",
                        "--console-url", "https://console.example.com", env=env)
