@@ -347,6 +347,24 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     def metrics(_who: str = Depends(caller)) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    def audit_refusal(who: str, body, fmt: str, exc: BuilderError) -> None:
+        """A refused request in the audit log (`builder issued` lists it): its code, and the ids
+        only when they are ids (a client may send anything there, a token included). A transient
+        failure (storage, Redis, a tool) is no refusal: the same request may succeed in a moment."""
+        problem = describe(exc)
+        if problem.transient or problem.retry_after:
+            return
+
+        def valid(field_name: str, value: str) -> str | None:
+            try:
+                validate_id(field_name, value)
+            except BuilderError:
+                return None
+            return value
+        issuer.audit.record(who, "refused", fmt=fmt, release=valid("release", body.release),
+                            account_id=valid("account-id", body.account_id), group_id=valid("group-id", body.group_id),
+                            detail=problem.code)
+
     @app.post("/v1/installers", response_model=InstallerResponse, responses={**_ERRORS, 202: {"model": InstallerResponse}},
               tags=["installers"])
     def create_installer(body: InstallerRequest, request: Request, who: str = Depends(caller)):
@@ -364,6 +382,9 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             status = "ready" if rec else "pending"
             issued_total.labels(body.format, status).inc()
             return answer(request, installer_id, rec, release=version, fmt=body.format)
+        except BuilderError as exc:
+            audit_refusal(who, body, body.format, exc)
+            raise
         finally:
             issue_seconds.labels(body.format, status).observe(time.perf_counter() - start)
 
@@ -392,13 +413,17 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
         """One group's signed enrollment, for `msiexec /i <the release's msi-tagged or release MSI>
         ENROLLMENT=<it> /qn`: one generic MSI for every group, the group passed as a parameter.
         `latest` is the newest release with an MSI."""
-        # Registered for redaction by issuer.enrollment once the Enrollment has validated it.
-        token = Secret(body.token)
-        version = issuer.resolve(body.release, "msi")
-        enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
-                                console_url=body.console_url or issuer.default_console_url(version))
-        version, signed = issuer.enrollment(who, release=version, enrollment=enrollment,
-                                            expires_in=settings.enrollment_ttl_s)
+        try:
+            # Registered for redaction by issuer.enrollment once the Enrollment has validated it.
+            token = Secret(body.token)
+            version = issuer.resolve(body.release, "msi")
+            enrollment = Enrollment(account_id=body.account_id, group_id=body.group_id, token=token,
+                                    console_url=body.console_url or issuer.default_console_url(version))
+            version, signed = issuer.enrollment(who, release=version, enrollment=enrollment,
+                                                expires_in=settings.enrollment_ttl_s)
+        except BuilderError as exc:
+            audit_refusal(who, body, "enrollment", exc)
+            raise
         jws = signed.jws.reveal()
         body_out = EnrollmentResponse(enrollment=jws, key_id=signed.key_id, release=version, expires_at=signed.expires_at,
                                       msiexec=f"msiexec /i {issuer.msi_name(version)} ENROLLMENT={jws} /qn")

@@ -376,7 +376,32 @@ def test_bad_requests_are_refused_and_write_nothing(local, case, body, status, c
     assert word.lower() in error.lower(), error
     leaked = BAD_TOKEN in answer.text
     assert not leaked, "the error answer carries the token"
-    assert local.keys() == before and len(local.issuer.audit.rows()) == audited
+    assert local.keys() == before
+    # Nothing is written but the refusal's audit row (none when the framework refused the body
+    # before the service read it), and that row never holds the token.
+    rows = local.issuer.audit.rows()[audited:]
+    assert len(rows) <= 1 and all(r["action"] == "refused" and r["detail"] == code for r in rows), rows
+    leaked = any(BAD_TOKEN in json.dumps(r) for r in rows)
+    assert not leaked, "the audit row carries the token"
+
+
+def test_refusals_are_audited_and_listed_by_builder_issued(local):
+    group = "group-refused"
+    answer = local.post({**GOOD, "group_id": group, "console_url": "https://elsewhere.example.org/x"})
+    problem(answer, 422, answer.json()["code"], "console_url")
+    [row] = [r for r in local.issuer.audit.rows() if r["group_id"] == group]
+    assert (row["action"], row["account_id"], row["format"], row["detail"]) == ("refused", ACCOUNT, "exe", answer.json()["code"])
+    # A token sent where an id goes is not written to the audit log.
+    answer = local.post({**GOOD, "account_id": BAD_TOKEN + " x", "group_id": group})
+    assert answer.status_code == 422
+    rows = [r for r in local.issuer.audit.rows() if r["action"] == "refused"]
+    leaked = any(BAD_TOKEN in json.dumps(r) for r in rows)
+    assert not leaked, "an id holding the token reached the audit log"
+    listed = subprocess.run([sys.executable, "-m", "builder", "issued", "--state", str(local.state), "--account-id", ACCOUNT,
+                             "--group-id", group, "--json"], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert listed.returncode == 0, listed.stderr
+    assert [r["action"] for r in json.loads(listed.stdout)] == ["refused"]
 
 
 def test_oversized_body_without_length_is_refused(local):
