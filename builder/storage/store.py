@@ -190,8 +190,11 @@ class Store:
     def delete(self, key: str) -> None:
         """Remove one object (a missing one is fine): for `builder prune` only; nothing else deletes."""
         full = self._full(key)
-        with self._errors("delete", key):
-            obstore.delete(self._obs, full)
+        try:
+            with self._errors("delete", key):
+                obstore.delete(self._obs, full)
+        except ObjectNotFoundError:
+            pass  # Azure says so; S3 and the local store do not
 
     def _existing_stamp(self, key: str) -> StampResult | None:
         """A stamp already stored under `key` (never overwritten): what put_pieces_if_absent

@@ -635,3 +635,41 @@ def test_settings_from_env_masks_secrets():
     for url in ("ftp://x/y", "s3://Bad_Bucket/p", "s3://bucket/../p", "file://host/x", "az://-x-/p", "s3://k:s@bucket/p"):
         with pytest.raises((UsageError, InvalidKeyError)):
             open_store(url, settings)
+
+
+def _formats_release(folder: Path, version: str, formats: list[str], seed: int) -> Path:
+    """A release folder as published: a release manifest naming its formats, and their files."""
+    folder.mkdir(parents=True)
+    rng = random.Random(seed)
+    files = {}
+    for fmt in formats:
+        (folder / f"agent.{fmt}").write_bytes(rng.randbytes(64 * 1024))
+        files[fmt] = {"file": f"agent.{fmt}"}
+    (folder / "manifest.json").write_text(json.dumps({"version": version, "signed": True, "files": files}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["file", "s3", "az"])
+def test_prune_removes_old_releases_and_what_only_they_use(make_store, kind, tmp_path):
+    from builder.storage.release import prune, prune_plan, published_releases
+
+    store = make_store(kind)
+    for i, (version, fmts) in enumerate((("1.0.0", ["msi", "pkg"]), ("1.0.1", ["msi"]), ("1.0.2", ["msi"]))):
+        publish_release(_formats_release(tmp_path / version, version, fmts, seed=i), store, "dist", version=version)
+    # An installer issued from 1.0.1, and its record; one from 1.0.0.
+    for rid, version in (("a" * 32, "1.0.1"), ("b" * 32, "1.0.0")):
+        store.put_if_absent(f"installers/{rid[:2]}/{rid}.msi", b"installer of " + version.encode())
+        store.put_if_absent(f"records/{rid}.json", json.dumps({"release": version, "key": f"installers/{rid[:2]}/{rid}.msi"}).encode())
+    old_objects = {e["key"] for e in json.loads(store.get("dist/releases/1.0.1/manifest.json"))["files"].values()}
+    plan = prune_plan(store, "dist", keep=1)
+    assert (plan["keep"], plan["remove"]) == (["1.0.0", "1.0.2"], ["1.0.1"])
+    assert plan["keys"][:2] == [f"records/{'a' * 32}.json", f"installers/aa/{'a' * 32}.msi"]  # records first
+    prune(store, plan)
+    left = {o.key for o in store.list()}
+    assert not (old_objects & left) and not any(k.startswith("dist/releases/1.0.1/") for k in left)
+    assert f"records/{'b' * 32}.json" in left and f"installers/bb/{'b' * 32}.msi" in left
+    assert [r["version"] for r in published_releases(store, "dist")] == ["1.0.0", "1.0.2"]
+    for version in ("1.0.0", "1.0.2"):  # what stays is whole
+        index = json.loads(store.get(f"dist/releases/{version}/manifest.json"))
+        assert all(store.exists(e["key"]) for e in index["files"].values())
+    prune(store, plan)  # removing what is already gone is fine
