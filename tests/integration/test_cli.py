@@ -204,6 +204,7 @@ def test_verify_prints_its_report_on_stdout_unwrapped(long_named_msi, dev_keys, 
     lines = proc.stdout.splitlines()
     assert lines[0] == str(long_named_msi) and len(lines[0]) > 120  # one line, not cut at 80 columns
     assert "  signature: ok; signer: " in proc.stdout and "  enrollment: valid (signed by pinned key " in proc.stdout
+    assert "  kind: msi (the enrollment is the ENROLLMENT property's default" in proc.stdout  # baked, not tagged
     assert proc.stderr == ""  # nothing else to say
     assert_no_token(proc)
     # `verify x > report.txt`: the report is in the file.
@@ -294,6 +295,9 @@ def test_release_no_sign_works_and_a_folder_holds_one_version(tmp_path, test_pay
     proc = run_cli(*stamp, "--format", "msi", "--out", tmp_path / "g.msi")
     assert proc.returncode == 0, proc.stderr
     assert_no_token(proc)
+    # The stamp's line says what the installer enrolls with, the console included.
+    assert proc.stdout.startswith(f"{tmp_path / 'g.msi'}: group g of account a, console https://console.example.com, key ")
+    assert "unsigned" in proc.stdout
     # 1.0.1 into 1.0.0's folder: refused before anything is built, the folder as it was.
     proc = run_cli("release", "--version", "1.0.1", "--payload", test_payload, "--out", out,
                    "--enrollment-key", enrollment_key_file, "--no-sign")
@@ -421,3 +425,26 @@ def test_prune_keeps_the_newest_and_the_latest_of_each_format(tmp_path, test_pay
     for version in ("1.0.0", "1.0.2"):
         index = json.loads((root / "dist" / "releases" / version / "manifest.json").read_text())
         assert all((root / e["key"]).is_file() for e in index["files"].values()), version
+
+
+def test_progress_says_which_step_failed_and_one_signer_reads_the_same(tmp_path, test_payload, dev_keys,
+                                                                      enrollment_key_file, vendor_keys):
+    args = base_args(tmp_path / "out", test_payload, enrollment_key_file)
+    sign = ["--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key]
+    # Verified under a root that did not sign it: the verify step is a ✗, never a ✓ before the error.
+    proc = run_cli(*args, "--format", "msi", "--token-env", "TOK", *sign, "--ca", vendor_keys.ca, env={"TOK": TOKEN})
+    assert proc.returncode == errors.VerificationError.exit_code, proc.stderr
+    assert "✗ msi: verify" in proc.stderr and "✓ msi: verify" not in proc.stderr
+    # The signer as build --json and verify --json give it: one form (RFC 4514).
+    out = tmp_path / "ok"
+    built = run_cli(*base_args(out, test_payload, enrollment_key_file), "--format", "exe", "--token-env", "TOK", *sign,
+                    "--ca", dev_keys.ca_cert, "--json", env={"TOK": TOKEN})
+    assert built.returncode == 0, built.stderr
+    [installer] = json.loads(built.stdout)["installers"]
+    [report] = json.loads(run_cli("verify", "--ca", dev_keys.ca_cert, "--json", installer["path"]).stdout)
+    assert report["signature"]["signer"] == installer["signer"] and installer["signer"].startswith("O=")
+    # The DMG's own pkg is labelled as the DMG's in the progress lines.
+    macs = run_cli(*base_args(tmp_path / "mac", test_payload, enrollment_key_file), "--format", "pkg", "--format", "dmg",
+                   "--token-env", "TOK", "--no-sign", env={"TOK": TOKEN})
+    assert macs.returncode == 0, macs.stderr
+    assert macs.stderr.count("pkg: stage the payload") == 2 and "dmg: its pkg: stage the payload" in macs.stderr
