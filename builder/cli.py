@@ -616,7 +616,7 @@ def release_cmd(format_names, version, payload, out, console_hosts, public_keys,
 
 @main.command("stamp")
 @click.option("--release", "release_dir", type=click.Path(path_type=Path), required=True, help="A folder made by `builder release`.")
-@click.option("--format", "fmt", required=True, type=click.Choice(["exe", "msi", "msi-tagged", "pkg", "dmg"]),
+@click.option("--format", "fmt", required=True, type=click.Choice(formats.KIND_NAMES),
               help="msi: Property defaults baked in and re-signed (GPO/Intune); msi-tagged: slot only, no re-signing.")
 @enrollment_options
 @enrollment_key_options
@@ -637,7 +637,7 @@ def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, con
     enrollment = _enrollment(account_id, group_id, token, console_url or product.console_url)
     key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
     enrollment = sign_enrollment(key, enrollment, rel.trust(), expires_in)
-    if fmt in stamp_mod.SLOTTED and not _any_key(signing):
+    if formats.kind(fmt).slotted and not _any_key(signing):
         signers = Signers(unsigned=not rel.manifest.get("signed"), verify_ca=ca)  # nothing is re-signed
     else:
         signers = resolve_signers(product=product, **signing)
@@ -834,7 +834,7 @@ def _worker_issuer(storage_url, state_dir, signing: dict, redis_url: str | None 
 
 
 @main.command("issue")
-@click.option("--format", "fmt", required=True, type=click.Choice(["exe", "msi", "msi-tagged", "pkg", "dmg"]))
+@click.option("--format", "fmt", required=True, type=click.Choice(formats.KIND_NAMES))
 @click.option("--release", "release", default="latest", show_default=True)
 @enrollment_options
 @enrollment_key_options

@@ -73,10 +73,8 @@ def _write_manifest(outputs, *, product: Product, version: str, signers: Signers
         entry = {"file": o.path.name, "size": o.size, "sha256": o.sha256, "signer": o.signer,
                  "timestamp": o.details.get("timestamp"), "notarized": o.notarized,
                  "notarization": o.details.get("notarization")}
-        # The EXE's and MSI's slot lives in their Authenticode signature: an unsigned release
-        # has none (stamp --format exe|msi-tagged refuses it; msi, pkg and dmg stamps work).
-        if hasattr(fmt, "release_entry") and not (signers.unsigned and o.format in ("exe", "msi")):
-            entry.update(fmt.release_entry(o.path, product))
+        # An unsigned release has no slot (stamp --format exe|msi-tagged refuses it).
+        entry.update(fmt.release_entry(o.path, product, signed=not signers.unsigned))
         files[o.format] = entry
     manifest = {
         "schema": SCHEMA,

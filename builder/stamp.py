@@ -29,12 +29,6 @@ from builder.errors import OutputError, SlotError, UsageError
 from builder.formats.base import Signers
 from builder.release import Release, ReleaseFile
 
-# Stamp formats, and the release file each one starts from (a group's dmg carries the
-# release's signed pkg, not the release's dmg).
-STAMP_FORMATS = {"exe": "exe", "msi": "msi", "msi-tagged": "msi", "pkg": "pkg", "dmg": "pkg"}
-SUFFIX = {"exe": ".exe", "msi": ".msi", "msi-tagged": ".msi", "pkg": ".pkg", "dmg": ".dmg"}
-SLOTTED = ("exe", "msi-tagged")
-
 _FICLONE = 0x40049409  # ioctl: share the base's blocks (btrfs, XFS); ext4 refuses, then we copy
 
 
@@ -116,12 +110,11 @@ def check_pinned(release: Release, enrollment: SignedEnrollment) -> None:
 
 def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Signers, out: Path) -> Stamped:
     """Stamp `enrollment` into the release's `fmt` installer, written to `out` (atomically)."""
-    if fmt not in STAMP_FORMATS:
-        raise UsageError(f"unknown stamp format {fmt!r}", f"choose from {', '.join(STAMP_FORMATS)}")
+    kind = formats.kind(fmt)
     check_pinned(release, enrollment)
-    if out.suffix.lower() != SUFFIX[fmt]:
-        raise UsageError(f"--out {out}: the {fmt} installer must end in {SUFFIX[fmt]}", "rename the output")
-    base = release.file(STAMP_FORMATS[fmt])
+    if out.suffix.lower() != kind.suffix:
+        raise UsageError(f"--out {out}: the {fmt} installer must end in {kind.suffix}", "rename the output")
+    base = release.file(kind.base)
     log.register_secret(enrollment.token.reveal())
     if out.is_dir():
         raise OutputError(f"--out {out}: is a folder", "give the installer's file name, for example group.exe")
@@ -136,7 +129,7 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
     notarization = None
     try:
         partial = work / out.name
-        if fmt in SLOTTED:
+        if kind.slotted:
             with log.step(f"{fmt}: stamp the enrollment slot"):
                 written = write_pieces(base.path, stamp_ranges(base, enrollment), partial)
             signer, resigned = base.entry.get("signer"), False

@@ -81,6 +81,14 @@ class Format(Protocol):
     def inspect(self, path: Path) -> dict:
         """What `verify` reports about structure and enrollment, without checking signatures."""
 
+    def release_entry(self, path: Path, product: Product, *, signed: bool) -> dict:
+        """What the release manifest records of this format's file beyond size, hash and signer
+        (the slot's place for EXE and MSI; {} where there is nothing more)."""
+
+    def stamp(self, release, enrollment, signers: Signers, out: Path) -> Built:
+        """A group's installer made from the release by re-baking and signing (formats whose kinds
+        are not all slotted: builder/formats/__init__.py KINDS)."""
+
 
 def refuse_symlinks(folder: Path) -> None:
     """A payload holds real files and folders only. A symbolic link would carry whatever it

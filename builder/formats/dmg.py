@@ -289,6 +289,9 @@ class DmgFormat:
                      details={**details, "pkg_signer": pkg_signer, "agent": pkg_details["agent"],
                               "notarization": notarization})
 
+    def release_entry(self, path: Path, product, *, signed: bool) -> dict:
+        return {}  # a stamp re-bakes the pkg: no slot to record
+
     def stamp(self, release, enrollment: SignedEnrollment, signers, out: Path) -> Built:
         """A group's dmg: the release's signed pkg, unchanged, plus the group's enrollment
         beside it, which the pkg's postinstall reads through $1."""

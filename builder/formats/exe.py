@@ -219,8 +219,9 @@ class ExeFormat:
         details["sign_seconds"] = round(time.perf_counter() - start, 3)
         return Built(path=final, signer=authenticode.signer_subject(key), details=details)
 
-    def release_entry(self, path: Path, product: Product) -> dict:
-        return slotted.release_entry(path, "exe")
+    def release_entry(self, path: Path, product: Product, *, signed: bool) -> dict:
+        # The slot lives in the Authenticode signature: an unsigned release has none.
+        return slotted.release_entry(path, "exe") if signed else {}
 
     def verify(self, path: Path, ca: Path | None) -> dict:
         path = Path(path)

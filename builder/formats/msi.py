@@ -323,8 +323,9 @@ class MsiFormat:
             slotted.add_slot(final, "msi", product.slot_size)
         return Built(path=final, signer=authenticode.signer_subject(signers.authenticode), details=details)
 
-    def release_entry(self, path: Path, product: Product) -> dict:
-        return slotted.release_entry(path, "msi")
+    def release_entry(self, path: Path, product: Product, *, signed: bool) -> dict:
+        # The slot lives in the Authenticode signature: an unsigned release has none.
+        return slotted.release_entry(path, "msi") if signed else {}
 
     def stamp(self, release, enrollment: SignedEnrollment, signers, out: Path) -> Built:
         """The baked per-group MSI (GPO, Intune): the release MSI with the enrollment as Property

@@ -148,6 +148,9 @@ class PkgFormat:
             unsigned.unlink(missing_ok=True)
         return final, common.identity_info(installer_key).subject, details
 
+    def release_entry(self, path: Path, product, *, signed: bool) -> dict:
+        return {}  # a stamp re-bakes the pkg: no slot to record
+
     def stamp(self, release, enrollment: SignedEnrollment, signers, out: Path) -> Built:
         """A group's pkg from the release's: Scripts re-baked, then signed and notarized again."""
         base, product = release.file("pkg"), release.product()

@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import log, stamp
+from builder import formats, log, stamp
 from builder.config import is_version
 from builder.enrollment import Enrollment, Secret
 from rich.markup import escape
@@ -51,7 +51,7 @@ from builder.trust import SignedEnrollment, verify as verify_signed
 from builder.storage import ObjectNotFoundError, Store, StorageUnavailableError, content_key
 from builder.storage.release import INDEX_FORMAT
 
-FORMATS = tuple(stamp.STAMP_FORMATS)
+FORMATS = formats.KIND_NAMES
 # Finished records kept in memory (least recently used out): the ids the console asks about
 # again, a few KiB each; a long-running service must not keep one per installer ever issued.
 RECORD_CACHE = 1024
@@ -82,7 +82,7 @@ def _version_key(v: str) -> tuple[int, ...]:
 
 def _stamp_formats(rel: Release) -> list[str]:
     """The formats a release can be stamped into (msi-tagged from its msi, dmg from its pkg)."""
-    return [fmt for fmt, base in stamp.STAMP_FORMATS.items() if base in rel.manifest["files"]]
+    return formats.kinds_of(rel.manifest["files"])
 
 
 def _warn_line(message: str) -> None:
@@ -261,7 +261,7 @@ class Issuer:
             except ReleaseRefused:
                 refused.append(version)
                 continue
-            if fmt is None or stamp.STAMP_FORMATS[fmt] in rel.manifest["files"]:
+            if fmt is None or formats.kind(fmt).base in rel.manifest["files"]:
                 return version
         if len(refused) == len(versions):
             raise ReleaseRefused(f"no published release verifies on this service (refused: {', '.join(refused)})",
@@ -272,7 +272,7 @@ class Issuer:
 
     @staticmethod
     def _require_format(rel: Release, version: str, fmt: str) -> None:
-        if stamp.STAMP_FORMATS[fmt] not in rel.manifest["files"]:
+        if formats.kind(fmt).base not in rel.manifest["files"]:
             raise FormatNotInRelease(f"release {version} has no {fmt} installer",
                                      f"it has {', '.join(_stamp_formats(rel))}; ask for one of those, or for release latest")
 
@@ -382,8 +382,7 @@ class Issuer:
                 log.warning(f"releases not prepared ahead: {exc}")
                 return
         for rel in opened:
-            for fmt in stamp.SLOTTED:
-                name = stamp.STAMP_FORMATS[fmt]
+            for name in {formats.kind(k).base for k in formats.SLOTTED}:
                 if name in rel.manifest["files"] and rel.file(name).slot:
                     base = rel.file(name)
                     _pieces_sha256(base.path, [("base", 0, base.slot["extents"][0][0])])
@@ -403,7 +402,7 @@ class Issuer:
         """An ASCII file name for the browser: product, version, group."""
         product = self.open_release(rec.release)[0].product()
         safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in rec.group_id)
-        return f"{product.service_name}-{rec.release}-{safe}{stamp.SUFFIX[rec.format]}"
+        return f"{product.service_name}-{rec.release}-{safe}{formats.kind(rec.format).suffix}"
 
     # -- records and revocations --------------------------------------------------------------
 
@@ -612,10 +611,10 @@ class Issuer:
             return rec
         self.require_signing(fmt)
         rel, index = self.open_release(version)
-        base = rel.file(stamp.STAMP_FORMATS[fmt])
-        suffix = stamp.SUFFIX[fmt]
+        kind = formats.kind(fmt)
+        base, suffix = rel.file(kind.base), kind.suffix
         streamed = False
-        if fmt in stamp.SLOTTED:
+        if kind.slotted:
             pieces = stamp.stamp_ranges(base, enrollment)
             sha = _pieces_sha256(base.path, pieces)
             base_key = index["files"][base.path.name]["key"]

@@ -36,7 +36,7 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError, StopRequested
 from rq.job import Job, get_current_job
 from rq.job_lifecycle import call_exception_handlers
 
-from builder import log, stamp
+from builder import formats, log
 from builder.trust import SignedEnrollment
 from builder.errors import BuilderError, UsageError
 from builder.service.problems import NotConfigured, Problem, describe, unexpected
@@ -172,7 +172,7 @@ class RedisQueue:
     def _enqueue(self, installer_id: str, sealed: bytes, fmt: str, version: str) -> None:
         try:
             self.queue.enqueue_call("builder.service.jobs.run_job", args=(sealed,), job_id=installer_id, unique=True,
-                                    retry=Retry(max=3), timeout=SLOT_JOB_TIMEOUT_S if fmt in stamp.SLOTTED else self.job_timeout,
+                                    retry=Retry(max=3), timeout=SLOT_JOB_TIMEOUT_S if formats.kind(fmt).slotted else self.job_timeout,
                                     result_ttl=600, failure_ttl=86400, description=f"stamp {fmt} {version}",
                                     meta={"release": version, "format": fmt})
         except DuplicateJobError:
@@ -251,7 +251,7 @@ def run_job(sealed: bytes) -> dict:
         raise RuntimeError("run_job runs inside `builder worker`, which sets up the issuer and its helper first")
     try:
         doc = _open(sealed)
-        if doc["format"] in stamp.SLOTTED:
+        if formats.kind(doc["format"]).slotted:
             return _produce(doc)
         return WORKER_HELPER.run(sealed)  # decrypted again there: the token crosses the pipe sealed
     except BuilderError as exc:

@@ -47,7 +47,7 @@ def _each(n: int, fn) -> list[float]:
 
 def _slotted(bench: Bench, rel: Release, fmt: str, scratch: Path) -> dict:
     """Ranges, a full written copy, and a copy by other means, for the exe or msi-tagged."""
-    base = rel.file(stamp.STAMP_FORMATS[fmt])
+    base = rel.file(formats.kind(fmt).base)
     # Timed with the ES256 signature of each group's enrollment: what a stamp costs in all.
     enrollments = [bench.plain(f"bench-ranges-{i}") for i in range(RANGE_RUNS)]
     sign = bench.enrollment_key.sign
@@ -57,7 +57,7 @@ def _slotted(bench: Bench, rel: Release, fmt: str, scratch: Path) -> dict:
     size = base.entry["size"]
 
     def fresh(i: int, tag: str) -> Path:
-        path = scratch / f"{fmt}-{tag}-{i}{stamp.SUFFIX[fmt]}"
+        path = scratch / f"{fmt}-{tag}-{i}{formats.kind(fmt).suffix}"
         path.unlink(missing_ok=True)
         return path
 
@@ -85,7 +85,7 @@ def _slotted(bench: Bench, rel: Release, fmt: str, scratch: Path) -> dict:
         stamp.stamp(rel, fmt, enrollment, bench.signers, out)
         whole.append(time.perf_counter() - start)
         if i == 0:
-            report = formats.get(stamp.STAMP_FORMATS[fmt]).verify(out, bench.keys.ca_cert)
+            report = formats.get(formats.kind(fmt).base).verify(out, bench.keys.ca_cert)
             got = (report.get("enrollment") or {}).get("group_id")
             if not report.get("ok") or got != enrollment.group_id:
                 raise AssertionError(f"bench: a stamped {fmt} does not verify or lost its enrollment: {report.get('detail')}")
@@ -102,14 +102,14 @@ def _slotted(bench: Bench, rel: Release, fmt: str, scratch: Path) -> dict:
 def _resigned(bench: Bench, rel: Release, fmt: str, scratch: Path, clock: ToolClock) -> dict:
     times, tools = [], []
     for i in range(STAMP_RUNS):
-        out = scratch / f"{fmt}-{i}{stamp.SUFFIX[fmt]}"
+        out = scratch / f"{fmt}-{i}{formats.kind(fmt).suffix}"
         clock.take()
         start = time.perf_counter()
         stamp.stamp(rel, fmt, bench.enrollment(f"bench-stamp-{fmt}-{i}"), bench.signers, out)
         times.append(time.perf_counter() - start)
         tools.append(clock.take())
         if i == 0:
-            report = formats.get(stamp.SUFFIX[fmt][1:]).verify(out, bench.keys.ca_cert)
+            report = formats.get(formats.kind(fmt).suffix[1:]).verify(out, bench.keys.ca_cert)
             if not report.get("ok"):
                 raise AssertionError(f"bench: a stamped {fmt} does not verify: {report.get('detail')}")
         out.unlink()
@@ -156,7 +156,7 @@ def run(bench: Bench, build_s: dict[str, float]) -> dict:
     scratch = bench.work / "stamps"
     scratch.mkdir()
     result: dict = {"release": made}
-    for fmt in stamp.SLOTTED:
+    for fmt in formats.SLOTTED:
         result[fmt] = _slotted(bench, rel, fmt, scratch)
     with ToolClock().installed() as clock:
         for fmt in ("msi", "pkg", "dmg"):
@@ -165,7 +165,7 @@ def run(bench: Bench, build_s: dict[str, float]) -> dict:
     print()
     print(f"Slot stamps (exe, msi-tagged): ranges median of {RANGE_RUNS}; copies median of {COPY_RUNS}")
     rows = []
-    for fmt in stamp.SLOTTED:
+    for fmt in formats.SLOTTED:
         r = result[fmt]
         r["ranges_verdict"] = verdict(r["ranges_median_s"], TARGETS["ranges_s"])
         r["moved_verdict"] = verdict(r["moved_pct"], TARGETS["moved_pct"])
@@ -174,7 +174,7 @@ def run(bench: Bench, build_s: dict[str, float]) -> dict:
                      ms(r["write_pieces_median_s"]), ms(r["cp_median_s"]), ms(r["copyfile_median_s"])])
     table(["format", "file bytes", "stamp_ranges", "< 5 ms", "bytes through builder", "< 1 %",
            "write_pieces", "cp (process)", "shutil.copyfile"], rows)
-    for fmt in stamp.SLOTTED:
+    for fmt in formats.SLOTTED:
         r = result[fmt]
         print(f"  {fmt}: write_pieces / cp = {r['write_pieces_median_s'] / r['cp_median_s']:.2f},"
               f" / shutil.copyfile = {r['write_pieces_median_s'] / r['copyfile_median_s']:.2f};"

@@ -183,7 +183,7 @@ class Stamps:
 @pytest.fixture(scope="module")
 def stamped(rel, signers, signed_enrollment, tmp_path_factory) -> Stamps:
     out = tmp_path_factory.mktemp("stamped")
-    results = {fmt: stamp.stamp(rel, fmt, signed_enrollment, signers, out / OUT_NAMES[fmt]) for fmt in stamp.STAMP_FORMATS}
+    results = {fmt: stamp.stamp(rel, fmt, signed_enrollment, signers, out / OUT_NAMES[fmt]) for fmt in formats.KIND_NAMES}
     return Stamps(results, time.monotonic())
 
 
@@ -230,7 +230,7 @@ def test_stamped_windows_installers_verify_with_osslsigncode(stamped, dev_keys, 
 
 @pytest.mark.parametrize("fmt", ["exe", "msi-tagged"])
 def test_a_slotted_stamp_changes_only_the_slot(rel, stamped, signed_enrollment, fmt):
-    base_file = rel.file(stamp.STAMP_FORMATS[fmt])
+    base_file = rel.file(formats.kind(fmt).base)
     base, out = base_file.path.read_bytes(), stamped.path(fmt).read_bytes()
     assert len(out) == len(base)
     extents = base_file.slot["extents"]
