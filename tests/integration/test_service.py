@@ -39,7 +39,7 @@ from builder.signing.authenticode import SigningKey
 from builder.storage import StorageSettings, open_store, publish_release
 from builder.storage.links import sign_link
 from tests.support.s3server import seaweedfs
-from tests.support.servers import free_ports
+from tests.support.servers import free_ports, stop_process
 from tests.support.service import RELEASE_VERSION, build_release, problem, serve, signers_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -888,9 +888,4 @@ def test_serve_starts_with_a_release_that_does_not_verify_and_serves_the_others(
         leaked = body["token"] in log_path.read_text()
         assert not leaked
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
