@@ -1252,6 +1252,11 @@ def forget(config: Path, registry_key: str | None) -> None:
     # config a moment before it was deleted): once it has exited, nothing writes there.
     wait_for_other_instances(FORGET_WAIT_SECONDS)
     (config.parent / "status.json").unlink(missing_ok=True)
+    # A write cut short (a service killed at shutdown) leaves its temporary file
+    # (write_private_file): it goes too, or the folder would stay.
+    for name in (config.name, "status.json"):
+        for leftover in config.parent.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
     try:
         config.parent.rmdir()
     except OSError:

@@ -1650,7 +1650,18 @@ static int cmd_forget(const wchar_t *key, const wchar_t *config)
      * checked for the config a moment before it was deleted): once it has exited, nothing
      * writes there any more. */
     wait_for_other_instances(30000);
+    /* A write cut short (a service killed at shutdown) leaves its ".tmp" beside the file: it
+     * goes too, or the folder would stay. */
+    wchar_t *tmp = calloc(wcslen(config) + 8, sizeof *tmp);
+    if (tmp) {
+        wcscpy(tmp, config);
+        wcscat(tmp, L".tmp");
+        DeleteFileW(tmp);
+        free(tmp);
+    }
     memcpy(path, config, dir * sizeof *path);
+    wcscpy(path + dir, L"status.json.tmp");
+    DeleteFileW(path);
     wcscpy(path + dir, L"status.json");
     DeleteFileW(path);
     path[dir - 1] = 0;

@@ -1029,9 +1029,10 @@ def test_forget_removes_config_and_status(agent: Agent, tmp_path: Path) -> None:
     config.parent.mkdir(parents=True)
     config.write_bytes(config_bytes(good_se()))
     (config.parent / "status.json").write_text("{}")
-    start = time.monotonic()
+    # What a write cut short leaves (a service killed at shutdown): forget takes it too.
+    (config.parent / ".status.json.4242.tmp").write_text("{")
+    (config.parent / ".enrollment.json.4242.tmp").write_text("{")
     result = agent.run("forget", "--config", str(config))
     assert result.returncode == 0, result.stderr
-    assert time.monotonic() - start < 10  # nothing to wait for on POSIX
     assert not config.parent.exists()
     assert agent.run("forget", "--config", str(config)).returncode == 0  # already gone is fine
