@@ -22,7 +22,8 @@ from builder.config import Product
 from builder.fileio import atomic_output, write_atomic
 from builder.trust import SignedEnrollment, Trust
 from builder.errors import BuilderError, OutputError, PayloadError, UsageError, VerificationError
-from builder.formats.base import BuildRequest, Signers, refuse_symlinks
+from builder.formats.base import BuildRequest, refuse_symlinks
+from builder.signing.signers import Signers
 
 PLATFORMS = {"msi": "windows", "exe": "windows", "pkg": "macos", "dmg": "macos"}
 

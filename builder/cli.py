@@ -16,7 +16,7 @@ from builder import __version__, formats, log
 from builder.config import load_product, parse_set_options, validate_version
 from builder.enrollment import Enrollment, Secret, read_token
 from builder.errors import BuilderError, ToolMissingError, UsageError
-from builder.formats.base import AppleKey, Signers
+from builder.signing.signers import AppleKey, Signers
 from builder.signing.authenticode import SIGN_PASSWORD_ENV, OfflineTSA, SigningKey
 from builder.tools import runner
 

@@ -18,7 +18,7 @@ from builder import __version__, build, formats, log
 from builder.config import Product
 from builder.errors import FormatError, OutputError, VerificationError
 from builder.fileio import write_atomic
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.tools import runner
 from builder.trust import Trust
 

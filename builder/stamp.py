@@ -26,7 +26,7 @@ from builder.binfmt import slot as slotfmt
 from builder.binfmt import tag
 from builder.trust import SignedEnrollment, verify
 from builder.errors import OutputError, SlotError, UsageError
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.release import Release, ReleaseFile
 
 _FICLONE = 0x40049409  # ioctl: share the base's blocks (btrfs, XFS); ext4 refuses, then we copy

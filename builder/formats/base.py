@@ -1,7 +1,7 @@
 """The small interface every installer format implements, and what flows through it.
 
 A format module (msi.py, exe.py, pkg.py, dmg.py) defines one class with `name`, `platform`,
-`suffix` and three methods. It renders its templates, runs its tools through
+`suffix` and the methods of `Format` below. It renders its templates, runs its tools through
 `builder.tools.runner`, signs through `builder.signing`, and returns the finished file inside
 its private work folder; `builder.build` moves it into the output folder once verified.
 """
@@ -16,28 +16,7 @@ from typing import Protocol
 from builder.config import Product
 from builder.errors import PayloadError
 from builder.trust import SignedEnrollment, Trust
-from builder.signing.authenticode import SigningKey, OfflineTSA
-
-
-@dataclass(frozen=True, kw_only=True)
-class AppleKey:
-    """A PKCS#12 holding a Developer ID identity, with its password (never from argv)."""
-
-    pkcs12: Path
-    password: "object"  # builder.enrollment.Secret
-
-
-@dataclass(frozen=True, kw_only=True)
-class Signers:
-    """How to sign each platform's output. `unsigned` only with an explicit --no-sign."""
-
-    authenticode: SigningKey | None = None
-    apple_application: AppleKey | None = None
-    apple_installer: AppleKey | None = None
-    notary: object | None = None
-    unsigned: bool = False
-    # Trusted root for verifying what was just signed (a development CA in tests and demo).
-    verify_ca: Path | None = None
+from builder.signing.signers import Signers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,4 +85,4 @@ def refuse_symlinks(folder: Path) -> None:
                                    "copy the real file or folder into the payload instead")
 
 
-__all__ = ["refuse_symlinks", "AppleKey", "BuildRequest", "Built", "Format", "Signers", "SigningKey", "OfflineTSA"]
+__all__ = ["refuse_symlinks", "BuildRequest", "Built", "Format"]

@@ -37,7 +37,8 @@ from builder.errors import ConfigError, EnrollmentError, FormatError, UsageError
 from builder.formats import macos_common as common
 from builder.formats import pkg as pkgformat
 from builder.fileio import iter_range
-from builder.formats.base import AppleKey, BuildRequest, Built
+from builder.formats.base import BuildRequest, Built
+from builder.signing.signers import AppleKey
 from builder.tools import runner, xorriso
 
 SETTINGS_FILE = TEMPLATES_DIR / "dmg" / "settings.py"

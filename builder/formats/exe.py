@@ -28,7 +28,8 @@ from builder import log, render
 from builder.binfmt.nsis import embedded_uninstaller, locate, version_strings
 from builder.config import Product
 from builder.errors import ConfigError, FormatError, ToolFailedError, UsageError, VerificationError
-from builder.formats.base import BuildRequest, Built, SigningKey
+from builder.formats.base import BuildRequest, Built
+from builder.signing.authenticode import SigningKey
 from builder.formats import slotted
 from builder.formats.windows_payload import EXE_UNINSTALLER, exe_arp_key, installed_trust, payload_files, stage_trust
 from builder.signing import authenticode

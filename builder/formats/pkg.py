@@ -31,7 +31,8 @@ from builder.binfmt.bom import build_bom_entries
 from builder.errors import FormatError, UsageError
 from builder.fileio import atomic_output
 from builder.formats import macos_common as common
-from builder.formats.base import AppleKey, BuildRequest, Built
+from builder.formats.base import BuildRequest, Built
+from builder.signing.signers import AppleKey
 from builder.trust import SignedEnrollment, describe
 
 UNSIGNED_NAME = "agent.unsigned.pkg"

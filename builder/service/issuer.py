@@ -36,7 +36,7 @@ from rich.markup import escape
 
 from builder.errors import FormatError, StorageError, UsageError, VerificationError
 from builder.fileio import iter_range, write_atomic
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.release import Release
 from builder.service.problems import (  # noqa: F401 - the service's errors, importable from here too
     FormatNotInRelease,

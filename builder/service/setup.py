@@ -10,7 +10,7 @@ from pathlib import Path
 
 from builder import log
 from builder.errors import UsageError
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.service.issuer import Audit, Issuer
 from builder.storage import StorageSettings, open_store
 

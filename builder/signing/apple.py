@@ -78,7 +78,7 @@ from builder.binfmt.macho import (
     superblob_entries,
 )
 from builder.errors import FormatError, NotarizationError, SigningError, UsageError
-from builder.formats.base import AppleKey
+from builder.signing.signers import AppleKey
 
 try:  # the native library is large; a machine that never signs for macOS need not load it
     import apple_platform as ap

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from builder.config import Product, load_product
 from builder.enrollment import Enrollment, Secret
-from builder.formats.base import AppleKey, Signers
+from builder.signing.signers import AppleKey, Signers
 from builder.signing import devca
 from builder.signing.authenticode import SigningKey
 from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey, create_dev_key

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from builder.binfmt import bom, cpio, udif, xar
 from builder.enrollment import Secret
 from builder.errors import FormatError, NotarizationError, SigningError
-from builder.formats.base import AppleKey
+from builder.signing.signers import AppleKey
 from builder.signing import apple, devca
 from tests.support import applepki, xarcheck
 

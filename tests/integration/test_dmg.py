@@ -18,7 +18,7 @@ from builder.config import load_product
 from builder.errors import ConfigError, FormatError, ToolMissingError
 from builder.formats import dmg as dmgformat
 from builder.formats import macos_common
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.formats.dmg import DmgFormat, make_dmg
 from tests.integration.test_pkg import (  # noqa: F401 (fixtures)
     CONFIG,

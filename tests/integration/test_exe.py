@@ -22,7 +22,8 @@ from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
 from builder.errors import FormatError, SigningError
 from builder.formats import exe
-from builder.formats.base import BuildRequest, Signers
+from builder.formats.base import BuildRequest
+from builder.signing.signers import Signers
 from builder.errors import UsageError
 from builder.signing.authenticode import SigningKey
 from builder.trust import TRUST_FILE

@@ -25,7 +25,8 @@ from builder import build as builder_build
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
 from builder.errors import FormatError
-from builder.formats.base import BuildRequest, Signers
+from builder.formats.base import BuildRequest
+from builder.signing.signers import Signers
 from builder.formats.msi import MsiFormat
 from builder.signing.authenticode import SigningKey
 from builder.tools import msitools, runner

@@ -22,7 +22,7 @@ from builder.binfmt import ticket as ticketfmt
 from builder.binfmt import udif, xar
 from builder.enrollment import Secret
 from builder.errors import NotarizationError
-from builder.formats.base import AppleKey
+from builder.signing.signers import AppleKey
 from builder.signing import apple, notary
 from tests.support import applepki, xarcheck
 from tests.support.notary_standin import NotaryStandIn

@@ -40,7 +40,7 @@ import pytest
 from builder import release, stamp
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.formats.msi import MsiFormat
 from builder.signing.authenticode import SigningKey
 from builder.tools import msitools

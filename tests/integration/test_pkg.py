@@ -37,7 +37,8 @@ from tests.support import signed as oracle
 from tests.support.enrollkeys import KEY, new_key, trust_of
 from builder.errors import FormatError, PayloadError, UsageError
 from builder.formats import macos_common
-from builder.formats.base import AppleKey, BuildRequest, Signers
+from builder.formats.base import BuildRequest
+from builder.signing.signers import AppleKey, Signers
 from builder.formats.pkg import PkgFormat, sign_pkg
 
 REPO = Path(__file__).resolve().parents[2]

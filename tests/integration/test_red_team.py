@@ -236,7 +236,7 @@ def test_pkg_stamp_writes_its_intermediate_only_into_a_private_folder(tmp_path, 
     from builder import release, stamp
     from builder.config import load_product
     from builder.enrollment import Enrollment
-    from builder.formats.base import Signers
+    from builder.signing.signers import Signers
 
     rel_dir = tmp_path / "release"
     release.release(format_names=["pkg"], product=load_product(), version="1.2.3", payload=test_payload,

@@ -15,7 +15,7 @@ from builder import log, release
 from builder.config import load_product
 from builder.enrollment import Secret
 from builder.errors import VerificationError
-from builder.formats.base import AppleKey, Signers
+from builder.signing.signers import AppleKey, Signers
 from builder.signing import devca
 from builder.signing.authenticode import SigningKey
 

@@ -32,7 +32,7 @@ from builder.binfmt import pe, pkcs7, tag
 from builder.binfmt.slot import encode_slot
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.signing.authenticode import SigningKey
 from builder.signing.enrollment_key import FileEnrollmentKey
 from builder.trust import PinnedKey, Trust

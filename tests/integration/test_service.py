@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from builder.errors import UsageError
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.service.app import ServiceSettings, create_app
 from builder.service.issuer import Issuer, token_fingerprint
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer

@@ -34,7 +34,7 @@ from builder.binfmt import tag
 from builder.config import load_product
 from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret
 from builder.errors import FormatError, SlotError, UsageError, VerificationError
-from builder.formats.base import AppleKey, Signers
+from builder.signing.signers import AppleKey, Signers
 from builder.signing.authenticode import SigningKey
 from builder.signing.enrollment_key import DEV_KEY_NAME
 from builder.trust import TRUST_FILE, SignedEnrollment, Trust

@@ -32,7 +32,7 @@ from rq.job import Job
 
 from builder.service.app import ServiceSettings, create_app
 from builder.enrollment import Enrollment, Secret
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.service.issuer import Issuer, request_id
 from builder.service.jobs import QUEUE_NAME
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer

@@ -14,7 +14,7 @@ import uvicorn
 
 from builder import release
 from builder.config import load_product
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.signing.authenticode import SigningKey
 from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey
 from builder.trust import Trust

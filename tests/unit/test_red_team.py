@@ -193,7 +193,7 @@ def test_the_prefix_hash_cache_is_bounded(tmp_path):
 def test_waiting_for_a_queued_job_backs_off(tmp_path):
     from builder.service.issuer import Audit, Issuer
     from builder.storage import ObjectNotFoundError
-    from builder.formats.base import Signers
+    from builder.signing.signers import Signers
 
     class Store:
         kind = "file"

@@ -30,7 +30,7 @@ from builder.errors import (
     UsageError,
     VerificationError,
 )
-from builder.formats.base import Signers
+from builder.signing.signers import Signers
 from builder.service import jobs
 from builder.service.issuer import Audit, Issuer, Record, Refusal, _Damaged
 from builder.service.problems import (

@@ -1,0 +1,33 @@
+"""What signs a run's output: the key types and the one object that carries them.
+
+They live with the signing code: formats, release, stamp, the CLI and the service name them
+without depending on each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.signing.authenticode import SigningKey
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppleKey:
+    """A PKCS#12 holding a Developer ID identity, with its password (never from argv)."""
+
+    pkcs12: Path
+    password: "object"  # builder.enrollment.Secret
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signers:
+    """How to sign each platform's output. `unsigned` only with an explicit --no-sign."""
+
+    authenticode: SigningKey | None = None
+    apple_application: AppleKey | None = None
+    apple_installer: AppleKey | None = None
+    notary: object | None = None
+    unsigned: bool = False
+    # Trusted root for verifying what was just signed (a development CA in tests and demo).
+    verify_ca: Path | None = None
