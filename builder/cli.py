@@ -78,7 +78,9 @@ def development_signers(signers: Signers) -> bool:
     if signers.apple_application is not None or signers.apple_installer is not None:
         from builder.signing import apple
 
-        subjects += [apple.identity_subject(k) for k in (signers.apple_application, signers.apple_installer) if k]
+        # The whole subject: Apple's CN names the team only; `dev-keys` marks its O.
+        subjects += [apple.open_identity(k).certificate.subject.rfc4514_string()
+                     for k in (signers.apple_application, signers.apple_installer) if k]
     return bool(subjects) and all(DEVELOPMENT_MARK in s for s in subjects)
 
 

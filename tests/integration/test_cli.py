@@ -254,7 +254,7 @@ def release_args(out, payload, key, *extra):
     return ["release", "--version", "1.0.0", "--payload", payload, "--out", out, "--enrollment-key", key, *extra]
 
 
-def test_real_keys_refuse_the_example_identity(tmp_path, test_payload, vendor_keys, enrollment_key_file):
+def test_real_keys_refuse_the_example_identity(tmp_path, test_payload, vendor_keys, dev_keys, enrollment_key_file):
     sign = ["--format", "exe", "--sign-cert", vendor_keys.cert, "--sign-key", vendor_keys.key, "--ca", vendor_keys.ca]
     out = tmp_path / "rel"
     proc = run_cli(*release_args(out, test_payload, enrollment_key_file, *sign))
@@ -270,6 +270,14 @@ def test_real_keys_refuse_the_example_identity(tmp_path, test_payload, vendor_ke
                         'pkg_identifier = "com.acme.agent.pkg"\nconsole_url = "https://console.acme.test"\n'
                         'console_hosts = ["console.acme.test"]\n')
     proc = run_cli(*release_args(out, test_payload, enrollment_key_file, *sign, "--config", identity))
+    assert proc.returncode == 0, proc.stderr
+    # The DEVELOPMENT keys of `builder dev-keys` (Mac identities included) may sign the example
+    # identity: that is what `make demo` does.
+    mac = ["--mac-sign-pkcs12", dev_keys.folder / "mac-developer-id-application.p12",
+           "--mac-sign-pkcs12", dev_keys.folder / "mac-developer-id-installer.p12"]
+    proc = run_cli(*release_args(tmp_path / "dev", test_payload, enrollment_key_file, "--format", "exe", "--format", "pkg",
+                                 "--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key, "--ca", dev_keys.ca_cert,
+                                 *mac), env={"BUILDER_MAC_SIGN_PASSWORD": "development"})
     assert proc.returncode == 0, proc.stderr
     # Or, knowingly, the example one.
     proc = run_cli(*release_args(tmp_path / "rel2", test_payload, enrollment_key_file, *sign, "--allow-example-identity"))
