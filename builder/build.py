@@ -25,7 +25,6 @@ from builder.errors import BuilderError, OutputError, PayloadError, UsageError, 
 from builder.formats.base import BuildRequest, refuse_symlinks
 from builder.signing.signers import Signers
 
-PLATFORMS = {"msi": "windows", "exe": "windows", "pkg": "macos", "dmg": "macos"}
 
 
 @dataclass(frozen=True)
@@ -74,26 +73,24 @@ def check_payload(payload: Path, platform: str, product: Product) -> None:
             raise PayloadError(f"--payload {payload}: {platform}/{product.agent_exe} is missing or empty", "build the Windows agent (make payload)")
 
 
-# The identities each format signs with; checked before any format runs, so that a missing Mac
-# identity does not surface after the Windows installers were built.
-_NEEDS = {
-    "msi": (("authenticode", "an Authenticode signing key", "--sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11"),),
-    "exe": (("authenticode", "an Authenticode signing key", "--sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11"),),
-    "pkg": (("apple_installer", "a Developer ID Installer identity", "--mac-sign-pkcs12 with a 'Developer ID Installer' .p12"),),
-    "dmg": (("apple_application", "a Developer ID Application identity", "--mac-sign-pkcs12 with a 'Developer ID Application' .p12"),
-            ("apple_installer", "a Developer ID Installer identity (for the pkg inside)",
-             "--mac-sign-pkcs12 with a 'Developer ID Installer' .p12")),
+# How to ask for each identity a format signs with (the format names them: `signed_with`).
+_IDENTITIES = {
+    "authenticode": ("an Authenticode signing key", "--sign-cert with --sign-key, --sign-pkcs12 or --sign-pkcs11"),
+    "apple_application": ("a Developer ID Application identity", "--mac-sign-pkcs12 with a 'Developer ID Application' .p12"),
+    "apple_installer": ("a Developer ID Installer identity", "--mac-sign-pkcs12 with a 'Developer ID Installer' .p12"),
 }
 
 
-def check_identities(format_names: list[str], signers: Signers) -> None:
-    """UsageError naming the first format whose signing identity is missing, before any tool runs."""
+def check_identities(chosen: list, signers: Signers) -> None:
+    """UsageError naming the first format whose signing identity is missing, before any format
+    runs: a missing Mac identity does not surface after the Windows installers were built."""
     if signers.unsigned:
         return
-    for name in format_names:
-        for attr, what, fix in _NEEDS.get(name, ()):
-            if getattr(signers, attr, None) is None:
-                raise UsageError(f"the {name} needs {what}", f"give {fix}, or --no-sign")
+    for fmt in chosen:
+        for attr in fmt.signed_with:
+            if getattr(signers, attr) is None:
+                what, fix = _IDENTITIES[attr]
+                raise UsageError(f"the {fmt.name} needs {what}", f"give {fix}, or --no-sign")
 
 
 def build(
@@ -113,7 +110,7 @@ def build(
     chosen = [formats.get(n) for n in dict.fromkeys(format_names)]
     for fmt in chosen:
         check_payload(payload, fmt.platform, product)
-    check_identities([fmt.name for fmt in chosen], signers)
+    check_identities(chosen, signers)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -86,12 +86,12 @@ def development_signers(signers: Signers) -> bool:
 
 def guard_example_identity(product, signers: Signers, trust, allow: bool) -> None:
     """ConfigError when real keys would sign the example product identity or console hosts."""
-    from builder.config import IDENTITY_FIELDS, example_fields, is_example_host
+    from builder.config import example_fields, is_example_host
 
     signing = signers.authenticode or signers.apple_application or signers.apple_installer
     if allow or not signing or development_signers(signers):
         return  # no key at all is the formats' own error, before any tool runs
-    found = [", ".join(f for f in example_fields(product) if f in IDENTITY_FIELDS)]
+    found = [", ".join(example_fields(product))]
     hosts = [h for h in trust.console_hosts if is_example_host(h)]
     if hosts:
         found.append("console hosts " + ", ".join(hosts))
@@ -745,22 +745,10 @@ def prune_cmd(storage_url, keep, dry_run, as_json):
 def issued_cmd(state_dir, account_id, group_id, as_json):
     """What the service issued to an account (or one group), from its audit log: installers,
     signed enrollments and refusals, with the key id and the token's fingerprint, never the token."""
-    import sqlite3
+    from builder.service.issuer import Audit
+    from builder.service.setup import AUDIT_FILE
 
-    path = state_dir / "audit.sqlite"
-    if not path.is_file():
-        raise UsageError(f"--state {state_dir}: no audit log (audit.sqlite)", "give the folder `builder serve --state` uses")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        db.row_factory = sqlite3.Row
-        query, params = "SELECT * FROM audit WHERE account_id = ?", [account_id]
-        if group_id:
-            query, params = query + " AND group_id = ?", [*params, group_id]
-        rows = [dict(r) for r in db.execute(query + " ORDER BY rowid", params)]
-    except sqlite3.DatabaseError as exc:
-        raise UsageError(f"--state {state_dir}: audit.sqlite is unreadable ({exc})", "give the service's state folder") from None
-    finally:
-        db.close()
+    rows = Audit.read(state_dir / AUDIT_FILE, account_id, group_id)
     for r in rows:
         r["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.pop("ts")))
     if as_json:

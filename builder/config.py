@@ -157,6 +157,11 @@ def is_version(text: object) -> bool:
     return isinstance(text, str) and _VERSION_RE.fullmatch(text) is not None
 
 
+def version_key(version: str) -> tuple[int, ...]:
+    """The order of release versions (MAJOR.MINOR.BUILD, is_version): newest last when sorted."""
+    return tuple(int(p) for p in version.split("."))
+
+
 def validate_version(version: str) -> str:
     """MSI ProductVersion rules: major.minor.build, major and minor < 256, build < 65536."""
     if not is_version(version):
@@ -179,12 +184,7 @@ def is_example_host(host: str) -> bool:
 
 
 def example_fields(product: Product) -> list[str]:
-    """The product identity fields still at the embedded example values (the example console
-    hosts included): what a signed release must not ship."""
+    """The product identity fields still at the embedded example values: what a release signed
+    with real keys must not ship (its console hosts are checked where they are pinned)."""
     defaults = load_product()
-    same = [f for f in IDENTITY_FIELDS if getattr(product, f) == getattr(defaults, f)]
-    if any(is_example_host(h) for h in product.console_hosts):
-        same.append("console_hosts")
-    if is_example_host(urlsplit(product.console_url).hostname or ""):
-        same.append("console_url")
-    return same
+    return [f for f in IDENTITY_FIELDS if getattr(product, f) == getattr(defaults, f)]

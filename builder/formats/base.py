@@ -50,6 +50,7 @@ class Format(Protocol):
     name: str  # "msi", "exe", "pkg", "dmg"
     platform: str  # "windows" or "macos": the payload sub-folder it takes
     suffix: str  # ".msi"
+    signed_with: tuple[str, ...]  # the Signers fields a signed build needs ("authenticode", ...)
 
     def build(self, request: BuildRequest) -> Built:
         """Render, run the tools, sign, and return the finished file in request.work."""

@@ -265,6 +265,7 @@ class DmgFormat:
     name = "dmg"
     platform = "macos"
     suffix = ".dmg"
+    signed_with = ("apple_application", "apple_installer")  # the image, and the pkg inside  # Signers fields a signed build needs
 
     def build(self, request: BuildRequest) -> Built:
         signers = request.signers

@@ -163,6 +163,7 @@ class ExeFormat:
     name = "exe"
     platform = "windows"
     suffix = ".exe"
+    signed_with = ("authenticode",)  # Signers fields a signed build needs
 
     def build(self, request: BuildRequest) -> Built:
         product, version, enrollment, signers = request.product, request.version, request.enrollment, request.signers

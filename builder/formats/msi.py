@@ -278,6 +278,7 @@ class MsiFormat:
     name = "msi"
     platform = "windows"
     suffix = ".msi"
+    signed_with = ("authenticode",)  # Signers fields a signed build needs
 
     def build(self, request: BuildRequest) -> Built:
         product, version, enrollment = request.product, request.version, request.enrollment

@@ -124,6 +124,7 @@ class PkgFormat:
     name = "pkg"
     platform = "macos"
     suffix = ".pkg"
+    signed_with = ("apple_installer",)  # Signers fields a signed build needs
 
     def build(self, request: BuildRequest) -> Built:
         path, signer, details = self.build_signed(request)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import formats, log, stamp
-from builder.config import is_version
+from builder.config import is_version, version_key
 from builder.enrollment import Enrollment, Secret
 from rich.markup import escape
 
@@ -74,10 +74,6 @@ def request_id(release: str, fmt: str, enrollment: Enrollment) -> str:
     material = "\0".join([release, fmt, enrollment.account_id, enrollment.group_id, enrollment.console_url,
                           token_fingerprint(enrollment.token)])
     return hashlib.sha256(b"builder-installer-v1\0" + material.encode()).hexdigest()[:32]
-
-
-def _version_key(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split("."))
 
 
 def _stamp_formats(rel: Release) -> list[str]:
@@ -197,6 +193,26 @@ class Audit:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    @staticmethod
+    def read(path: Path, account_id: str, group_id: str | None = None) -> list[dict]:
+        """An account's (or one group's) rows, oldest first, from a service's log opened read-only
+        (`builder issued`: the service may be running and writing it)."""
+        if not path.is_file():
+            raise UsageError(f"--state {path.parent}: no audit log ({path.name})", "give the folder `builder serve --state` uses")
+        query, params = "SELECT * FROM audit WHERE account_id = ?", [account_id]
+        if group_id:
+            query, params = query + " AND group_id = ?", [*params, group_id]
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            cur = db.execute(query + " ORDER BY rowid", params)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur.fetchall()]
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"--state {path.parent}: {path.name} is unreadable ({exc})",
+                             "give the folder `builder serve --state` uses") from None
+        finally:
+            db.close()
+
 
 class Issuer:
     """Turns requests into stored installers. Thread-safe; one per process."""
@@ -237,7 +253,7 @@ class Issuer:
             parts = obj.key.split("/")
             if parts[-1] == "manifest.json" and is_version(parts[-2]):
                 seen.add(parts[-2])
-        versions = sorted(seen, key=_version_key)
+        versions = sorted(seen, key=version_key)
         self._versions = (now, versions)
         return versions
 
@@ -287,7 +303,7 @@ class Issuer:
         /healthz and /metrics."""
         with self._states_lock:
             ok, refused = list(self._releases), dict(self._refused)
-        return sorted(ok, key=_version_key), {v: refused[v] for v in sorted(refused, key=_version_key)}
+        return sorted(ok, key=version_key), {v: refused[v] for v in sorted(refused, key=version_key)}
 
     def formats_of(self, version: str) -> list[str]:
         return _stamp_formats(self.open_release(version)[0])

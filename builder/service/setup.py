@@ -15,6 +15,7 @@ from builder.service.issuer import Audit, Issuer
 from builder.storage import StorageSettings, open_store
 
 RELEASES_PREFIX = "dist"
+AUDIT_FILE = "audit.sqlite"  # in --state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +34,7 @@ def make_issuer(opts: ServiceOptions, environ=os.environ) -> Issuer:
     opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cache = opts.state_dir / "cache"
     cache.mkdir(exist_ok=True)
-    issuer = Issuer(store, signers=opts.signers, cache_dir=cache, audit=Audit(opts.state_dir / "audit.sqlite"),
+    issuer = Issuer(store, signers=opts.signers, cache_dir=cache, audit=Audit(opts.state_dir / AUDIT_FILE),
                     releases_prefix=RELEASES_PREFIX, ca=opts.ca, enrollment_key=opts.enrollment_key)
     if opts.redis_url:
         from builder.service import jobs

@@ -143,40 +143,30 @@ def check_code_signing_cert(path: Path) -> None:
 
 
 def check_key_matches(key: SigningKey) -> None:
-    """Open a PEM key or PKCS#12 once, before any tool runs: a wrong password, or a key that is
-    not the certificate's, is named here instead of failing inside osslsigncode."""
+    """Open the key before any tool runs: a wrong password, or a PEM key that is not the
+    certificate's, is named here instead of failing inside osslsigncode. A PKCS#12 is opened by
+    certificate() (its key and certificate come as a pair); an HSM key by osslsigncode's engine."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.serialization import pkcs12
 
+    leaf = key.certificate()  # a PKCS#12's wrong password: SigningError naming the file
+    if key.kind != "pem" or leaf is None:
+        return
     password = key.password.reveal().encode() if key.password else None
+    data = Path(key.key).read_bytes()
     try:
-        if key.kind == "pem":
-            data = Path(key.key).read_bytes()
-            try:
-                private = serialization.load_pem_private_key(data, password)
-            except TypeError:  # encrypted without a password, or a password for a plain key
-                if password is None:
-                    raise SigningError(f"--sign-key {key.key} is encrypted", f"set {SIGN_PASSWORD_ENV}") from None
-                private = serialization.load_pem_private_key(data, None)
-            leaf = x509.load_pem_x509_certificates(Path(key.cert).read_bytes())[0]
-            label = f"--sign-key {key.key}"
-        elif key.kind == "pkcs12":
-            private, leaf, _ = pkcs12.load_key_and_certificates(Path(key.pkcs12).read_bytes(), password)
-            label = f"--sign-pkcs12 {key.pkcs12}"
-            if private is None or leaf is None:
-                raise SigningError(f"{label} holds no key with its certificate", "export the key with its certificate chain")
-        else:
-            return  # an HSM key: osslsigncode's engine opens it
+        try:
+            private = serialization.load_pem_private_key(data, password)
+        except TypeError:  # encrypted without a password, or a password for a plain key
+            if password is None:
+                raise SigningError(f"--sign-key {key.key} is encrypted", f"set {SIGN_PASSWORD_ENV}") from None
+            private = serialization.load_pem_private_key(data, None)
     except ValueError:
-        raise SigningError("the signing key could not be opened: wrong password or not a key",
+        raise SigningError(f"--sign-key {key.key} could not be opened: wrong password or not a PEM key",
                            f"check {SIGN_PASSWORD_ENV} and the file") from None
-    except OSError as exc:
-        raise SigningError(f"the signing key could not be read ({exc.strerror})", "check the path") from None
-    raw = serialization.PublicFormat.SubjectPublicKeyInfo
-    if private.public_key().public_bytes(serialization.Encoding.DER, raw) != leaf.public_key().public_bytes(
-            serialization.Encoding.DER, raw):
-        raise SigningError(f"{label} is not the key of the certificate "
-                           f"({leaf.subject.rfc4514_string()})", "give the key that belongs to the certificate")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise SigningError(f"--sign-key {key.key} is not the key of the certificate ({leaf.subject.rfc4514_string()})",
+                           "give the key that belongs to the certificate")
 
 
 def sign(key: SigningKey, src: Path, dst: Path, *, signing_time: int | None = None) -> None:

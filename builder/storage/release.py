@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from builder import log
+from builder.config import is_version, version_key
 from builder.errors import PayloadError, StorageError
 from builder.storage.errors import ReleaseConflictError
 from builder.storage.keys import content_key, join_key, validate_key, validate_prefix
@@ -115,16 +116,13 @@ def published_releases(store: Store, prefix: str) -> list[dict]:
         manifest = json.loads(store.get(entry["key"])) if entry else {}
         found.append({"version": index.get("version"), "formats": sorted(manifest.get("files", {})),
                       "signed": manifest.get("signed"), "builder": manifest.get("builder")})
-    return sorted(found, key=lambda r: _version_key(r["version"] or ""))
+    # Only MAJOR.MINOR.BUILD names are releases (what publish and the service accept).
+    return sorted((r for r in found if is_version(r["version"])), key=lambda r: version_key(r["version"]))
 
 
 def latest_per_format(releases: list[dict]) -> dict[str, str]:
     """format -> the newest version holding it, from published_releases() (oldest first)."""
     return {fmt: r["version"] for r in releases for fmt in r["formats"]}
-
-
-def _version_key(version: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.+-]", version))
 
 
 def prune_plan(store: Store, prefix: str, keep: int) -> dict:
@@ -146,7 +144,10 @@ def prune_plan(store: Store, prefix: str, keep: int) -> dict:
         record = json.loads(store.get(info.key))
         if record.get("release") in remove:
             records.append(info.key)
-            issued.append(record["key"])
+            # Only what the service stores per installer: a record naming anything else (a
+            # release object, another record) removes nothing but itself.
+            if str(record.get("key", "")).startswith(("installers/", "stamps/")):
+                issued.append(record["key"])
     objects = sorted({e["key"] for v in remove for e in indexes[v]["files"].values()} - needed)
     keys = records + sorted(set(issued)) + [manifest_key(base, v) for v in remove] + objects
     return {"keep": [r["version"] for r in releases if r["version"] in kept], "remove": remove, "keys": keys}

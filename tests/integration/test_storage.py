@@ -660,14 +660,19 @@ def test_prune_removes_old_releases_and_what_only_they_use(make_store, kind, tmp
     for rid, version in (("a" * 32, "1.0.1"), ("b" * 32, "1.0.0")):
         store.put_if_absent(f"installers/{rid[:2]}/{rid}.msi", b"installer of " + version.encode())
         store.put_if_absent(f"records/{rid}.json", json.dumps({"release": version, "key": f"installers/{rid[:2]}/{rid}.msi"}).encode())
+    # A record that names a kept release's object (written by anyone but the service): that object stays.
+    kept_object = json.loads(store.get("dist/releases/1.0.2/manifest.json"))["files"]["agent.msi"]["key"]
+    store.put_if_absent(f"records/{'c' * 32}.json", json.dumps({"release": "1.0.1", "key": kept_object}).encode())
     old_objects = {e["key"] for e in json.loads(store.get("dist/releases/1.0.1/manifest.json"))["files"].values()}
     plan = prune_plan(store, "dist", keep=1)
     assert (plan["keep"], plan["remove"]) == (["1.0.0", "1.0.2"], ["1.0.1"])
-    assert plan["keys"][:2] == [f"records/{'a' * 32}.json", f"installers/aa/{'a' * 32}.msi"]  # records first
+    assert plan["keys"][:3] == [f"records/{'a' * 32}.json", f"records/{'c' * 32}.json",  # records first
+                                f"installers/aa/{'a' * 32}.msi"]
     prune(store, plan)
     left = {o.key for o in store.list()}
     assert not (old_objects & left) and not any(k.startswith("dist/releases/1.0.1/") for k in left)
     assert f"records/{'b' * 32}.json" in left and f"installers/bb/{'b' * 32}.msi" in left
+    assert kept_object in left and f"records/{'c' * 32}.json" not in left
     assert [r["version"] for r in published_releases(store, "dist")] == ["1.0.0", "1.0.2"]
     for version in ("1.0.0", "1.0.2"):  # what stays is whole
         index = json.loads(store.get(f"dist/releases/{version}/manifest.json"))
