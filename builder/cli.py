@@ -24,6 +24,17 @@ MAC_SIGN_PASSWORD_ENV = "BUILDER_MAC_SIGN_PASSWORD"
 ENROLLMENT_KEY_PASSWORD_ENV = "BUILDER_ENROLLMENT_KEY_PASSWORD"
 
 
+# The library names the input an error concerns (BuilderError.field); the command line says
+# which of its options gave it.
+OPTION_OF_FIELD = {"account_id": "--account-id", "group_id": "--group-id", "console_url": "--console-url",
+                   "release": "--release", "format": "--format"}
+
+
+def cli_words(exc: BuilderError) -> str:
+    message = exc.worded(lambda name: OPTION_OF_FIELD.get(name, name))
+    return f"{message}: {exc.hint}" if exc.hint else message
+
+
 def handle_errors(fn):
     """Turn a BuilderError into one line on stderr and its exit code; anything else is a bug."""
 
@@ -32,7 +43,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BuilderError as exc:
-            log.console.print(f"[bold red]error:[/] {escape(log.redact(str(exc)))}", soft_wrap=True)
+            log.console.print(f"[bold red]error:[/] {escape(log.redact(cli_words(exc)))}", soft_wrap=True)
             sys.exit(exc.exit_code)
 
     return wrapper

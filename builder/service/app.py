@@ -80,10 +80,10 @@ class ServiceSettings:
 
 # The enrollment's rules, stated in the OpenAPI document for the console's developers. Only
 # documented here: builder.enrollment checks them, with messages that say what is allowed.
-_ID_DOC = {"pattern": enrollment_rules._ID_RE.pattern}
-_TOKEN_DOC = {"pattern": enrollment_rules._TOKEN_RE.pattern, "writeOnly": True}
+_ID_DOC = {"pattern": enrollment_rules.ID_RE.pattern}
+_TOKEN_DOC = {"pattern": enrollment_rules.TOKEN_RE.pattern, "writeOnly": True}
 _RELEASE_DOC = {"pattern": r"^(latest|[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,5})$"}
-_URL_DOC = {"pattern": "^https://" + enrollment_rules._URL_CHARS_RE.pattern.removeprefix("^")}
+_URL_DOC = {"pattern": "^https://" + enrollment_rules.URL_CHARS_RE.pattern.removeprefix("^")}
 
 
 class InstallerRequest(BaseModel):
@@ -362,7 +362,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
                 return None
             return value
         issuer.audit.record(who, "refused", fmt=fmt, release=valid("release", body.release),
-                            account_id=valid("account-id", body.account_id), group_id=valid("group-id", body.group_id),
+                            account_id=valid("account_id", body.account_id), group_id=valid("group_id", body.group_id),
                             detail=problem.code)
 
     @app.post("/v1/installers", response_model=InstallerResponse, responses={**_ERRORS, 202: {"model": InstallerResponse}},
@@ -445,8 +445,8 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
 
     @app.post("/v1/revocations", tags=["tokens"], responses=_ERRORS)
     def revoke(body: RevocationRequest, who: str = Depends(caller)) -> dict:
-        validate_id("account-id", body.account_id)
-        validate_id("group-id", body.group_id)
+        validate_id("account_id", body.account_id)
+        validate_id("group_id", body.group_id)
         validate_token(Secret(body.token))
         fp = issuer.revoke(who, body.account_id, body.group_id, Secret(body.token))
         return {"revoked": True, "token_fingerprint": "sha256:" + fp[:16]}

@@ -38,7 +38,7 @@ from rq.job_lifecycle import call_exception_handlers
 
 from builder import formats, log
 from builder.trust import SignedEnrollment
-from builder.errors import BuilderError, UsageError
+from builder.errors import BuilderError, QueueError, UsageError, WorkerFailedError
 from builder.service.problems import NotConfigured, Problem, describe, unexpected
 from builder.storage.errors import StorageUnavailableError
 
@@ -67,8 +67,9 @@ def fernet_from(key: str | None) -> Fernet:
         raise UsageError("BUILDER_QUEUE_KEY is not a Fernet key (32 url-safe base64 bytes)", "generate a new one") from None
 
 
-class QueueUnavailableError(StorageUnavailableError):
-    """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500."""
+class QueueUnavailableError(QueueError, StorageUnavailableError):
+    """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500 (exit
+    code: the queue's)."""
 
     code = "queue_unavailable"
 
@@ -285,7 +286,7 @@ def _produce(doc: dict) -> dict:
     return {"id": rec.id, "sha256": rec.sha256, "key": rec.key}
 
 
-class HelperFailed(BuilderError):
+class HelperFailed(WorkerFailedError):
     """The signing helper died (RQ retries the job with a new helper), or failed the job with
     `problem`, which says whether RQ retries it."""
 

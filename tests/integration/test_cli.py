@@ -47,11 +47,6 @@ def base_args(out, payload, key: Path | None = None):
             "--enrollment-key", key]
 
 
-def test_exit_codes_are_distinct():
-    codes = [cls.exit_code for cls in errors.ALL_ERRORS]
-    assert len(codes) == len(set(codes))
-
-
 @pytest.mark.parametrize(
     "extra, code, words",
     [

@@ -64,11 +64,13 @@ def test_the_readme_table_lists_every_code_with_its_status():
 
 CASES = [
     # (error, status, code, field, transient)
-    (EnrollmentError("--group-id has a character outside the allowed set", "use ASCII letters"), 422, "invalid_field", "group_id", False),
-    (EnrollmentError("the enrollment token is empty", "give the group's enrollment token"), 422, "invalid_field", "token", False),
-    (EnrollmentError("--console-url is not allowed by this release: host x is not pinned",
-                     "use a pinned console host, or build a release that pins it (--console-host)"), 422, "invalid_field",
-     "console_url", False),
+    (EnrollmentError("{field} has a character outside the allowed set", "use ASCII letters", field="group_id"),
+     422, "invalid_field", "group_id", False),
+    (EnrollmentError("the enrollment token is empty", "give the group's enrollment token", field="token"),
+     422, "invalid_field", "token", False),
+    (EnrollmentError("{field} is not allowed by this release: host x is not pinned",
+                     "use a pinned console host, or build a release that pins it (--console-host)", field="console_url"),
+     422, "invalid_field", "console_url", False),
     (UnknownRelease("release 9.9.9 is not published"), 404, "unknown_release", "release", False),
     (FormatNotInRelease("release 1.0.1 has no pkg installer"), 404, "format_not_in_release", "format", False),
     (ReleaseRefused("release 1.0.2 does not verify on this service"), 503, "release_refused", "release", False),
@@ -119,9 +121,10 @@ def test_a_problem_found_elsewhere_is_answered_as_it_was_found():
     assert describe(jobs.HelperFailed("UsageError: ...", problem=travelled)) == found
 
 
-def test_cli_words_become_field_names_and_cli_advice_is_dropped():
-    problem = describe(EnrollmentError("--console-url is not allowed by this release: host a.example is not pinned",
-                                       "use a pinned console host, or build a release that pins it (--console-host)"))
+def test_fields_are_named_as_the_request_names_them_and_cli_advice_is_dropped():
+    problem = describe(EnrollmentError("{field} is not allowed by this release: host a.example is not pinned",
+                                       "use a pinned console host, or build a release that pins it (--console-host)",
+                                       field="console_url"))
     assert problem.message == ("console_url is not allowed by this release: host a.example is not pinned: "
                                "use a pinned console host, or build a release that pins it")
     usage = describe(UsageError("the MSI needs an Authenticode signing key",
