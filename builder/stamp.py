@@ -135,7 +135,7 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
             signer, resigned = base.entry.get("signer"), False
         else:
             with log.step(f"{fmt}: bake and sign"):
-                built = formats.get(fmt).stamp(release, enrollment, signers, partial)
+                built = formats.get(fmt).stamp(release, enrollment, signers.for_product(release.product().name), partial)
             written, signer, resigned = partial.stat().st_size, built.signer, not signers.unsigned
             notarization = (built.details or {}).get("notarization")
         try:

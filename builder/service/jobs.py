@@ -52,17 +52,26 @@ SLOT_JOB_TIMEOUT_S = 30
 MAINTENANCE_INTERVAL_S = 60
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
-# Set by `builder worker` (and in its signing helper) before the first job.
+# Set by `builder worker` (serve_jobs), and in its signing helper, before the first job: RQ
+# calls run_job by name, so what it works with lives here.
 WORKER_ISSUER = None
 WORKER_FERNET: Fernet | None = None
 WORKER_HELPER: "SigningHelper | None" = None
 
 
-def fernet_from(key: str | None) -> Fernet:
-    if not key:
+def serve_jobs(issuer, helper: "SigningHelper") -> None:
+    """Make this process a worker: run_job stamps with `issuer` (whose queue holds the key that
+    opens the jobs) and hands stamps that sign to `helper`."""
+    global WORKER_ISSUER, WORKER_FERNET, WORKER_HELPER
+    WORKER_ISSUER, WORKER_FERNET, WORKER_HELPER = issuer, issuer.queue.fernet, helper
+
+
+def fernet_from(key) -> Fernet:
+    """The key that seals jobs, from BUILDER_QUEUE_KEY (a Secret, builder.config.Environment)."""
+    if key is None or not key.reveal():
         raise UsageError("BUILDER_QUEUE_KEY is not set", "generate one with `python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'` and give it to the service and every worker")
     try:
-        return Fernet(key.encode())
+        return Fernet(key.reveal().encode())
     except ValueError:
         raise UsageError("BUILDER_QUEUE_KEY is not a Fernet key (32 url-safe base64 bytes)", "generate a new one") from None
 
@@ -371,8 +380,7 @@ def _helper_main(conn, make_issuer: Callable, log_settings: dict) -> None:
     os.setsid()
     log.setup(**log_settings)
     try:
-        WORKER_ISSUER = make_issuer()
-        WORKER_FERNET = fernet_from(os.environ.get("BUILDER_QUEUE_KEY"))
+        WORKER_ISSUER, WORKER_FERNET = make_issuer()
         WORKER_ISSUER.warm()
     except Exception as exc:  # noqa: BLE001 - reported by the worker, which then stops
         conn.send(("error", log.redact(f"{type(exc).__name__}: {exc}")))
