@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from builder import log
+from builder.binfmt import cms as binfmt_cms
 from builder.errors import FormatError, SigningError
 
 _OID_TIMESTAMP_TOKEN = "1.2.840.113549.1.9.16.2.14"
@@ -76,7 +77,7 @@ def verify_cms(der: bytes, content: bytes, what: str) -> CmsSignature:
                 signing_time = str(by_type["1.2.840.113549.1.9.5"]["values"][0].native)
             if _OID_CDHASHES_PLIST in by_type:
                 cdhashes = asn1_core.OctetString.load(by_type[_OID_CDHASHES_PLIST]["values"][0].dump()).native
-            signed_bytes = b"\x31" + attrs.dump()[1:]  # [0] IMPLICIT -> SET OF, as it was signed
+            signed_bytes = binfmt_cms.attrs_as_signed(attrs.dump())
         else:
             signed_bytes = content
         signature = signer_info["signature"].native
@@ -94,7 +95,7 @@ def verify_cms(der: bytes, content: bytes, what: str) -> CmsSignature:
         if len(unsigned):
             for attr in unsigned:
                 if attr["type"].dotted == _OID_TIMESTAMP_TOKEN:
-                    timestamp = _timestamp_time(attr["values"][0].dump())
+                    timestamp = binfmt_cms.timestamp_time(attr["values"][0].dump())
         return CmsSignature(cert, certs, signing_time, timestamp, cdhashes)
     except (ValueError, TypeError, KeyError) as exc:
         raise FormatError(f"{what}: CMS signature does not parse ({exc})") from None
@@ -105,16 +106,6 @@ def _ski(cert: x509.Certificate) -> bytes | None:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
     except x509.ExtensionNotFound:
         return None
-
-
-def _timestamp_time(token_der: bytes) -> str:
-    """The time of an RFC 3161 token (reported, not verified: Apple's TSA root is not here)."""
-    try:
-        token = asn1_cms.ContentInfo.load(token_der)
-        tst = token["content"]["encap_content_info"]["content"].parsed
-        return str(tst["gen_time"].native)
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return "present (unreadable)"
 
 
 def cms_with_signing_time(data: bytes, when: dt.datetime, private_key: object, what: str) -> bytes:
@@ -175,17 +166,13 @@ def cms_with_signing_time(data: bytes, when: dt.datetime, private_key: object, w
         raise SigningError(f"{what}: the CMS signing time is not where it was expected",
                            "sign with apple-platform-py's flat package signer")
     new_attrs = old_attrs.replace(old_attr, old_attr[:-len(old_time)] + new_time)
-    # What is signed is the attributes as a SET OF (tag 0x31), not as the [0] IMPLICIT field.
-    signature = private_key.sign(b"1" + new_attrs[1:], padding.PKCS1v15(), HASH_BY_NAME[digest_name]())
+    signature = private_key.sign(binfmt_cms.attrs_as_signed(new_attrs), padding.PKCS1v15(),
+                                 HASH_BY_NAME[digest_name]())
     if len(signature) != len(old_signature):
         raise SigningError(f"{what}: the new CMS signature is {len(signature)} bytes, the old one "
                            f"{len(old_signature)}", "use the identity the package was signed with")
-    at_attrs, at_signature = der.find(old_attrs), der.find(old_signature)
-    if (der.count(old_attrs) != 1 or der.count(old_signature) != 1
-            or at_attrs + len(old_attrs) > at_signature):  # SignerInfo: signedAttrs, ..., signature
+    patched = binfmt_cms.replace_signer_bytes(data, der, old_attrs, new_attrs, old_signature, signature)
+    if patched is None:
         raise SigningError(f"{what}: the CMS signed attributes are not where they were expected",
                            "sign with apple-platform-py's flat package signer")
-    patched = bytearray(data)
-    patched[at_attrs:at_attrs + len(new_attrs)] = new_attrs
-    patched[at_signature:at_signature + len(signature)] = signature
-    return bytes(patched)
+    return patched
