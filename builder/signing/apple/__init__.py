@@ -8,7 +8,7 @@
     verify         the same, checked without Apple's tools, chain up to Apple Root CA or a CA
     notarization   submit when credentials are given; the notarized fields of a report
 
-The byte-level parsers are in builder.binfmt (macho, xar, ticket), the Notary client in
+The byte-level parsers are in builder.binfmt (macho, cms, xar, ticket), the Notary client in
 builder.signing.notary. Importing this package loads apple-platform's native library.
 """
 
