@@ -528,10 +528,11 @@ def _doctor_checks(storage_url, redis_url, enrollment_key, enrollment_key_pkcs11
         def store_ok() -> str:
             from builder.service.setup import RELEASES_PREFIX
             from builder.storage import StorageSettings, open_store
+            from builder.storage.published import INDEX_NAME
 
             store = open_store(storage_url, StorageSettings.from_env(environment().storage))
             found = store.list(f"{RELEASES_PREFIX}/releases")
-            return f"{store.url}: answers, {sum(o.key.endswith('/manifest.json') for o in found)} release(s) published"
+            return f"{store.url}: answers, {sum(o.key.endswith('/' + INDEX_NAME) for o in found)} release(s) published"
         check("storage", store_ok)
     if redis_url:
         def redis_ok() -> str:
@@ -711,7 +712,7 @@ def releases_cmd(storage_url, as_json):
     """The releases published to a store: version, formats, signed; and which one `latest` is per format."""
     from builder.service.setup import RELEASES_PREFIX
     from builder.storage import StorageSettings, open_store
-    from builder.storage.release import latest_per_format, published_releases
+    from builder.storage.published import latest_per_format, published_releases
 
     store = open_store(storage_url, StorageSettings.from_env(environment().storage))
     found = published_releases(store, RELEASES_PREFIX)
@@ -737,7 +738,7 @@ def prune_cmd(storage_url, keep, dry_run, as_json):
     kept release uses. The newest release of each format is always kept."""
     from builder.service.setup import RELEASES_PREFIX
     from builder.storage import StorageSettings, open_store
-    from builder.storage.release import prune, prune_plan
+    from builder.storage.published import prune, prune_plan
 
     store = open_store(storage_url, StorageSettings.from_env(environment().storage))
     plan = prune_plan(store, RELEASES_PREFIX, keep)
@@ -762,7 +763,7 @@ def prune_cmd(storage_url, keep, dry_run, as_json):
 def issued_cmd(state_dir, account_id, group_id, as_json):
     """What the service issued to an account (or one group), from its audit log: installers,
     signed enrollments and refusals, with the key id and the token's fingerprint, never the token."""
-    from builder.service.issuer import Audit
+    from builder.service.audit import Audit
     from builder.service.setup import AUDIT_FILE
 
     rows = Audit.read(state_dir / AUDIT_FILE, account_id, group_id)
@@ -877,7 +878,7 @@ def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console
     enrollment = _enrollment(account_id, group_id, token, console_url or issuer.default_console_url(version))
     installer_id, rec = issuer.request("cli", release=version, fmt=fmt, enrollment=enrollment, wait_s=600)
     issuer.close()
-    if issuer.store.kind == "file":
+    if not issuer.store.presigned_links:  # `builder serve` serves the download itself
         url = base_url.rstrip("/") + sign_link(link_secret_of(issuer), installer_id, int(time.time()) + 3600, route="/v1/download")
     else:
         url = issuer.store.presigned_url(rec.key, 3600)

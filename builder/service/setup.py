@@ -54,7 +54,7 @@ def link_secret_of(issuer: Issuer) -> bytes:
     key = issuer.store.settings.hmac_key
     if key is not None:
         return key.reveal().encode()
-    if issuer.store.kind == "file":
+    if not issuer.store.presigned_links:
         log.warning("BUILDER_STORAGE_HMAC_KEY is not set: download links are signed with a key made for this "
                     "process and stop working when it restarts")
     return secrets.token_bytes(32)

@@ -15,7 +15,7 @@ import pytest
 
 from builder import errors
 from builder.enrollment import Secret
-from builder.service.issuer import token_fingerprint
+from builder.service.revocations import token_fingerprint
 from tests.integration.test_cli import TOKEN, assert_no_token, base_args, run_cli
 from tests.integration.test_service import ACCOUNT, auth, new_token, start_service
 from tests.support.service import build_release, signers_for, trust_for

@@ -28,7 +28,8 @@ from fastapi.testclient import TestClient
 from builder.errors import UsageError
 from builder.signing.signers import Signers
 from builder.service.app import ServiceSettings, create_app
-from builder.service.issuer import Issuer, token_fingerprint
+from builder.service.issuer import Issuer
+from builder.service.revocations import token_fingerprint
 from builder.config import Environment
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer
 from builder.signing import devca

@@ -33,7 +33,8 @@ from rq.job import Job
 from builder.service.app import ServiceSettings, create_app
 from builder.enrollment import Enrollment, Secret
 from builder.signing.signers import Signers
-from builder.service.issuer import Issuer, request_id
+from builder.service.issuer import Issuer
+from builder.service.records import request_id
 from builder.service.jobs import QUEUE_NAME
 from builder.config import Environment
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer

@@ -32,7 +32,10 @@ from builder.errors import (
 )
 from builder.signing.signers import Signers
 from builder.service import jobs
-from builder.service.issuer import Audit, Issuer, Record, Refusal, _Damaged
+from builder.service.audit import Audit
+from builder.service.issuer import Issuer
+from builder.service.records import Record
+from builder.service.releases import Damaged, Refusal
 from builder.service.problems import (
     CODES,
     FormatNotInRelease,
@@ -159,7 +162,7 @@ def test_a_refusal_says_why_without_naming_paths_of_the_host():
     cases = [
         (VerificationError("release exe: a.exe's signing root is not in --ca /srv/ca.pem (...)", "give --ca the root"), "signature"),
         (VerificationError("release file /srv/cache/a.exe does not match its sha256 in the manifest"), "checksum"),
-        (_Damaged("incomplete", "release 1.0.2: object dist/x named by its index is missing"), "incomplete"),
+        (Damaged("incomplete", "release 1.0.2: object dist/x named by its index is missing"), "incomplete"),
         (FormatError("release 1.0.2: index dist/releases/1.0.2/manifest.json is not a release index"), "malformed"),
     ]
     for exc, reason in cases:
@@ -176,7 +179,7 @@ def test_a_refusal_says_why_without_naming_paths_of_the_host():
 class FakeStore:
     """No record until `ready_after` reads of it; counts the reads."""
 
-    kind = "file"
+    presigned_links = False
 
     def __init__(self, ready_after: int | None = None):
         self.ready_after, self.gets = ready_after, 0
