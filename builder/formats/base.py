@@ -51,6 +51,7 @@ class Format(Protocol):
     platform: str  # "windows" or "macos": the payload sub-folder it takes
     suffix: str  # ".msi"
     signed_with: tuple[str, ...]  # the Signers fields a signed build needs ("authenticode", ...)
+    stamp_signed_with: tuple[str, ...]  # ... and a stamp that signs again (() where every kind is slotted)
 
     def build(self, request: BuildRequest) -> Built:
         """Render, run the tools, sign, and return the finished file in request.work."""

@@ -273,7 +273,8 @@ class DmgFormat:
     name = "dmg"
     platform = "macos"
     suffix = ".dmg"
-    signed_with = ("apple_application", "apple_installer")  # the image, and the pkg inside  # Signers fields a signed build needs
+    signed_with = ("apple_application", "apple_installer")  # the image, and the pkg inside
+    stamp_signed_with = ("apple_application",)  # a new image around the release's signed pkg
 
     def build(self, request: BuildRequest) -> Built:
         signers = request.signers
@@ -339,7 +340,7 @@ class DmgFormat:
                     problems.append(f"{required} is missing from the volume")
             # What the pkg's postinstall would take: its baked enrollment, else the sidecar.
             jws, source = contents.enrollment, "baked into the pkg's postinstall"
-            sidecar = volume / macos_postinstall.sidecar_name_from_pkg(contents)
+            sidecar = volume / macos_postinstall.sidecar_name_from_script(contents.postinstall)
             if sidecar.is_file():
                 if jws is None:
                     jws, source = sidecar.read_bytes().decode("ascii", "replace"), f"sidecar {sidecar.name} beside the pkg"

@@ -164,6 +164,7 @@ class ExeFormat:
     platform = "windows"
     suffix = ".exe"
     signed_with = ("authenticode",)  # Signers fields a signed build needs
+    stamp_signed_with = ()  # stamped into its slot
 
     def build(self, request: BuildRequest) -> Built:
         product, version, enrollment, signers = request.product, request.version, request.enrollment, request.signers

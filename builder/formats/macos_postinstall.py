@@ -17,7 +17,6 @@ import shlex
 import stat
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from builder import render
 from builder.binfmt.cpio import TreeEntry, write_cpio_entries
@@ -26,9 +25,6 @@ from builder.config import Product
 from builder.errors import ConfigError, EnrollmentError
 from builder.formats.macos_payload import CONFIG_NAME, ROOT_UID, WHEEL_GID, plist_path
 from builder.trust import TRUST_FILE, SignedEnrollment, Trust
-
-if TYPE_CHECKING:
-    from builder.formats.pkg_archive import PkgContents
 
 POSTINSTALL = "postinstall"
 SIDECAR_SUFFIX = ".enrollment.jws"  # a signed enrollment: base64url and dots, no newline
@@ -41,10 +37,10 @@ def sidecar_name(product: Product) -> str:
     return f".{product.bundle_id}{SIDECAR_SUFFIX}"
 
 
-def sidecar_name_from_pkg(contents: "PkgContents") -> str:
+def sidecar_name_from_script(postinstall: str | None) -> str:
     """The sidecar name a pkg's postinstall reads (from the script itself, so a reader needs no
     product configuration)."""
-    name = _baked_word(contents.postinstall or "", "postinstall", "sidecar_name")
+    name = _baked_word(postinstall or "", "postinstall", "sidecar_name")
     return name or f".unknown{SIDECAR_SUFFIX}"
 
 

@@ -279,6 +279,7 @@ class MsiFormat:
     platform = "windows"
     suffix = ".msi"
     signed_with = ("authenticode",)  # Signers fields a signed build needs
+    stamp_signed_with = ("authenticode",)  # the baked msi (msi-tagged is stamped into its slot)
 
     def build(self, request: BuildRequest) -> Built:
         product, version, enrollment = request.product, request.version, request.enrollment

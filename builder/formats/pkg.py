@@ -126,6 +126,7 @@ class PkgFormat:
     platform = "macos"
     suffix = ".pkg"
     signed_with = ("apple_installer",)  # Signers fields a signed build needs
+    stamp_signed_with = ("apple_installer",)  # re-baked Scripts; the payload's code signatures stay
 
     def build(self, request: BuildRequest) -> Built:
         path, signer, details = self.build_signed(request)

@@ -33,19 +33,11 @@ from builder.service.problems import NoEnrollmentKey, NotConfigured, Revoked
 from builder.service.records import Record, Records, request_id
 from builder.service.releases import ReleaseCache
 from builder.service.revocations import Revocations, token_fingerprint
-from builder.signing.signers import Signers
+from builder.signing.signers import IDENTITIES, Signers
 from builder.storage import Store
 from builder.trust import SignedEnrollment, verify as verify_signed
 
 FORMATS = formats.KIND_NAMES
-
-# Formats stamped by signing again: (Signers field, what the key is, an alternative).
-_RESIGNING_KEYS = {
-    "msi": ("authenticode", "Authenticode code-signing key", "; msi-tagged needs no key"),
-    "pkg": ("apple_installer", "Developer ID Installer identity", ""),
-    "dmg": ("apple_application", "Developer ID Application identity", ""),
-}
-
 
 class Issuer:
     """Turns requests into stored installers. Thread-safe; one per process."""
@@ -125,11 +117,15 @@ class Issuer:
     def require_signing(self, fmt: str) -> None:
         """NotConfigured unless this process holds the key that `fmt` is signed with again (a
         baked msi, a pkg, a dmg); exe and msi-tagged are stamped into their slot unsigned again."""
-        needed = _RESIGNING_KEYS.get(fmt)
-        if needed is None or self.signers.unsigned or getattr(self.signers, needed[0]) is not None:
+        kind = formats.kind(fmt)
+        if kind.slotted or self.signers.unsigned:
             return
-        raise NotConfigured(f"this service cannot make {fmt} installers: it has no {needed[1]} to sign them",
-                            f"its operators must configure one (on its workers, when it has workers){needed[2]}")
+        for attr in formats.get(fmt).stamp_signed_with:  # a kind that is not slotted: its format's stamp()
+            if getattr(self.signers, attr) is None:
+                keyless = [k.name for k in formats.KINDS.values() if k.base == kind.base and k.slotted]
+                raise NotConfigured(f"this service cannot make {fmt} installers: it has no {IDENTITIES[attr]} to sign them",
+                                    "its operators must configure one (on its workers, when it has workers)"
+                                    + "".join(f"; {name} needs no key" for name in keyless))
 
     def parse_signed(self, version: str, jws: str) -> SignedEnrollment:
         """A signed enrollment handed to a worker, checked against the release's pins."""

@@ -12,6 +12,14 @@ from pathlib import Path
 from builder.signing.authenticode import SigningKey
 
 
+# What each Signers field holds, in words for a message ("... has no {}").
+IDENTITIES = {
+    "authenticode": "Authenticode code-signing key",
+    "apple_application": "Developer ID Application identity",
+    "apple_installer": "Developer ID Installer identity",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class AppleKey:
     """A PKCS#12 holding a Developer ID identity, with its password (never from argv)."""

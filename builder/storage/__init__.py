@@ -1,6 +1,6 @@
 """Storage of releases and stamped installers: local disk, S3 or Azure behind one `Store`.
 
-    store = open_store("s3://bucket/prefix", StorageSettings.from_env(os.environ))
+    store = open_store("s3://bucket/prefix", StorageSettings.from_env(Environment.read().storage))
     store.put_if_absent(key, path_or_bytes)              # create once, never overwrite
     store.put_pieces_if_absent(key, base_key, pieces)    # a stamp, server-side where possible
     store.stream_pieces(base_key, pieces)                # a stamp, streamed, not stored

@@ -1,7 +1,7 @@
 """Where storage lives and how to reach it: one frozen dataclass, resolved once by the caller.
 
 `StorageSettings.from_env(environ)` is the only place the storage layer looks at environment
-variables, and only at the mapping it is given (the CLI passes `os.environ`). Secrets are
+variables, and only at the mapping it is given (`builder.config.Environment.storage`). Secrets are
 `Secret`s: masked in repr, registered with the log redactor when a store is opened.
 
 Note: obstore's S3Store/AzureStore constructors also read AWS_* / AZURE_* variables of the

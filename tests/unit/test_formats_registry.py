@@ -27,3 +27,14 @@ def test_the_command_line_and_the_service_offer_exactly_the_registry():
     assert issuer.FORMATS == formats.KIND_NAMES
     schema = InstallerRequest.model_json_schema()
     assert tuple(schema["properties"]["format"]["enum"]) == formats.KIND_NAMES
+
+
+def test_a_format_says_what_its_stamps_sign_with():
+    """The service asks the format which keys a re-signing stamp needs (no table of its own)."""
+    from builder.signing.signers import IDENTITIES, Signers
+
+    for name in formats.NAMES:
+        fmt = formats.get(name)
+        resigned = name in formats.KINDS and not formats.kind(name).slotted  # stamp() makes that kind
+        assert bool(fmt.stamp_signed_with) == resigned, name
+        assert set(fmt.stamp_signed_with) <= set(IDENTITIES) <= set(Signers.__dataclass_fields__), name
