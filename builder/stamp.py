@@ -192,7 +192,7 @@ def _no_duplicate_keys(pairs: list) -> dict:
     keys = [k for k, _ in pairs]
     for k in keys:
         if keys.count(k) > 1:
-            raise UsageError(f"{json.dumps(k)[:40]} is given twice", "give each key once")
+            raise UsageError(f"{json.dumps(k) if len(k) <= 24 else 'a key'} is given twice", "give each key once")
     return dict(pairs)
 
 
@@ -262,7 +262,9 @@ def read_groups(path: Path, fmt: str, default_console_url: str) -> list[GroupLin
                                  'name a file that holds it ("token_file") or an environment variable ("token_env")')
             unknown = [k for k in doc if k not in GROUP_KEYS]
             if unknown:
-                raise UsageError(f"{where}: unknown key {json.dumps(unknown[0])[:60]}", f"the keys are {', '.join(GROUP_KEYS)}")
+                # Named only when short: a long one may be a token pasted in the wrong place.
+                named = json.dumps(unknown[0]) if len(unknown[0]) <= 24 else "(a long one, not shown)"
+                raise UsageError(f"{where}: unknown key {named}", f"the keys are {', '.join(GROUP_KEYS)}")
             for key in ("account", "group", "console_url"):
                 if key in doc and not isinstance(doc[key], str):
                     raise UsageError(f'{where}: "{key}" must be a string')
@@ -369,6 +371,7 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
         except BuilderError as exc:
             raise _at(f"{where} line {line}", exc) from None
     names = [group_file_name(e.account_id, e.group_id, fmt) for _, e in groups]
+    base = release.file(kind.base)  # checked (sha256, signature) before `out` is touched
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: is not a folder", "with --groups, --out is the folder the installers go to")
     try:
@@ -378,7 +381,6 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
     for name in names:
         if (out / name).is_dir() and not (out / name).is_symlink():
             raise OutputError(f"--out {out}: {name} is a folder", "move it away: the installer is written there")
-    base = release.file(kind.base)
     for _, enrollment in groups:
         log.register_secret(enrollment.token.reveal())
     # Everything is written into a new 0700 folder inside `out` (as a single stamp does beside
