@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,15 +12,31 @@ import click
 from rich.markup import escape
 
 from builder import __version__, formats, log
-from builder.config import load_product, parse_set_options, validate_version
+from builder.config import (
+    ENROLLMENT_KEY_PASSWORD_ENV,
+    MAC_SIGN_PASSWORD_ENV,
+    SIGN_PASSWORD_ENV,
+    Environment,
+    load_product,
+    parse_set_options,
+    validate_version,
+)
 from builder.enrollment import Enrollment, Secret, read_token
 from builder.errors import BuilderError, ToolMissingError, UsageError
 from builder.signing.signers import AppleKey, Signers
-from builder.signing.authenticode import SIGN_PASSWORD_ENV, OfflineTSA, SigningKey
+from builder.signing.authenticode import OfflineTSA, SigningKey
 from builder.tools import runner
 
-MAC_SIGN_PASSWORD_ENV = "BUILDER_MAC_SIGN_PASSWORD"
-ENROLLMENT_KEY_PASSWORD_ENV = "BUILDER_ENROLLMENT_KEY_PASSWORD"
+
+# The library names the input an error concerns (BuilderError.field); the command line says
+# which of its options gave it.
+OPTION_OF_FIELD = {"account_id": "--account-id", "group_id": "--group-id", "console_url": "--console-url",
+                   "release": "--release", "format": "--format"}
+
+
+def cli_words(exc: BuilderError) -> str:
+    message = exc.worded(lambda name: OPTION_OF_FIELD.get(name, name))
+    return f"{message}: {exc.hint}" if exc.hint else message
 
 
 def handle_errors(fn):
@@ -32,7 +47,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BuilderError as exc:
-            log.console.print(f"[bold red]error:[/] {escape(log.redact(str(exc)))}", soft_wrap=True)
+            log.console.print(f"[bold red]error:[/] {escape(log.redact(cli_words(exc)))}", soft_wrap=True)
             sys.exit(exc.exit_code)
 
     return wrapper
@@ -46,9 +61,23 @@ def emit_json(doc) -> None:
 @click.version_option(__version__, prog_name="builder")
 @click.option("-v", "--verbose", is_flag=True, help="Debug log: every tool command line (secrets redacted) and its output.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and the result.")
-def main(verbose: bool, quiet: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """Build, sign, stamp and verify remote-support agent installers."""
     log.setup(verbose=verbose, quiet=quiet)
+    try:
+        ctx.obj = Environment.read()  # the one read of the environment (builder.config)
+    except BuilderError as exc:
+        log.console.print(f"[bold red]error:[/] {escape(log.redact(cli_words(exc)))}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    for secret in (ctx.obj.sign_password, ctx.obj.mac_sign_password, ctx.obj.enrollment_key_password):
+        if secret is not None and secret.reveal():
+            log.register_secret(secret.reveal(), permanent=True)
+
+
+def environment() -> Environment:
+    """The environment `main` read for this command."""
+    return click.get_current_context().find_root().obj
 
 
 # --- shared option groups ---------------------------------------------------------------
@@ -148,16 +177,13 @@ def pin_options(fn):
     return fn
 
 
-def resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, pkcs11_module=None, *, required: bool,
-                           environ=os.environ):
+def resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, pkcs11_module=None, *, required: bool):
     """The enrollment signing key from the options (None when not given and not required)."""
     from builder.signing import enrollment_key as ek
 
     if enrollment_key and enrollment_key_pkcs11:
         raise UsageError("give one of --enrollment-key and --enrollment-key-pkcs11", "not both")
-    password = Secret(environ[ENROLLMENT_KEY_PASSWORD_ENV]) if environ.get(ENROLLMENT_KEY_PASSWORD_ENV) else None
-    if password is not None:
-        log.register_secret(password.reveal(), permanent=True)
+    password = environment().enrollment_key_password
     if enrollment_key:
         return ek.FileEnrollmentKey(enrollment_key, password)
     if enrollment_key_pkcs11:
@@ -179,11 +205,10 @@ def resolve_trust(product, console_hosts, public_keys, key):
     return Trust(tuple(pins), tuple(console_hosts or product.console_hosts))
 
 
-def sign_enrollment(key, enrollment, trust, expires_in, environ=os.environ):
+def sign_enrollment(key, enrollment, trust, expires_in):
     """`enrollment` signed with `key` for agents pinned to `trust`. Its issue time is
     SOURCE_DATE_EPOCH when set (reproducible output), else now; an expiry counts from now."""
-    raw = environ.get("SOURCE_DATE_EPOCH")
-    issued = source_date_epoch(environ) if raw is not None else int(time.time())
+    issued = environment().epoch()
     expires = int(time.time()) + expires_in if expires_in else None
     signed = key.sign(enrollment, trust, issued_at=min(issued, expires - 1) if expires else issued, expires_at=expires)
     log.register_secret(signed.jws.reveal(), permanent=True)
@@ -214,13 +239,13 @@ def signing_options(fn):
     return fn
 
 
-def resolve_notary(notarize_key, notary_url, environ=os.environ):
+def resolve_notary(notarize_key, notary_url, env: Environment):
     """The notarization key and service: --notarize-key FILE over the BUILDER_NOTARY_* variables;
     None when neither is given (pkg and dmg are then "not notarized")."""
     from builder.signing import notary
 
     credentials = (notary.credentials_from_file(notarize_key) if notarize_key
-                   else notary.credentials_from_env(environ))
+                   else notary.credentials_from_env(env.notary))
     if credentials is None:
         if notary_url:
             raise UsageError("--notary-url needs a notarization key", "give --notarize-key FILE")
@@ -231,7 +256,7 @@ def resolve_notary(notarize_key, notary_url, environ=os.environ):
 
 def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_module, timestamp_url, test_tsa,
                     mac_sign_pkcs12, no_sign, ca, product, notarize_key=None, notary_url=None,
-                    environ=os.environ) -> Signers:
+                    env: Environment | None = None) -> Signers:
     # Called with the signing options as click parsed them (`**signing` in each command).
     """All signing options resolved once, into one frozen object."""
     any_key = any([sign_cert, sign_key, sign_pkcs12, sign_pkcs11, mac_sign_pkcs12, notarize_key])
@@ -240,14 +265,15 @@ def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_mod
             raise UsageError("--no-sign was given together with signing options", "drop one of them")
         log.warning("UNSIGNED build (--no-sign): Windows SmartScreen and macOS Gatekeeper will warn or refuse. Development only.")
         return Signers(unsigned=True)
-    password = Secret(environ[SIGN_PASSWORD_ENV]) if SIGN_PASSWORD_ENV in environ else None
+    env = env or environment()
+    password = env.sign_password
     authenticode = None
     if sign_cert or sign_key or sign_pkcs12 or sign_pkcs11:
         if sign_pkcs12 and password is None:
             raise UsageError(f"--sign-pkcs12 needs its password in ${SIGN_PASSWORD_ENV}", "export it (an empty value for none)")
         tsa = None
         if test_tsa:
-            tsa = OfflineTSA(certs=test_tsa / "tsa.pem", key=test_tsa / "tsa.key", time=int(environ.get("SOURCE_DATE_EPOCH") or time.time()))
+            tsa = OfflineTSA(certs=test_tsa / "tsa.pem", key=test_tsa / "tsa.key", time=env.epoch())
         extra = {"pkcs11_module": pkcs11_module} if pkcs11_module else {}
         if timestamp_url:
             check_timestamp_server(timestamp_url)
@@ -263,14 +289,13 @@ def resolve_signers(*, sign_cert, sign_key, sign_pkcs12, sign_pkcs11, pkcs11_mod
         check_key_matches(authenticode)  # a wrong password or a foreign key named before any tool runs
     apple_app = apple_installer = None
     if mac_sign_pkcs12:
-        if MAC_SIGN_PASSWORD_ENV not in environ:
+        mac_password = env.mac_sign_password
+        if mac_password is None:
             raise UsageError(f"--mac-sign-pkcs12 needs its password in ${MAC_SIGN_PASSWORD_ENV}", "export it (an empty value for none)")
         from builder.signing import apple
 
-        mac_password = Secret(environ[MAC_SIGN_PASSWORD_ENV])
-        log.register_secret(mac_password.reveal(), permanent=True)
         apple_app, apple_installer = apple.classify_identities([AppleKey(pkcs12=p, password=mac_password) for p in mac_sign_pkcs12])
-    notary = resolve_notary(notarize_key, notary_url, environ)
+    notary = resolve_notary(notarize_key, notary_url, env)
     return Signers(authenticode=authenticode, apple_application=apple_app, apple_installer=apple_installer,
                    notary=notary, verify_ca=ca)
 
@@ -312,15 +337,6 @@ def _enrollment(account_id: str, group_id: str, token: Secret, console_url: str)
     return enrollment
 
 
-def source_date_epoch(environ=os.environ) -> int:
-    raw = environ.get("SOURCE_DATE_EPOCH")
-    if raw is None:
-        return int(time.time())
-    if not raw.isdigit():
-        raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} is not a whole number of seconds", "unset it or give seconds since 1970")
-    return int(raw)
-
-
 # --- commands -----------------------------------------------------------------------------
 
 @main.command()
@@ -352,7 +368,7 @@ def build(format_names, version, account_id, group_id, token_file, token_env, co
     signers = resolve_signers(product=product, **signing)
     guard_example_identity(product, signers, trust, allow_example_identity)
     outputs = build_mod.build(format_names=list(format_names), product=product, version=version, payload=payload,
-                              enrollment=signed, trust=trust, signers=signers, out=out, source_date_epoch=source_date_epoch())
+                              enrollment=signed, trust=trust, signers=signers, out=out, source_date_epoch=environment().epoch())
     doc = build_mod.summary_doc(outputs, signed, version)
     if as_json:
         emit_json(doc)
@@ -514,10 +530,11 @@ def _doctor_checks(storage_url, redis_url, enrollment_key, enrollment_key_pkcs11
         def store_ok() -> str:
             from builder.service.setup import RELEASES_PREFIX
             from builder.storage import StorageSettings, open_store
+            from builder.storage.published import INDEX_NAME
 
-            store = open_store(storage_url, StorageSettings.from_env(os.environ))
+            store = open_store(storage_url, StorageSettings.from_env(environment().storage))
             found = store.list(f"{RELEASES_PREFIX}/releases")
-            return f"{store.url}: answers, {sum(o.key.endswith('/manifest.json') for o in found)} release(s) published"
+            return f"{store.url}: answers, {sum(o.key.endswith('/' + INDEX_NAME) for o in found)} release(s) published"
         check("storage", store_ok)
     if redis_url:
         def redis_ok() -> str:
@@ -607,7 +624,7 @@ def release_cmd(format_names, version, payload, out, console_hosts, public_keys,
     signers = resolve_signers(product=product, **signing)
     guard_example_identity(product, signers, trust, allow_example_identity)
     manifest = release_mod.release(format_names=list(format_names or formats.NAMES), product=product, version=version,
-                                   payload=payload, signers=signers, trust=trust, out=out, source_date_epoch=source_date_epoch())
+                                   payload=payload, signers=signers, trust=trust, out=out, source_date_epoch=environment().epoch())
     if as_json:
         emit_json(manifest)
     else:
@@ -704,11 +721,12 @@ def _any_key(signing: dict) -> bool:
                                     "notarize_key"))
 
 
-def _service_signers(signing: dict) -> Signers:
-    """Keys for the formats a service re-signs (baked msi, pkg, dmg); none needed for exe/msi-tagged."""
+def _service_signers(signing: dict, env: Environment) -> Signers:
+    """Keys for the formats a service re-signs (baked msi, pkg, dmg); none needed for exe/msi-tagged.
+    What they sign is named after each release's product when it is stamped (Signers.for_product)."""
     if not _any_key(signing) and not signing["no_sign"]:
         return Signers(verify_ca=signing["ca"])
-    return resolve_signers(product=load_product(), **signing)
+    return resolve_signers(product=load_product(), env=env, **signing)
 
 
 @main.command("publish")
@@ -722,7 +740,7 @@ def publish_cmd(release_dir, storage_url):
     from builder.storage import StorageSettings, open_store, publish_release
 
     rel = Release.open(release_dir, verify=False)
-    store = open_store(storage_url, StorageSettings.from_env(os.environ))
+    store = open_store(storage_url, StorageSettings.from_env(environment().storage))
     with log.step(f"publish release {rel.version} to {store.url}"):
         key = publish_release(release_dir, store, RELEASES_PREFIX, version=rel.version)
     log.result(f"release {rel.version}: {key}")
@@ -736,9 +754,9 @@ def releases_cmd(storage_url, as_json):
     """The releases published to a store: version, formats, signed; and which one `latest` is per format."""
     from builder.service.setup import RELEASES_PREFIX
     from builder.storage import StorageSettings, open_store
-    from builder.storage.release import latest_per_format, published_releases
+    from builder.storage.published import latest_per_format, published_releases
 
-    store = open_store(storage_url, StorageSettings.from_env(os.environ))
+    store = open_store(storage_url, StorageSettings.from_env(environment().storage))
     found = published_releases(store, RELEASES_PREFIX)
     latest = latest_per_format(found)
     for r in found:
@@ -762,9 +780,9 @@ def prune_cmd(storage_url, keep, dry_run, as_json):
     kept release uses. The newest release of each format is always kept."""
     from builder.service.setup import RELEASES_PREFIX
     from builder.storage import StorageSettings, open_store
-    from builder.storage.release import prune, prune_plan
+    from builder.storage.published import prune, prune_plan
 
-    store = open_store(storage_url, StorageSettings.from_env(os.environ))
+    store = open_store(storage_url, StorageSettings.from_env(environment().storage))
     plan = prune_plan(store, RELEASES_PREFIX, keep)
     if not dry_run:
         with log.step(f"prune {len(plan['keys'])} objects from {store.url}"):
@@ -787,7 +805,7 @@ def prune_cmd(storage_url, keep, dry_run, as_json):
 def issued_cmd(state_dir, account_id, group_id, as_json):
     """What the service issued to an account (or one group), from its audit log: installers,
     signed enrollments and refusals, with the key id and the token's fingerprint, never the token."""
-    from builder.service.issuer import Audit
+    from builder.service.audit import Audit
     from builder.service.setup import AUDIT_FILE
 
     rows = Audit.read(state_dir / AUDIT_FILE, account_id, group_id)
@@ -825,12 +843,13 @@ def serve_cmd(host, port, storage_url, state_dir, redis_url, enrollment_key, enr
     from builder.service.app import ServiceSettings, create_app
     from builder.service.setup import ServiceOptions, api_keys_from, link_secret_of, make_issuer
 
-    signers = _service_signers(signing)
+    env = environment()
+    signers = _service_signers(signing, env)
     ca = signing["ca"]
     key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca,
-                                        redis_url=redis_url, enrollment_key=key))
-    settings = ServiceSettings(api_keys=api_keys_from(), link_secret=link_secret_of(issuer), enrollment_ttl_s=expires_in)
+                                        redis_url=redis_url, enrollment_key=key), env)
+    settings = ServiceSettings(api_keys=api_keys_from(env), link_secret=link_secret_of(issuer), enrollment_ttl_s=expires_in)
     issuer.warm()
     uvicorn.run(create_app(issuer, settings), host=host, port=port, log_level="warning", access_log=False)
 
@@ -846,9 +865,10 @@ def worker_cmd(storage_url, state_dir, redis_url, burst, **signing):
 
     if not redis_url:
         raise UsageError("builder worker needs --redis URL", "the same Redis the service uses")
-    issuer = _worker_issuer(storage_url, state_dir, signing, redis_url=redis_url)
-    helper = jobs.SigningHelper(functools.partial(_worker_issuer, storage_url, state_dir, signing), log.settings())
-    jobs.WORKER_ISSUER, jobs.WORKER_FERNET, jobs.WORKER_HELPER = issuer, issuer.queue.fernet, helper
+    issuer = _worker_issuer(storage_url, state_dir, signing, redis_url=redis_url, env=environment())
+    # The helper is a new process: it reads the environment itself, as `main` did here.
+    helper = jobs.SigningHelper(functools.partial(_helper_context, storage_url, state_dir, signing), log.settings())
+    jobs.serve_jobs(issuer, helper)
     helper.start()
     try:
         issuer.warm()
@@ -857,12 +877,20 @@ def worker_cmd(storage_url, state_dir, redis_url, burst, **signing):
         helper.stop()
 
 
-def _worker_issuer(storage_url, state_dir, signing: dict, redis_url: str | None = None):
+def _helper_context(storage_url, state_dir, signing: dict):
+    """In the worker's signing helper: its issuer (no queue) and the key that opens the jobs."""
+    from builder.service import jobs
+
+    env = Environment.read()
+    return _worker_issuer(storage_url, state_dir, signing, env=env), jobs.fernet_from(env.queue_key)
+
+
+def _worker_issuer(storage_url, state_dir, signing: dict, *, env: Environment, redis_url: str | None = None):
     """The issuer of `builder worker`, and of its signing helper (which takes no jobs from Redis)."""
     from builder.service.setup import ServiceOptions, make_issuer
 
-    return make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=_service_signers(signing),
-                                      ca=signing["ca"], redis_url=redis_url))
+    return make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=_service_signers(signing, env),
+                                      ca=signing["ca"], redis_url=redis_url), env)
 
 
 @main.command("issue")
@@ -881,17 +909,18 @@ def issue_cmd(fmt, release, account_id, group_id, token_file, token_env, console
     from builder.service.setup import ServiceOptions, link_secret_of, make_issuer
     from builder.storage.links import sign_link
 
-    signers = _service_signers(signing)
+    env = environment()
+    signers = _service_signers(signing, env)
     ca = signing["ca"]
     key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state_dir, signers=signers, ca=ca,
-                                        redis_url=redis_url, enrollment_key=key))
+                                        redis_url=redis_url, enrollment_key=key), env)
     token = _read_token(token_file, token_env)
     version = issuer.resolve(release, fmt)  # latest: the newest release holding this format
     enrollment = _enrollment(account_id, group_id, token, console_url or issuer.default_console_url(version))
     installer_id, rec = issuer.request("cli", release=version, fmt=fmt, enrollment=enrollment, wait_s=600)
     issuer.close()
-    if issuer.store.kind == "file":
+    if not issuer.store.presigned_links:  # `builder serve` serves the download itself
         url = base_url.rstrip("/") + sign_link(link_secret_of(issuer), installer_id, int(time.time()) + 3600, route="/v1/download")
     else:
         url = issuer.store.presigned_url(rec.key, 3600)

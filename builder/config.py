@@ -1,20 +1,29 @@
-"""Product identity and build options, resolved once into frozen dataclasses.
+"""Product identity, build options and the process's environment, resolved once into frozen
+dataclasses.
 
-Precedence, lowest first: `builder/resources/defaults.toml`, a `--config FILE`, `--set key=value`.
-No other module reads configuration files or the environment; they receive these objects.
+Product precedence, lowest first: `builder/resources/defaults.toml`, a `--config FILE`, `--set
+key=value`. The environment (passwords, SOURCE_DATE_EPOCH, storage and notary credentials, the
+service's keys) is read by `Environment.read()` only, once per process. No other module reads
+configuration files or `os.environ` (two exceptions: the tool runner builds a child's environment,
+and `--token-env NAME` names a variable to read); they receive these objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import time
 import tomllib
 import uuid
+from types import MappingProxyType
+from typing import Mapping
 from urllib.parse import urlsplit
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from builder.errors import ConfigError
+from builder.enrollment import Secret
+from builder.errors import ConfigError, UsageError
 from builder.trust import normalise_host_pattern
 
 DEFAULTS_FILE = Path(__file__).parent / "resources" / "defaults.toml"
@@ -188,3 +197,77 @@ def example_fields(product: Product) -> list[str]:
     with real keys must not ship (its console hosts are checked where they are pinned)."""
     defaults = load_product()
     return [f for f in IDENTITY_FIELDS if getattr(product, f) == getattr(defaults, f)]
+
+
+# -- the environment ------------------------------------------------------------------------
+
+SIGN_PASSWORD_ENV = "BUILDER_SIGN_PASSWORD"  # an Authenticode key's password or PKCS#11 PIN
+MAC_SIGN_PASSWORD_ENV = "BUILDER_MAC_SIGN_PASSWORD"
+ENROLLMENT_KEY_PASSWORD_ENV = "BUILDER_ENROLLMENT_KEY_PASSWORD"
+QUEUE_KEY_ENV = "BUILDER_QUEUE_KEY"
+API_KEYS_ENV, API_KEYS_FILE_ENV = "BUILDER_API_KEYS", "BUILDER_API_KEYS_FILE"
+NOTARY_ENV_PREFIX = "BUILDER_NOTARY_"
+STORAGE_ENV_PREFIXES = ("AWS_", "AZURE_STORAGE_", "BUILDER_STORAGE_")
+# Times every format can carry: DOS and MSI dates start in 1980; 2099 keeps a margin below the
+# ends of the formats' counters.
+EPOCH_RANGE = (315532800, 4102444799)  # 1980-01-01 .. 2099-12-31 UTC
+
+
+@dataclass(frozen=True, kw_only=True)
+class Environment:
+    """What the environment configures, read once (`read`). Secrets stay `Secret`s; the storage
+    and notary variables are handed whole to the code that knows them
+    (`StorageSettings.from_env`, `notary.credentials_from_env`)."""
+
+    source_date_epoch: int | None = None
+    sign_password: Secret | None = None  # set, even empty: a password is given
+    mac_sign_password: Secret | None = None
+    enrollment_key_password: Secret | None = None  # empty counts as unset
+    queue_key: Secret | None = None
+    api_keys: Secret | None = None  # BUILDER_API_KEYS, or the text of BUILDER_API_KEYS_FILE
+    notary: Mapping[str, str] = field(default_factory=dict)
+    storage: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> "Environment":
+        env = os.environ if environ is None else environ
+
+        def secret(name: str, *, empty_is_unset: bool = True) -> Secret | None:
+            value = env.get(name)
+            if value is None or (empty_is_unset and not value):
+                return None
+            return Secret(value)
+
+        api_keys = secret(API_KEYS_ENV)
+        if env.get(API_KEYS_FILE_ENV):
+            path = Path(env[API_KEYS_FILE_ENV])
+            try:
+                api_keys = Secret(path.read_text())
+            except OSError as exc:
+                raise UsageError(f"{API_KEYS_FILE_ENV}={path}: cannot read it ({exc.strerror})", "check the path") from None
+        return cls(
+            source_date_epoch=_epoch(env.get("SOURCE_DATE_EPOCH")),
+            sign_password=secret(SIGN_PASSWORD_ENV, empty_is_unset=False),
+            mac_sign_password=secret(MAC_SIGN_PASSWORD_ENV, empty_is_unset=False),
+            enrollment_key_password=secret(ENROLLMENT_KEY_PASSWORD_ENV),
+            queue_key=secret(QUEUE_KEY_ENV),
+            api_keys=api_keys,
+            notary=MappingProxyType({k: v for k, v in env.items() if k.startswith(NOTARY_ENV_PREFIX)}),
+            storage=MappingProxyType({k: v for k, v in env.items() if k.startswith(STORAGE_ENV_PREFIXES)}),
+        )
+
+    def epoch(self) -> int:
+        """SOURCE_DATE_EPOCH (reproducible output), else now."""
+        return self.source_date_epoch if self.source_date_epoch is not None else int(time.time())
+
+
+def _epoch(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} is not a whole number of seconds", "unset it or give seconds since 1970")
+    value = int(raw)
+    if not EPOCH_RANGE[0] <= value <= EPOCH_RANGE[1]:
+        raise UsageError(f"SOURCE_DATE_EPOCH={raw} is outside 1980-01-01 .. 2099-12-31",
+                         "give a time the installer formats can carry (seconds since 1970)")
+    return value

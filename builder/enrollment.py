@@ -23,13 +23,13 @@ MAX_URL_CHARS = 2048
 
 # Ids are what the console generates (numbers, UUIDs, slugs). ASCII only: Windows Installer
 # has no UTF-8 database codepage, so a non-ASCII id could not round-trip through an MSI.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-:@]*$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-:@]*$")
 # base64url, standard base64 and JWT (three base64url parts joined by dots).
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-+/.=~]+$")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-+/.=~]+$")
 # RFC 3986 unreserved + reserved characters and percent escapes, less "[" and "]" (MSI
 # formatted fields expand [NAME]; IPv6 literals are not supported). No double quotes, spaces,
 # backslashes, angle brackets, braces or control characters.
-_URL_CHARS_RE = re.compile(r"^[A-Za-z0-9\-._~:/?#@!$&'()*+,;=%]+$")
+URL_CHARS_RE = re.compile(r"^[A-Za-z0-9\-._~:/?#@!$&'()*+,;=%]+$")
 
 
 class Secret:
@@ -73,8 +73,8 @@ class Enrollment:
     console_url: str
 
     def __post_init__(self) -> None:
-        validate_id("account-id", self.account_id)
-        validate_id("group-id", self.group_id)
+        validate_id("account_id", self.account_id)
+        validate_id("group_id", self.group_id)
         validate_token(self.token)
         validate_console_url(self.console_url)
 
@@ -116,53 +116,56 @@ class Enrollment:
 
 
 def validate_id(field: str, value: str) -> None:
+    """`value` of the id `field` (account_id, group_id, release...) follows ID_RE; the error
+    names the field, which the CLI and the service each word their own way."""
     if not isinstance(value, str) or not value:
-        raise EnrollmentError(f"--{field} is empty", f"give the console's {field}")
+        raise EnrollmentError("{field} is empty", f"give the console's {field.replace('_', ' ')}", field=field)
     if len(value) > MAX_ID_CHARS:
-        raise EnrollmentError(f"--{field} is {len(value)} characters long", f"the limit is {MAX_ID_CHARS}")
-    if not _ID_RE.fullmatch(value):
+        raise EnrollmentError(f"{{field}} is {len(value)} characters long", f"the limit is {MAX_ID_CHARS}", field=field)
+    if not ID_RE.fullmatch(value):
         raise EnrollmentError(
-            f"--{field} has a character outside the allowed set",
+            "{field} has a character outside the allowed set",
             "use ASCII letters, digits and . - : @ _ (starting with a letter or digit)",
+            field=field,
         )
 
 
 def validate_token(token: Secret) -> None:
     value = token.reveal()
     if not value:
-        raise EnrollmentError("the enrollment token is empty", "give the group's enrollment token")
+        raise EnrollmentError("the enrollment token is empty", "give the group's enrollment token", field="token")
     size = len(value.encode())
     if size > MAX_TOKEN_BYTES:
-        raise EnrollmentError(f"the enrollment token is {size} bytes", f"the limit is {MAX_TOKEN_BYTES} bytes")
-    if not _TOKEN_RE.fullmatch(value):
+        raise EnrollmentError(f"the enrollment token is {size} bytes", f"the limit is {MAX_TOKEN_BYTES} bytes", field="token")
+    if not TOKEN_RE.fullmatch(value):
         # Never echo the value: name the rule only.
         raise EnrollmentError(
             "the enrollment token has a character outside base64/base64url/JWT",
             "allowed are A-Z a-z 0-9 - _ + / . = ~",
+            field="token",
         )
 
 
 def validate_console_url(value: str) -> None:
+    def refuse(message: str, hint: str):
+        raise EnrollmentError(message, hint, field="console_url")
+
     if not value:
-        raise EnrollmentError("--console-url is empty", "give the console's https URL")
+        refuse("{field} is empty", "give the console's https URL")
     if len(value) > MAX_URL_CHARS:
-        raise EnrollmentError(f"--console-url is {len(value)} characters long", f"the limit is {MAX_URL_CHARS}")
-    if not _URL_CHARS_RE.fullmatch(value):
-        raise EnrollmentError(
-            "--console-url has a character not allowed here (space, double quote, backslash, <, >, [, ], braces or non-ASCII)",
-            "percent-encode it",
-        )
+        refuse(f"{{field}} is {len(value)} characters long", f"the limit is {MAX_URL_CHARS}")
+    if not URL_CHARS_RE.fullmatch(value):
+        refuse("{field} has a character not allowed here (space, double quote, backslash, <, >, [, ], braces or non-ASCII)",
+               "percent-encode it")
     parts = urlsplit(value)
     if parts.scheme != "https" or not parts.hostname:
-        raise EnrollmentError("--console-url must be an https:// URL with a host", f"got scheme '{parts.scheme}'")
+        refuse("{field} must be an https:// URL with a host", f"got scheme '{parts.scheme}'")
     # What agents refuse (builder.trust.console_url_problem), refused before anything is signed:
     # a user@ part hides the real host from a reader; an IP literal pins nothing.
     if "@" in parts.netloc or "%" in parts.netloc:
-        raise EnrollmentError("--console-url must not carry user information or percent-escapes in its host",
-                              "give https://host[:port]/path")
+        refuse("{field} must not carry user information or percent-escapes in its host", "give https://host[:port]/path")
     if re.fullmatch(r"[0-9.]+", parts.hostname):
-        raise EnrollmentError("--console-url must name a host, not an IP address",
-                              "agents only talk to console host names pinned in the release")
+        refuse("{field} must name a host, not an IP address", "agents only talk to console host names pinned in the release")
 
 
 def read_token(token_file: str | None, token_env: str | None, environ: dict | None = None) -> Secret:

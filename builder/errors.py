@@ -8,14 +8,32 @@ from __future__ import annotations
 
 
 class BuilderError(Exception):
-    """Base class. `exit_code` is what the CLI exits with; `hint` is the fix, shown after the cause."""
+    """Base class. `exit_code` is what the CLI exits with; `hint` is the fix, shown after the cause.
+
+    `field` names the input concerned (`account_id`, `console_url`, `release`...), in the
+    library's words. A message that names it says `{field}` where the name goes: the CLI puts its
+    option there (`--account-id`), the service its JSON field (`account_id`), see `worded`.
+    """
 
     exit_code = 1
+    field: str | None = None
 
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
+    def __init__(self, message: str, hint: str | None = None, *, field: str | None = None):
+        self.template = message
         self.hint = hint
+        if field is not None:
+            self.field = field
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return self.worded(lambda name: name)
+
+    def worded(self, name_of) -> str:
+        """The message with the field named by `name_of(field)` (the CLI: its option)."""
+        if self.field is None or "{field}" not in self.template:
+            return self.template
+        return self.template.replace("{field}", name_of(self.field))
 
     def __str__(self) -> str:
         return f"{self.message}: {self.hint}" if self.hint else self.message
@@ -99,6 +117,30 @@ class OutputError(BuilderError):
     exit_code = 14
 
 
+class UnknownReleaseError(BuilderError):
+    """The release asked for is not published (or lacks the format asked for)."""
+
+    exit_code = 15
+
+
+class RevokedError(BuilderError):
+    """The enrollment token was revoked: nothing is issued for it any more."""
+
+    exit_code = 16
+
+
+class WorkerFailedError(BuilderError):
+    """A worker, or its signing helper, could not make the installer; nothing was published."""
+
+    exit_code = 17
+
+
+class QueueError(BuilderError):
+    """The job queue (Redis) is unreachable or refused an operation."""
+
+    exit_code = 18
+
+
 ALL_ERRORS: tuple[type[BuilderError], ...] = (
     BuilderError,
     UsageError,
@@ -114,4 +156,8 @@ ALL_ERRORS: tuple[type[BuilderError], ...] = (
     StorageError,
     NotarizationError,
     OutputError,
+    UnknownReleaseError,
+    RevokedError,
+    WorkerFailedError,
+    QueueError,
 )

@@ -144,7 +144,7 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
             signer, resigned = base.entry.get("signer"), False
         else:
             with log.step(f"{fmt}: bake and sign"):
-                built = formats.get(fmt).stamp(release, enrollment, signers, partial)
+                built = formats.get(fmt).stamp(release, enrollment, signers.for_product(release.product().name), partial)
             written, signer, resigned = partial.stat().st_size, built.signer, not signers.unsigned
             notarization = (built.details or {}).get("notarization")
         try:
@@ -162,9 +162,11 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
 GROUP_KEYS = ("account", "group", "console_url", "token_file", "token_env")
 MAX_GROUPS_FILE_BYTES = 16 << 20
 _NAME_MAX = 255  # bytes in one file name (Linux, macOS, NTFS)
-# What the enrollment validators call a field, and what a groups file calls it.
-_FIELD_NAMES = {"--account-id": '"account"', "--group-id": '"group"', "--console-url": '"console_url"',
-                "--token-file": '"token_file"', "--token-env": '"token_env"'}
+# What the enrollment rules call a field (BuilderError.field), and what a groups file calls it;
+# then the options the token reader names in its own words.
+_KEY_OF_FIELD = {"account_id": '"account"', "group_id": '"group"', "console_url": '"console_url"'}
+_KEY_OF_OPTION = {"--account-id": '"account"', "--group-id": '"group"', "--console-url": '"console_url"',
+                  "--token-file": '"token_file"', "--token-env": '"token_env"'}
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,8 @@ def group_file_name(account_id: str, group_id: str, fmt: str) -> str:
 def _at(where: str, exc: BuilderError) -> BuilderError:
     """`exc` (same class, so the same exit code) with the groups file's line in front, and the
     field named as the file names it."""
-    message = exc.message
-    for option, key in _FIELD_NAMES.items():
+    message = exc.worded(lambda name: _KEY_OF_FIELD.get(name, name))
+    for option, key in _KEY_OF_OPTION.items():
         message = message.replace(option, key)
     return type(exc)(f"{where}: {message}", exc.hint)
 
@@ -392,6 +394,7 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
     made: list[Stamped] = []
     try:
         hasher = _PiecesHash(base.path) if kind.slotted else None
+        product_signers = None if kind.slotted else signers.for_product(release.product().name)
         for i, ((line, enrollment), name) in enumerate(zip(groups, names), 1):
             partial, notarization = work / name, None
             with log.step(f"[{i}/{len(groups)}] {fmt}: {name}"), _writing(out, name):
@@ -401,7 +404,7 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
                     size, sha = base.entry["size"], hasher.sha256(pieces)
                     signer, resigned = base.entry.get("signer"), False
                 else:
-                    built = formats.get(fmt).stamp(release, enrollment, signers, partial)
+                    built = formats.get(fmt).stamp(release, enrollment, product_signers, partial)
                     size = written = partial.stat().st_size
                     sha, signer, resigned = build.sha256_file(partial), built.signer, not signers.unsigned
                     notarization = (built.details or {}).get("notarization")

@@ -272,7 +272,8 @@ class EnrollmentRefused(EnrollmentError):
     agents' exit codes do: malformed, untrusted, expired, host."""
 
     def __init__(self, reason: str, message: str):
-        super().__init__(message, "issue the enrollment again with a pinned key and an allowed console")
+        super().__init__(message, "issue the enrollment again with a pinned key and an allowed console",
+                         field="console_url" if reason == "host" else None)
         self.reason = reason
 
 

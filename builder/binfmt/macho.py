@@ -1,6 +1,6 @@
 """Pure parsers for Apple code signatures: Mach-O slices and LC_CODE_SIGNATURE, the SuperBlob,
 the CodeDirectory, and the code signature a UDIF (DMG) koly trailer points at. Bytes in,
-values out; builder/signing/apple.py verifies with them."""
+values out; builder/signing/apple/ signs and verifies with them."""
 
 from __future__ import annotations
 
@@ -13,30 +13,54 @@ from builder.errors import FormatError
 
 
 
-_MH_EXECUTE = 2
+MH_EXECUTE = 2  # mach_header.filetype of an executable
 _LC_CODE_SIGNATURE = 0x1D
-_FAT_MAGIC = b"\xca\xfe\xba\xbe"
-_FAT_MAGIC_64 = b"\xca\xfe\xba\xbf"
-_SUPERBLOB_MAGIC = 0xFADE0CC0
+MACHO_MAGICS = (b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"\xfe\xed\xfa\xce")
+FAT_MAGIC = b"\xca\xfe\xba\xbe"
+FAT_MAGIC_64 = b"\xca\xfe\xba\xbf"
+SUPERBLOB_MAGIC = 0xFADE0CC0
 _CODEDIRECTORY_MAGIC = 0xFADE0C02
-_CMS_SLOT = 0x10000
-_CS_RUNTIME = 0x10000
+CMS_SLOT = 0x10000
+CS_RUNTIME = 0x10000  # CodeDirectory flag: hardened runtime
 _CD_HASHES = {1: ("sha1", 20), 2: ("sha256", 32), 3: ("sha256", 20), 4: ("sha384", 48)}
-_SPECIAL_NAMES = {1: "Info.plist", 2: "requirements", 3: "CodeResources", 4: "application slot",
-                  5: "entitlements", 6: "rep-specific (DMG trailer)", 7: "DER entitlements"}
+SPECIAL_NAMES = {1: "Info.plist", 2: "requirements", 3: "CodeResources", 4: "application slot",
+                 5: "entitlements", 6: "rep-specific (DMG trailer)", 7: "DER entitlements"}
+# Blobs of the SuperBlob that a CodeDirectory hashes in the special slot of the same number.
+_SPECIAL_BLOBS = (2, 5, 7)  # requirements, entitlements, DER entitlements
 KOLY_SIZE = 512
-_KOLY_CODESIG = struct.Struct(">QQ")  # code signature offset and size, at byte 296 of koly
-_KOLY_CODESIG_AT = 296
+KOLY_CODESIG = struct.Struct(">QQ")  # code signature offset and size, at byte 296 of koly
+KOLY_CODESIG_AT = 296
+
+
+def is_macho(head: bytes) -> bool:
+    """Whether `head`, a file's first 8 bytes, starts a Mach-O file, thin or universal."""
+    if head[:4] in (FAT_MAGIC, FAT_MAGIC_64):
+        # A Java class file starts with the same magic, then its version (45 and up) where a
+        # universal binary has its slice count; `file` tells them apart the same way.
+        return len(head) == 8 and struct.unpack(">I", head[4:])[0] < 20
+    return head[:4] in MACHO_MAGICS
+
+
+def is_executable(head: bytes) -> bool:
+    """Whether `head`, a file's first 16 bytes, starts a Mach-O executable (filetype MH_EXECUTE),
+    or a universal binary: those are executables in practice."""
+    if len(head) < 16:
+        return False
+    for magic, endian in ((b"\xcf\xfa\xed\xfe", "<"), (b"\xce\xfa\xed\xfe", "<"),
+                          (b"\xfe\xed\xfa\xcf", ">"), (b"\xfe\xed\xfa\xce", ">")):
+        if head[:4] == magic:
+            return struct.unpack_from(endian + "I", head, 12)[0] == MH_EXECUTE
+    return head[:4] in (FAT_MAGIC, FAT_MAGIC_64)
 
 
 def macho_slices(data: bytes, name: str) -> list[tuple[int, int]]:
     """(offset, size) of each architecture: one for a thin file, several for a universal one."""
     head = data[:8]
-    if head[:4] in (_FAT_MAGIC, _FAT_MAGIC_64):
+    if head[:4] in (FAT_MAGIC, FAT_MAGIC_64):
         count = struct.unpack_from(">I", data, 4)[0]
         if not 0 < count < 32:
             raise FormatError(f"{name}: universal header lists {count} architectures")
-        wide = head[:4] == _FAT_MAGIC_64
+        wide = head[:4] == FAT_MAGIC_64
         entry = struct.Struct(">iiQQII" if wide else ">iiIII")
         out = []
         for i in range(count):
@@ -46,7 +70,7 @@ def macho_slices(data: bytes, name: str) -> list[tuple[int, int]]:
                 raise FormatError(f"{name}: architecture {i} lies past the end of the file")
             out.append((offset, size))
         return out
-    if head[:4] in (b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"\xfe\xed\xfa\xce"):
+    if head[:4] in MACHO_MAGICS:
         return [(0, len(data))]
     raise FormatError(f"{name} is not a Mach-O file (magic {head[:4].hex()})",
                       "only Mach-O code can carry a code signature")
@@ -82,7 +106,7 @@ def superblob_entries(blob: bytes, name: str) -> dict[int, bytes]:
     if len(blob) < 12:
         raise FormatError(f"{name}: code signature is truncated")
     magic, length, count = struct.unpack_from(">III", blob, 0)
-    if magic != _SUPERBLOB_MAGIC or length > len(blob) or count > 64:
+    if magic != SUPERBLOB_MAGIC or length > len(blob) or count > 64:
         raise FormatError(f"{name}: code signature is not an embedded-signature SuperBlob")
     out = {}
     for i in range(count):
@@ -94,8 +118,20 @@ def superblob_entries(blob: bytes, name: str) -> dict[int, bytes]:
             raise FormatError(f"{name}: code signature blob {slot:#x} is truncated")
         payload = blob[offset:offset + blob_length]
         # The CMS blob is a wrapper (magic 0xfade0b01): the DER follows its 8-byte header.
-        out[slot] = payload[8:] if slot == _CMS_SLOT else payload
+        out[slot] = payload[8:] if slot == CMS_SLOT else payload
     return out
+
+
+def code_directories(blobs: dict[int, bytes]) -> list[tuple[int, bytes]]:
+    """[(slot, blob)] of the CodeDirectories among a SuperBlob's entries: slot 0, then the
+    alternate ones (0x1000 to 0x1004), in slot order."""
+    return [(slot, blobs[slot]) for slot in sorted(blobs) if slot == 0 or 0x1000 <= slot < 0x1005]
+
+
+def special_blobs(blobs: dict[int, bytes]) -> dict[int, bytes]:
+    """{special slot: blob} for the blobs a signature carries itself and its CodeDirectory hashes
+    in a special slot (requirements, entitlements, DER entitlements)."""
+    return {slot: blobs[slot] for slot in _SPECIAL_BLOBS if slot in blobs}
 
 
 @dataclass(frozen=True)
@@ -171,12 +207,12 @@ def koly_code_signature(data: bytes, name: str) -> tuple[int, int]:
     """(offset, size) of the code signature a UDIF koly trailer records; (x, 0) when unsigned."""
     if len(data) < KOLY_SIZE or data[-KOLY_SIZE:-KOLY_SIZE + 4] != b"koly":
         raise FormatError(f"{name} is not a UDIF disk image (no koly trailer)")
-    return _KOLY_CODESIG.unpack_from(data, len(data) - KOLY_SIZE + _KOLY_CODESIG_AT)
+    return KOLY_CODESIG.unpack_from(data, len(data) - KOLY_SIZE + KOLY_CODESIG_AT)
 
 
 def koly_for_hash(koly: bytes) -> bytes:
     """The trailer as the DMG's rep-specific slot hashes it: signature size zeroed (it is not
     known when the CodeDirectory is made), signature offset kept."""
     out = bytearray(koly)
-    out[_KOLY_CODESIG_AT + 8:_KOLY_CODESIG_AT + 16] = bytes(8)
+    out[KOLY_CODESIG_AT + 8:KOLY_CODESIG_AT + 16] = bytes(8)
     return bytes(out)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 
-from builder.binfmt.macho import KOLY_SIZE, _KOLY_CODESIG, _KOLY_CODESIG_AT, _SUPERBLOB_MAGIC, koly_code_signature
+from builder.binfmt.macho import KOLY_CODESIG, KOLY_CODESIG_AT, KOLY_SIZE, SUPERBLOB_MAGIC, koly_code_signature
 from builder.errors import FormatError
 
 TRAILER = struct.Struct("<4sHHII")
@@ -66,7 +66,7 @@ def _superblob(blob: bytes, name: str) -> list[tuple[int, bytes]]:
     if len(blob) < 12:
         raise FormatError(f"{name}: code signature is truncated")
     magic, length, count = struct.unpack_from(">III", blob, 0)
-    if magic != _SUPERBLOB_MAGIC or length > len(blob) or count > 64:
+    if magic != SUPERBLOB_MAGIC or length > len(blob) or count > 64:
         raise FormatError(f"{name}: code signature is not an embedded-signature SuperBlob")
     index = [struct.unpack_from(">II", blob, 12 + 8 * i) for i in range(count)]
     bounds = sorted(offset for _, offset in index) + [length]
@@ -84,7 +84,7 @@ def _build_superblob(entries: list[tuple[int, bytes]]) -> bytes:
         index += struct.pack(">II", slot, offset)
         body += data
         offset += len(data)
-    return struct.pack(">III", _SUPERBLOB_MAGIC, offset, len(entries)) + index + body
+    return struct.pack(">III", SUPERBLOB_MAGIC, offset, len(entries)) + index + body
 
 
 def dmg_with_ticket(data: bytes, ticket: bytes, name: str) -> bytes:
@@ -96,7 +96,7 @@ def dmg_with_ticket(data: bytes, ticket: bytes, name: str) -> bytes:
     wrapped = struct.pack(">II", _BLOB_WRAPPER, 8 + len(ticket)) + ticket
     signature = _build_superblob(sorted(entries + [(TICKET_SLOT, wrapped)], key=lambda entry: entry[0]))
     koly = bytearray(data[-KOLY_SIZE:])
-    _KOLY_CODESIG.pack_into(koly, _KOLY_CODESIG_AT, offset, len(signature))
+    KOLY_CODESIG.pack_into(koly, KOLY_CODESIG_AT, offset, len(signature))
     return data[:offset] + signature + bytes(koly)
 
 

@@ -49,6 +49,11 @@ class Kind:
     # (milliseconds, no key needed); False: the format's own stamp() re-bakes and signs.
     slotted: bool
 
+    @property
+    def platform(self) -> str:
+        """Where it installs ("windows", "macos"): its base format's."""
+        return get(self.base).platform
+
 
 KINDS = {k.name: k for k in (
     Kind("exe", "exe", ".exe", slotted=True),

@@ -34,7 +34,7 @@ from builder.binfmt import udif
 from builder.config import TEMPLATES_DIR, Product
 from builder.trust import SignedEnrollment, describe
 from builder.errors import ConfigError, EnrollmentError, FormatError, UsageError
-from builder.formats import macos_common as common
+from builder.formats import macos_postinstall, pkg_archive
 from builder.formats import pkg as pkgformat
 from builder.fileio import iter_range
 from builder.formats.base import BuildRequest, Built
@@ -225,7 +225,7 @@ def make_dmg(pkg: Path, out: Path, product: Product, epoch: int, *, key: AppleKe
             sidecar_file = str(tmp_path / "sidecar.jws")
             Path(sidecar_file).write_bytes(sidecar)
         defines = {"volume_name": volume_name(product), "pkg": str(pkg), "pkg_name": pkg_name(product),
-                   "readme": str(readme), "sidecar": sidecar_file, "sidecar_name": common.sidecar_name(product)}
+                   "readme": str(readme), "sidecar": sidecar_file, "sidecar_name": macos_postinstall.sidecar_name(product)}
         unsigned = out.with_name(f".{out.stem}.unsigned.dmg")  # hdiutil appends .dmg to any other name
         written = None
         try:
@@ -250,7 +250,7 @@ def make_dmg(pkg: Path, out: Path, product: Product, epoch: int, *, key: AppleKe
                 from builder.signing import apple
 
                 # A fixed identifier: codesign's default, the file name, would differ per output name.
-                apple.sign_dmg(key, unsigned, out, signing_time=common.signing_time(epoch, key),
+                apple.sign_dmg(key, unsigned, out, signing_time=apple.signing_time(epoch, key),
                                identifier=f"{product.bundle_id}.dmg")
         finally:
             unsigned.unlink(missing_ok=True)
@@ -259,6 +259,14 @@ def make_dmg(pkg: Path, out: Path, product: Product, epoch: int, *, key: AppleKe
     if written is not None:
         details["raw_bytes"] = written.raw_size
     return details
+
+
+def _subject(key: AppleKey | None) -> str | None:
+    if key is None:
+        return None
+    from builder.signing import apple  # loads apple-platform's native library: only when signing
+
+    return apple.identity_subject(key)
 
 
 class DmgFormat:
@@ -286,7 +294,7 @@ class DmgFormat:
             pkg_path.unlink(missing_ok=True)
         # One notarization for the image: Apple's service also notarizes the pkg inside it.
         notarization = pkgformat.notarize(final, signers)
-        signer = common.identity_info(key).subject if key is not None else None
+        signer = _subject(key)
         return Built(path=final, signer=signer, notarized=notarization["notarized"],
                      details={**details, "pkg_signer": pkg_signer, "agent": pkg_details["agent"],
                               "notarization": notarization})
@@ -304,7 +312,7 @@ class DmgFormat:
         make_dmg(base.path, out, product, release.manifest["source_date_epoch"], key=key,
                  sidecar=enrollment.jws.reveal().encode("ascii"), work=out.parent)
         notarization = pkgformat.notarize(out, signers)
-        return Built(path=out, signer=common.identity_info(key).subject if key else None,
+        return Built(path=out, signer=_subject(key),
                      notarized=notarization["notarized"], details={"notarization": notarization})
 
     def verify(self, path: Path, ca: Path | None) -> dict:
@@ -324,14 +332,14 @@ class DmgFormat:
             if len(pkgs) != 1:
                 raise FormatError(f"{path}: the volume holds {len(pkgs)} .pkg files, expected one", "give a DMG made by builder")
             pkg = pkgs[0]
-            contents = common.read_pkg(pkg, f"{path}:{pkg.name}")
+            contents = pkg_archive.read_pkg(pkg, f"{path}:{pkg.name}")
             problems += [f"{pkg.name}: {p}" for p in contents.problems]
             for required in (README_NAME, ".DS_Store"):
                 if not (volume / required).is_file():
                     problems.append(f"{required} is missing from the volume")
             # What the pkg's postinstall would take: its baked enrollment, else the sidecar.
             jws, source = contents.enrollment, "baked into the pkg's postinstall"
-            sidecar = volume / common.sidecar_name_from_pkg(contents)
+            sidecar = volume / macos_postinstall.sidecar_name_from_pkg(contents)
             if sidecar.is_file():
                 if jws is None:
                     jws, source = sidecar.read_bytes().decode("ascii", "replace"), f"sidecar {sidecar.name} beside the pkg"

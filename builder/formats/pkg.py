@@ -14,7 +14,7 @@ same unsigned pkg, byte for byte. The signed pkg differs between runs only in it
 <x-signature>: apple-platform-py ignores the signing time given for flat packages and writes
 the clock's (it honours it for the agent's code signature and for DMGs).
 
-For the stamp stage, `macos_common.rebake` turns a release pkg into a group's (unsigned) pkg
+For the stamp stage, `pkg_archive.rebake` turns a release pkg into a group's (unsigned) pkg
 by replacing Scripts only; `sign_pkg` signs it.
 """
 
@@ -30,7 +30,7 @@ from builder.binfmt import xar
 from builder.binfmt.bom import build_bom_entries
 from builder.errors import FormatError, UsageError
 from builder.fileio import atomic_output
-from builder.formats import macos_common as common
+from builder.formats import macos_payload, macos_postinstall, pkg_archive
 from builder.formats.base import BuildRequest, Built
 from builder.signing.signers import AppleKey
 from builder.trust import SignedEnrollment, describe
@@ -46,7 +46,7 @@ def _apple():
     return apple
 
 
-def require_keys(request: BuildRequest, payload: common.MacPayload | None, what: str) -> tuple[AppleKey | None, AppleKey | None]:
+def require_keys(request: BuildRequest, payload: macos_payload.MacPayload | None, what: str) -> tuple[AppleKey | None, AppleKey | None]:
     """(application key, installer key) for a signed build, or UsageError naming what is missing."""
     signers = request.signers
     if signers.unsigned:
@@ -61,7 +61,7 @@ def require_keys(request: BuildRequest, payload: common.MacPayload | None, what:
     return signers.apple_application, signers.apple_installer
 
 
-def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path, app_key: AppleKey | None,
+def build_unsigned(request: BuildRequest, payload: macos_payload.MacPayload, out: Path, app_key: AppleKey | None,
                    label: str = "pkg") -> dict:
     """Everything up to the pkg signature: stage, sign the code, write the members and the xar.
     `label` starts each progress line (the DMG's own pkg says so)."""
@@ -73,28 +73,28 @@ def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path,
     payload_file = work / "Payload"
     try:
         with log.step(f"{label}: stage the payload"):
-            layout = common.stage_root(payload, product, root)
+            layout = macos_payload.stage_root(payload, product, root)
         if app_key is not None and payload.code:
-            when = common.signing_time(epoch, app_key)
             apple = _apple()
+            when = apple.signing_time(epoch, app_key)
             for rel in payload.code:
                 apple.sign_code(app_key, root / layout.install_dir.lstrip("/") / rel, signing_time=when)
         with log.step(f"{label}: Payload and Bom"):
-            entries = common.payload_entries(root, epoch)
-            stats = common.write_payload(entries, payload_file)
+            entries = macos_payload.payload_entries(root, epoch)
+            stats = pkg_archive.write_payload(entries, payload_file)
             bom = build_bom_entries(entries)
-        script = common.render_postinstall(product, request.trust, enrollment)
-        scripts = common.scripts_archive(script, epoch)
+        script = macos_postinstall.render_postinstall(product, request.trust, enrollment)
+        scripts = macos_postinstall.scripts_archive(script, epoch)
         members = {
-            common.DISTRIBUTION: common.render_distribution(product, request.version, stats).encode(),
-            common.BOM: bom,
-            common.PAYLOAD: payload_file,
-            common.SCRIPTS: scripts,
-            common.PACKAGE_INFO: common.render_package_info(product, request.version, stats).encode(),
+            pkg_archive.DISTRIBUTION: pkg_archive.render_distribution(product, request.version, stats).encode(),
+            pkg_archive.BOM: bom,
+            pkg_archive.PAYLOAD: payload_file,
+            pkg_archive.SCRIPTS: scripts,
+            pkg_archive.PACKAGE_INFO: pkg_archive.render_package_info(product, request.version, stats).encode(),
         }
         with log.step(f"{label}: xar"):
             with atomic_output(out) as fh:
-                xar.write_xar(fh, [(m, members[m]) for m in common.MEMBERS], epoch=epoch)
+                xar.write_xar(fh, [(m, members[m]) for m in pkg_archive.MEMBERS], epoch=epoch)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         payload_file.unlink(missing_ok=True)
@@ -107,8 +107,9 @@ def build_unsigned(request: BuildRequest, payload: common.MacPayload, out: Path,
 
 
 def sign_pkg(key: AppleKey, src: Path, dst: Path, epoch: int) -> None:
-    """productsign `src` into `dst`, the CMS signing time fixed (see macos_common.signing_time)."""
-    _apple().sign_flat_package(key, src, dst, signing_time=common.signing_time(epoch, key))
+    """productsign `src` into `dst`, the CMS signing time fixed (see apple.signing_time)."""
+    apple = _apple()
+    apple.sign_flat_package(key, src, dst, signing_time=apple.signing_time(epoch, key))
 
 
 def notarize(path: Path, signers) -> dict:
@@ -134,7 +135,7 @@ class PkgFormat:
 
     def build_signed(self, request: BuildRequest, label: str = "pkg") -> tuple[Path, str | None, dict]:
         """The signed (not notarized) pkg in request.work: (path, signer, details). The DMG uses it."""
-        payload = common.check_payload(request.payload_dir("macos"))
+        payload = macos_payload.check_payload(request.payload_dir("macos"))
         app_key, installer_key = require_keys(request, payload, "pkg")
         unsigned = request.work / UNSIGNED_NAME
         final = request.work / SIGNED_NAME
@@ -148,7 +149,7 @@ class PkgFormat:
             sign_pkg(installer_key, unsigned, final, request.source_date_epoch)
         finally:
             unsigned.unlink(missing_ok=True)
-        return final, common.identity_info(installer_key).subject, details
+        return final, _apple().identity_subject(installer_key), details
 
     def release_entry(self, path: Path, product, *, signed: bool) -> dict:
         return {}  # a stamp re-bakes the pkg: no slot to record
@@ -161,7 +162,7 @@ class PkgFormat:
         if key is None and not signers.unsigned:
             raise UsageError("a group's pkg is signed again: give a Developer ID Installer identity", "--mac-sign-pkcs12 FILE")
         unsigned = out.with_name(f".{out.name}.unsigned")
-        unsigned.write_bytes(common.rebake(base.path, enrollment, product, epoch))
+        unsigned.write_bytes(pkg_archive.rebake(base.path, enrollment, product, epoch))
         try:
             if key is None:
                 os.replace(unsigned, out)
@@ -170,7 +171,7 @@ class PkgFormat:
         finally:
             unsigned.unlink(missing_ok=True)
         notarization = notarize(out, signers)
-        return Built(path=out, signer=common.identity_info(key).subject if key else None,
+        return Built(path=out, signer=_apple().identity_subject(key) if key else None,
                      notarized=notarization["notarized"], details={"notarization": notarization})
 
     def verify(self, path: Path, ca: Path | None) -> dict:
@@ -187,11 +188,11 @@ class PkgFormat:
         path = Path(path)
         if not path.is_file():
             raise FormatError(f"{path}: no such file", "check the path")
-        contents = common.read_pkg(path, str(path))
+        contents = pkg_archive.read_pkg(path, str(path))
         return contents_report(self.name, path, contents)
 
 
-def contents_report(format_name: str, path: Path, contents: common.PkgContents) -> dict:
+def contents_report(format_name: str, path: Path, contents: pkg_archive.PkgContents) -> dict:
     problems = list(contents.problems)
     enrollment = None
     if contents.enrollment is not None:

@@ -31,8 +31,10 @@ from builder import __version__, log
 from builder import enrollment as enrollment_rules
 from builder.enrollment import MAX_TOKEN_BYTES, Enrollment, Secret, validate_id, validate_token
 from builder.errors import BuilderError, UsageError
-from builder.service.issuer import FORMATS, Issuer, Record, ReleaseRefused
-from builder.service.problems import CODE_OF_STATUS, CODES, Problem, describe
+from builder.service import installers
+from builder.service.issuer import FORMATS, Issuer
+from builder.service.problems import CODE_OF_STATUS, CODES, Problem, ReleaseRefused, describe
+from builder.service.records import Record
 from builder.storage import LinkStatus
 from builder.storage.links import check_link, sign_link
 
@@ -80,10 +82,10 @@ class ServiceSettings:
 
 # The enrollment's rules, stated in the OpenAPI document for the console's developers. Only
 # documented here: builder.enrollment checks them, with messages that say what is allowed.
-_ID_DOC = {"pattern": enrollment_rules._ID_RE.pattern}
-_TOKEN_DOC = {"pattern": enrollment_rules._TOKEN_RE.pattern, "writeOnly": True}
+_ID_DOC = {"pattern": enrollment_rules.ID_RE.pattern}
+_TOKEN_DOC = {"pattern": enrollment_rules.TOKEN_RE.pattern, "writeOnly": True}
 _RELEASE_DOC = {"pattern": r"^(latest|[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,5})$"}
-_URL_DOC = {"pattern": "^https://" + enrollment_rules._URL_CHARS_RE.pattern.removeprefix("^")}
+_URL_DOC = {"pattern": "^https://" + enrollment_rules.URL_CHARS_RE.pattern.removeprefix("^")}
 
 
 class InstallerRequest(BaseModel):
@@ -252,7 +254,7 @@ class _ReleaseStates:
         self.issuer = issuer
 
     def collect(self):
-        ok, refused = self.issuer.release_states()
+        ok, refused = self.issuer.releases.states()
         verified = GaugeMetricFamily("builder_releases_verified", "Published releases this service verified and serves")
         verified.add_metric([], len(ok))
         yield verified
@@ -264,7 +266,7 @@ class _ReleaseStates:
 
 
 def _refused_doc(issuer: Issuer) -> dict[str, RefusedRelease]:
-    return {v: RefusedRelease(reason=r.reason, error=r.error().message) for v, r in issuer.release_states()[1].items()}
+    return {v: RefusedRelease(reason=r.reason, error=r.error().message) for v, r in issuer.releases.states()[1].items()}
 
 
 def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
@@ -316,7 +318,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     app.add_middleware(_Counting, counter=requests_total)
 
     def url_for(request: Request, rec: Record) -> str:
-        if issuer.store.kind == "file":
+        if not issuer.store.presigned_links:  # the service serves the download itself
             exp = int(time.time()) + settings.link_ttl_s
             path = sign_link(settings.link_secret, rec.id, exp, route=settings.download_route)
             return str(request.base_url).rstrip("/") + path
@@ -335,7 +337,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
     def healthz() -> Health:
         """Up, and the releases this process serves and refuses (no key: for load balancers).
         Asks nothing of storage: releases published since start appear once a request opens them."""
-        ok, refused = issuer.release_states()
+        ok, refused = issuer.releases.states()
         return Health(status="degraded" if refused else "ok", version=__version__,
                       releases=ReleasesHealth(ok=ok, refused=_refused_doc(issuer)))
 
@@ -362,7 +364,7 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
                 return None
             return value
         issuer.audit.record(who, "refused", fmt=fmt, release=valid("release", body.release),
-                            account_id=valid("account-id", body.account_id), group_id=valid("group-id", body.group_id),
+                            account_id=valid("account_id", body.account_id), group_id=valid("group_id", body.group_id),
                             detail=problem.code)
 
     @app.post("/v1/installers", response_model=InstallerResponse, responses={**_ERRORS, 202: {"model": InstallerResponse}},
@@ -426,16 +428,16 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
             raise
         jws = signed.jws.reveal()
         body_out = EnrollmentResponse(enrollment=jws, key_id=signed.key_id, release=version, expires_at=signed.expires_at,
-                                      msiexec=f"msiexec /i {issuer.msi_name(version)} ENROLLMENT={jws} /qn")
+                                      msiexec=f"msiexec /i {issuer.releases.msi_name(version)} ENROLLMENT={jws} /qn")
         # Not through _problem/redact: the signed enrollment is what was asked for.
         return JSONResponse(body_out.model_dump())
 
     @app.get("/v1/releases", tags=["releases"], response_model=Releases, responses=_ERRORS)
     def releases(_who: str = Depends(caller)) -> Releases:
         served, by_format = [], {}
-        for version in issuer.release_versions():
+        for version in issuer.releases.versions():
             try:
-                formats = issuer.formats_of(version)
+                formats = issuer.releases.formats_of(version)
             except ReleaseRefused:
                 continue
             served.append(version)
@@ -445,33 +447,35 @@ def create_app(issuer: Issuer, settings: ServiceSettings) -> FastAPI:
 
     @app.post("/v1/revocations", tags=["tokens"], responses=_ERRORS)
     def revoke(body: RevocationRequest, who: str = Depends(caller)) -> dict:
-        validate_id("account-id", body.account_id)
-        validate_id("group-id", body.group_id)
+        validate_id("account_id", body.account_id)
+        validate_id("group_id", body.group_id)
         validate_token(Secret(body.token))
         fp = issuer.revoke(who, body.account_id, body.group_id, Secret(body.token))
         return {"revoked": True, "token_fingerprint": "sha256:" + fp[:16]}
 
     @app.get(settings.download_route + "/{installer_id}", tags=["installers"], response_class=FileResponse, responses=_ERRORS)
     def download(installer_id: str, exp: str = "", sig: str = ""):
-        """The local store's download route: an HMAC-signed, expiring link per installer."""
+        """The download route of stores without presigned links (local disk): an HMAC-signed,
+        expiring link per installer."""
         status = check_link(settings.link_secret, installer_id, exp, sig, time.time())
         if status is LinkStatus.EXPIRED:
             raise _refusal(status.http_status, "link_expired", "download link expired: ask for the installer again for a fresh one")
         if status is not LinkStatus.OK:
             raise _refusal(status.http_status, "invalid_link", "invalid download link")
         rec = issuer.record(installer_id) if _ID_RE.fullmatch(installer_id) else None
-        if rec is None or issuer.store.kind != "file":
+        if rec is None or issuer.store.presigned_links:  # such a store's clients download from it
             raise _refusal(404, "not_found", "no such installer")
         if issuer.is_revoked(rec.token_fingerprint):
             raise _revoked_installer()
-        headers = {"Content-Disposition": f'attachment; filename="{issuer.download_name(rec)}"'}
+        name = issuer.releases.download_name(rec.release, rec.group_id, rec.format)
+        headers = {"Content-Disposition": f'attachment; filename="{name}"'}
         if rec.streamed:
             # base[0:off] + slot + base[off+len:], read from the release object: no copy stored.
-            base_key, pieces = issuer.stamp_pieces(rec)
+            base_key, pieces = installers.read_stamp_document(issuer.store, rec.key)
             return StreamingResponse(issuer.store.stream_pieces(base_key, pieces), media_type="application/octet-stream",
                                      headers={**headers, "Content-Length": str(rec.size)})
         path = issuer.store.local_path(rec.key)
-        return FileResponse(path, media_type="application/octet-stream", filename=issuer.download_name(rec))
+        return FileResponse(path, media_type="application/octet-stream", filename=name)
 
     return app
 

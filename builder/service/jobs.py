@@ -38,7 +38,7 @@ from rq.job_lifecycle import call_exception_handlers
 
 from builder import formats, log
 from builder.trust import SignedEnrollment
-from builder.errors import BuilderError, UsageError
+from builder.errors import BuilderError, QueueError, UsageError, WorkerFailedError
 from builder.service.problems import NotConfigured, Problem, describe, unexpected
 from builder.storage.errors import StorageUnavailableError
 
@@ -52,23 +52,33 @@ SLOT_JOB_TIMEOUT_S = 30
 MAINTENANCE_INTERVAL_S = 60
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
-# Set by `builder worker` (and in its signing helper) before the first job.
+# Set by `builder worker` (serve_jobs), and in its signing helper, before the first job: RQ
+# calls run_job by name, so what it works with lives here.
 WORKER_ISSUER = None
 WORKER_FERNET: Fernet | None = None
 WORKER_HELPER: "SigningHelper | None" = None
 
 
-def fernet_from(key: str | None) -> Fernet:
-    if not key:
+def serve_jobs(issuer, helper: "SigningHelper") -> None:
+    """Make this process a worker: run_job stamps with `issuer` (whose queue holds the key that
+    opens the jobs) and hands stamps that sign to `helper`."""
+    global WORKER_ISSUER, WORKER_FERNET, WORKER_HELPER
+    WORKER_ISSUER, WORKER_FERNET, WORKER_HELPER = issuer, issuer.queue.fernet, helper
+
+
+def fernet_from(key) -> Fernet:
+    """The key that seals jobs, from BUILDER_QUEUE_KEY (a Secret, builder.config.Environment)."""
+    if key is None or not key.reveal():
         raise UsageError("BUILDER_QUEUE_KEY is not set", "generate one with `python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'` and give it to the service and every worker")
     try:
-        return Fernet(key.encode())
+        return Fernet(key.reveal().encode())
     except ValueError:
         raise UsageError("BUILDER_QUEUE_KEY is not a Fernet key (32 url-safe base64 bytes)", "generate a new one") from None
 
 
-class QueueUnavailableError(StorageUnavailableError):
-    """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500."""
+class QueueUnavailableError(QueueError, StorageUnavailableError):
+    """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500 (exit
+    code: the queue's)."""
 
     code = "queue_unavailable"
 
@@ -285,7 +295,7 @@ def _produce(doc: dict) -> dict:
     return {"id": rec.id, "sha256": rec.sha256, "key": rec.key}
 
 
-class HelperFailed(BuilderError):
+class HelperFailed(WorkerFailedError):
     """The signing helper died (RQ retries the job with a new helper), or failed the job with
     `problem`, which says whether RQ retries it."""
 
@@ -370,8 +380,7 @@ def _helper_main(conn, make_issuer: Callable, log_settings: dict) -> None:
     os.setsid()
     log.setup(**log_settings)
     try:
-        WORKER_ISSUER = make_issuer()
-        WORKER_FERNET = fernet_from(os.environ.get("BUILDER_QUEUE_KEY"))
+        WORKER_ISSUER, WORKER_FERNET = make_issuer()
         WORKER_ISSUER.warm()
     except Exception as exc:  # noqa: BLE001 - reported by the worker, which then stops
         conn.send(("error", log.redact(f"{type(exc).__name__}: {exc}")))

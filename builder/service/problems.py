@@ -22,12 +22,16 @@ from builder.errors import (
     EnrollmentError,
     FormatError,
     PayloadError,
+    QueueError,
+    RevokedError,
     SigningError,
     SlotError,
     StorageError,
     ToolMissingError,
+    UnknownReleaseError,
     UsageError,
     VerificationError,
+    WorkerFailedError,
 )
 from builder.storage.errors import InvalidKeyError, StorageUnavailableError
 
@@ -90,8 +94,7 @@ class Problem:
 # -- the service's errors ---------------------------------------------------------------------
 
 
-class UnknownRelease(BuilderError):
-    exit_code = 12
+class UnknownRelease(UnknownReleaseError):
     code = "unknown_release"
     field = "release"
 
@@ -103,25 +106,22 @@ class FormatNotInRelease(UnknownRelease):
     field = "format"
 
 
-class ReleaseRefused(BuilderError):
+class ReleaseRefused(VerificationError):
     """A published release that does not verify here: the service serves the others."""
 
-    exit_code = 9
     code = "release_refused"
     field = "release"
 
 
-class Revoked(BuilderError):
-    exit_code = 12
+class Revoked(RevokedError):
     code = "token_revoked"
     field = "token"
 
 
-class NotConfigured(BuilderError):
+class NotConfigured(UsageError):
     """The service (or a worker) lacks what the request needs: a signing key, the enrollment
     key, the queue key the service uses. Messages say what the operator must configure."""
 
-    exit_code = 2
     code = "not_configured"
 
 
@@ -129,11 +129,10 @@ class NoEnrollmentKey(NotConfigured):
     """The service was started without an enrollment key: it cannot sign enrollments."""
 
 
-class StampFailed(BuilderError):
+class StampFailed(WorkerFailedError):
     """A worker could not make the installer (after its retries); nothing was published. It
     carries the problem the worker found, which is what the client is told."""
 
-    exit_code = 7
     code = "stamp_failed"
 
     def __init__(self, message: str, hint: str | None = None, *, problem: Problem | None = None):
@@ -146,6 +145,10 @@ class StampFailed(BuilderError):
 # For the hierarchy's own classes, first match wins. Permanent: the same request fails the same
 # way; it is the operator's to fix (configuration) or the release's (a stamp that cannot fit).
 _BY_CLASS: tuple[tuple[type[BuilderError], str, bool], ...] = (
+    (QueueError, "queue_unavailable", True),
+    (UnknownReleaseError, "unknown_release", False),
+    (RevokedError, "token_revoked", False),
+    (WorkerFailedError, "stamp_failed", True),
     (StorageUnavailableError, "storage_unavailable", True),
     (InvalidKeyError, "invalid_field", False),
     (StorageError, "storage_error", True),
@@ -163,43 +166,22 @@ _BY_CLASS: tuple[tuple[type[BuilderError], str, bool], ...] = (
     (BuilderError, "stamp_failed", True),
 )
 
-# The enrollment rules are shared with the CLI, whose messages name its options; a web caller
-# sent JSON fields.
-CLI_TO_FIELD = {"--account-id": "account_id", "--group-id": "group_id", "--console-url": "console_url",
-                "--token-file": "token", "--token-env": "token"}
-_FIELD_WORDS = (*CLI_TO_FIELD.items(), ("enrollment token", "token"), ("console_url", "console_url"))
-# CLI advice in a hint, "(--console-host)": not something a web caller or operator of the
-# service can act on as written.
+# A hint may carry CLI advice, "(--console-host)": not something a web caller or operator of the
+# service can act on as written. Fields are named by the errors themselves (BuilderError.field)
+# in the library's words, which are the request's JSON fields.
 _CLI_ADVICE = re.compile(r"\s*\((?:give |use )?--[a-z][^)]*\)")
 _CLI_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
 def service_words(exc: BuilderError) -> str:
-    """The error as one sentence for a web caller: JSON field names for the CLI's options, and
-    no CLI advice (a hint that still names options is dropped)."""
-    message, hint = _fields_for_options(exc.message), _CLI_ADVICE.sub("", _fields_for_options(exc.hint or ""))
+    """The error as one sentence for a web caller: fields by their JSON names, and no CLI advice
+    (a hint that still names options is dropped)."""
+    message, hint = exc.message, _CLI_ADVICE.sub("", exc.hint or "")
     if _CLI_OPTION.search(message):
         message = _CLI_OPTION.sub("a setting", message)
     if hint and not _CLI_OPTION.search(hint):
         return f"{message}: {hint}"
     return message
-
-
-def _fields_for_options(text: str) -> str:
-    for option, name in CLI_TO_FIELD.items():
-        text = text.replace(option, name)
-    return text
-
-
-def field_of(exc: BuilderError) -> str | None:
-    declared = getattr(exc, "field", None)
-    if declared:
-        return declared
-    if isinstance(exc, EnrollmentError):
-        for words, name in _FIELD_WORDS:
-            if words in exc.message:
-                return name
-    return None
 
 
 def describe(exc: BuilderError) -> Problem:
@@ -215,7 +197,7 @@ def describe(exc: BuilderError) -> Problem:
     retry_after = None
     if code in ("storage_unavailable", "queue_unavailable"):
         retry_after = int(getattr(exc, "retry_after", None) or 5)
-    return Problem(status=CODES[code][0], code=code, message=log.redact(service_words(exc)), field=field_of(exc),
+    return Problem(status=CODES[code][0], code=code, message=log.redact(service_words(exc)), field=exc.field,
                    retry_after=retry_after, transient=transient)
 
 

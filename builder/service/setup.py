@@ -3,13 +3,12 @@ serve`, `builder worker` and `builder issue` (the demo's code path), so all thre
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log
-from builder.errors import UsageError
+from builder.config import Environment
 from builder.signing.signers import Signers
 from builder.service.issuer import Audit, Issuer
 from builder.storage import StorageSettings, open_store
@@ -28,8 +27,8 @@ class ServiceOptions:
     enrollment_key: object | None = None  # builder.signing.enrollment_key.EnrollmentKey
 
 
-def make_issuer(opts: ServiceOptions, environ=os.environ) -> Issuer:
-    settings = StorageSettings.from_env(environ)
+def make_issuer(opts: ServiceOptions, env: Environment) -> Issuer:
+    settings = StorageSettings.from_env(env.storage)
     store = open_store(opts.storage_url, settings)
     opts.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     cache = opts.state_dir / "cache"
@@ -39,22 +38,14 @@ def make_issuer(opts: ServiceOptions, environ=os.environ) -> Issuer:
     if opts.redis_url:
         from builder.service import jobs
 
-        issuer.queue = jobs.RedisQueue(opts.redis_url, jobs.fernet_from(environ.get("BUILDER_QUEUE_KEY")))
+        issuer.queue = jobs.RedisQueue(opts.redis_url, jobs.fernet_from(env.queue_key))
     return issuer
 
 
-def api_keys_from(environ=os.environ) -> dict[str, str]:
+def api_keys_from(env: Environment) -> dict[str, str]:
     from builder.service.app import ServiceSettings
 
-    if environ.get("BUILDER_API_KEYS_FILE"):
-        path = Path(environ["BUILDER_API_KEYS_FILE"])
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise UsageError(f"BUILDER_API_KEYS_FILE={path}: cannot read it ({exc.strerror})") from None
-    else:
-        text = environ.get("BUILDER_API_KEYS", "")
-    return ServiceSettings.parse_api_keys(text)
+    return ServiceSettings.parse_api_keys(env.api_keys.reveal() if env.api_keys is not None else "")
 
 
 def link_secret_of(issuer: Issuer) -> bytes:
@@ -63,7 +54,7 @@ def link_secret_of(issuer: Issuer) -> bytes:
     key = issuer.store.settings.hmac_key
     if key is not None:
         return key.reveal().encode()
-    if issuer.store.kind == "file":
+    if not issuer.store.presigned_links:
         log.warning("BUILDER_STORAGE_HMAC_KEY is not set: download links are signed with a key made for this "
                     "process and stop working when it restarts")
     return secrets.token_bytes(32)

@@ -3,11 +3,11 @@
 Every certificate says DEVELOPMENT in its subject: nothing signed with these keys is fit to
 ship. Made with `cryptography`, so no openssl configuration files are involved.
 
-The macOS identities have the shape of Apple's (builder.signing.apple.developer_id_kind): a
-root, a "Developer ID Certification Authority" intermediate (extension 1.2.840.113635.100.6.2.6)
-and leaves with Apple's EKUs and critical marker extensions, so every test signs with
-real-shaped identities. The root and the test TSA are valid from 2000 on, so a timestamp at any
-SOURCE_DATE_EPOCH since then verifies.
+The macOS identities have the shape of Apple's
+(builder.signing.apple.certificates.developer_id_kind): a root, a "Developer ID Certification
+Authority" intermediate (extension 1.2.840.113635.100.6.2.6) and leaves with Apple's EKUs and
+critical marker extensions, so every test signs with real-shaped identities. The root and the
+test TSA are valid from 2000 on, so a timestamp at any SOURCE_DATE_EPOCH since then verifies.
 """
 
 from __future__ import annotations

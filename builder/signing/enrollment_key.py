@@ -48,8 +48,9 @@ class EnrollmentKey:
                                   "sign with a pinned key, or build a release that pins this one (--enrollment-public-key)")
         problem = console_url_problem(enrollment.console_url, trust.console_hosts)
         if problem:
-            raise EnrollmentError(f"--console-url is not allowed by this release: {problem}",
-                                  "use a pinned console host, or build a release that pins it (--console-host)")
+            raise EnrollmentError(f"{{field}} is not allowed by this release: {problem}",
+                                  "use a pinned console host, or build a release that pins it (--console-host)",
+                                  field="console_url")
         issued = int(time.time()) if issued_at is None else int(issued_at)
         if expires_at is not None and expires_at <= issued:
             raise UsageError("the enrollment's expiry is not after its issue time", "give a later expiry")

@@ -6,7 +6,7 @@ without depending on each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from builder.signing.authenticode import SigningKey
@@ -31,3 +31,10 @@ class Signers:
     unsigned: bool = False
     # Trusted root for verifying what was just signed (a development CA in tests and demo).
     verify_ca: Path | None = None
+
+    def for_product(self, name: str) -> "Signers":
+        """These keys signing a product called `name` (the Authenticode description Windows shows
+        in its prompts): a stamp signs with its release's product, not the service's default."""
+        if self.authenticode is None or self.authenticode.description == name:
+            return self
+        return replace(self, authenticode=replace(self.authenticode, description=name))

@@ -4,10 +4,15 @@
     store.put_if_absent(key, path_or_bytes)              # create once, never overwrite
     store.put_pieces_if_absent(key, base_key, pieces)    # a stamp, server-side where possible
     store.stream_pieces(base_key, pieces)                # a stamp, streamed, not stored
-    store.presigned_url(key, expires_s)                  # S3/Azure URL, or a signed local link
+    store.presigned_url(key, expires_s)                  # where store.presigned_links (S3, Azure)
     publish_release(folder, store, prefix)               # objects first, index last
+
+Modules: store (the base and what every backend shares), local, s3, azure (one per backend),
+remote (what s3 and azure share), backends (open_store: URL scheme -> backend), published (the
+published releases' indexes), links (signed download links), keys, pieces, settings, errors.
 """
 
+from builder.storage.backends import open_store
 from builder.storage.errors import (
     InvalidKeyError,
     ObjectNotFoundError,
@@ -17,9 +22,9 @@ from builder.storage.errors import (
 from builder.storage.keys import content_key, validate_key
 from builder.storage.links import LinkStatus
 from builder.storage.pieces import Piece
-from builder.storage.release import manifest_key, publish_release
+from builder.storage.published import index_key, publish_release
 from builder.storage.settings import StorageSettings
-from builder.storage.store import ObjectInfo, PutResult, StampResult, Store, open_store
+from builder.storage.store import ObjectInfo, PutResult, StampResult, Store
 
 __all__ = [
     "InvalidKeyError",
@@ -34,7 +39,7 @@ __all__ = [
     "StorageUnavailableError",
     "Store",
     "content_key",
-    "manifest_key",
+    "index_key",
     "open_store",
     "publish_release",
     "validate_key",

@@ -14,16 +14,18 @@ from pathlib import Path
 
 from obstore.store import AzureStore
 
-from builder.storage.s3 import obstore_client_options
 from builder.storage.keys import validate_key
+from builder.storage.remote import obstore_client_options, split_bucket_url
 from builder.storage.settings import StorageSettings
-from builder.storage.store import PutResult, Store, split_bucket_url
+from builder.storage.store import PutResult, Store
 
 _CONTAINER_RE = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
 
 
 class AzureContainerStore(Store):
     kind = "az"
+    presigned_links = True
+    pins_ranges_to_etag = True
 
     def __init__(self, container: str, prefix: str, settings: StorageSettings):
         creds = settings.azure_credentials()
@@ -56,7 +58,5 @@ class AzureContainerStore(Store):
         view = memoryview(data)
         return PutResult(self._create(key, view), key, hashlib.sha256(view).hexdigest(), view.nbytes)
 
-    def presigned_url(self, key: str, expires_s: int, *, now: float | None = None) -> str:
-        if now is not None:
-            raise ValueError("Azure SAS URLs start now; `now` is for local signed links")
+    def presigned_url(self, key: str, expires_s: int) -> str:
         return self._sign_with_obstore(key, expires_s)

@@ -1,7 +1,8 @@
-"""Expiring download links for the local-disk store, signed with HMAC-SHA256.
+"""Expiring download links, signed with HMAC-SHA256, for stores without presigned URLs (local disk).
 
 A link is `<route>/<key>?exp=<unix seconds>&sig=<hex>`, the signature covering a version tag,
-the key and the expiry. The service checks it with `check_link` and answers by the status:
+the key and the expiry; the service's download route (`/v1/download/<installer id>`) serves
+them. It checks a link with `check_link` and answers by the status:
 OK serves the file, EXPIRED is 410 Gone, INVALID (tampered, malformed, other key) is 403.
 """
 
@@ -35,7 +36,7 @@ def _signature(secret: bytes, key: str, exp: int) -> str:
     return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
-def sign_link(secret: bytes, key: str, expires_at: int, route: str = "/files") -> str:
+def sign_link(secret: bytes, key: str, expires_at: int, route: str) -> str:
     validate_key(key)
     if not isinstance(expires_at, int) or isinstance(expires_at, bool) or not 0 < expires_at < 10**12:
         raise ValueError("expires_at must be a Unix time in whole seconds")

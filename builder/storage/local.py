@@ -6,6 +6,10 @@ creates 0700: stamp documents hold the slot bytes, token included, and stamped i
 it in plain text, so only the user that runs the service may read the store. `os.link` fails if the name exists, so
 create-if-absent is atomic and a writer that loses the race sees FileExistsError, never a
 half-written file. Reads (get, ranges, head, list, streaming) use obstore's LocalStore.
+
+No presigned URLs: whoever serves downloads reads the objects from `local_path`, or streams
+them. Objects are never replaced in place (create-if-absent is a link), so ranged reads are not
+pinned to an ETag (here one of inode, mtime and size, not of the content).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 from urllib.parse import unquote, urlsplit
@@ -33,6 +36,8 @@ FOLDER_MODE = 0o700
 
 class LocalDiskStore(Store):
     kind = "file"
+    presigned_links = False
+    pins_ranges_to_etag = False
 
     def __init__(self, root: Path, settings: StorageSettings):
         _make_folders(root.parent, root)
@@ -138,11 +143,6 @@ class LocalDiskStore(Store):
         created, sha, size = self._create(key, write)
         return StampResult(created, key, size, sha if created else None,
                            bytes_uploaded=size if created else 0, bytes_downloaded=read, parts=1)
-
-    def presigned_url(self, key: str, expires_s: int, *, now: float | None = None) -> str:
-        if not 1 <= expires_s <= 7 * 24 * 3600:
-            raise ValueError("expires_s must be between 1 second and 7 days")
-        return self.signed_link(key, int(time.time() if now is None else now) + expires_s)
 
 
 def _make_folders(base: Path, folder: Path) -> None:

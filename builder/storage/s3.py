@@ -27,29 +27,14 @@ from builder.errors import StorageError
 from builder.storage import pieces as pc
 from builder.storage.errors import ObjectNotFoundError
 from builder.storage.keys import validate_key
+from builder.storage.remote import obstore_client_options, split_bucket_url
 from builder.storage.settings import StorageSettings
-from builder.storage.store import PutResult, StampResult, Store, split_bucket_url
+from builder.storage.store import PutResult, StampResult, Store
 
 # Below this, one PUT with If-None-Match (obstore); above, a multipart upload in PART_SIZE parts.
 MULTIPART_THRESHOLD = 16 * pc.MIB
 PART_SIZE = 8 * pc.MIB
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-
-
-def obstore_client_options(settings: StorageSettings, endpoint: str | None) -> tuple[dict, dict]:
-    from datetime import timedelta
-
-    client = {
-        "connect_timeout": timedelta(seconds=settings.connect_timeout_s),
-        "read_timeout": timedelta(seconds=settings.read_timeout_s),
-        "allow_http": bool(endpoint and endpoint.startswith("http://")),
-    }
-    retry = {
-        "max_retries": settings.max_retries,
-        "retry_timeout": timedelta(seconds=settings.retry_timeout_s),
-        "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2},
-    }
-    return client, retry
 
 
 class _LostRace(Exception):
@@ -58,6 +43,8 @@ class _LostRace(Exception):
 
 class S3BucketStore(Store):
     kind = "s3"
+    presigned_links = True
+    pins_ranges_to_etag = True
 
     def __init__(self, bucket: str, prefix: str, settings: StorageSettings):
         endpoint = settings.s3_endpoint
@@ -286,9 +273,7 @@ class S3BucketStore(Store):
         return StampResult(created, key, size, None, bytes_uploaded=stats["uploaded"],
                            bytes_copied=stats["copied"], bytes_downloaded=stats["downloaded"], parts=len(plan))
 
-    def presigned_url(self, key: str, expires_s: int, *, now: float | None = None) -> str:
-        if now is not None:
-            raise ValueError("S3 presigned URLs start now; `now` is for local signed links")
+    def presigned_url(self, key: str, expires_s: int) -> str:
         return self._sign_with_obstore(key, expires_s)
 
 

@@ -1,9 +1,10 @@
 """One `Store` over obstore for local disk (`file:///path`), S3 (`s3://bucket/prefix`) and Azure
-Blob (`az://container/prefix`); `open_store(url, settings)` picks the backend.
+Blob (`az://container/prefix`); `backends.open_store(url, settings)` picks the backend.
 
 What every backend shares lives here: key checks, reads (get, ranged get, head, list, streaming
-a stamped object from its base), error translation, local link signing. Each backend module
-(`local`, `s3`, `azure`) adds its create-if-absent writes and its download URLs. Nothing is
+a stamped object from its base), error translation. Each backend module (`local`, `s3`,
+`azure`) adds its create-if-absent writes and says what it can do beyond them (`presigned_links`,
+`local_path`, `pins_ranges_to_etag`): callers ask a store that, never which backend it is. Nothing is
 ever overwritten or deleted: objects are created once, and a writer that loses a create race
 reports `created=False` and uses the object that won.
 """
@@ -17,17 +18,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator, Sequence
-from urllib.parse import urlsplit
 
 import obstore
 from obstore import exceptions as obx
 
 from builder import log
-from builder.errors import StorageError, UsageError
-from builder.storage import links, pieces as pc
+from builder.errors import StorageError
+from builder.storage import pieces as pc
 from builder.storage.errors import InvalidKeyError, ObjectNotFoundError, StorageUnavailableError
 from builder.storage.keys import validate_key, validate_prefix
-from builder.storage.links import LinkStatus
 from builder.storage.settings import StorageSettings
 
 STREAM_CHUNK = 1024 * 1024
@@ -72,7 +71,13 @@ class ObjectInfo:
 class Store:
     """Base of the three backends. Keys are relative to the store's URL prefix."""
 
-    kind = "?"
+    kind = "?"  # the backend's name (file, s3, az); what a store can do is said by the attributes below
+    # A client can fetch an object straight from the backend with `presigned_url` (S3, Azure).
+    # Without, whoever serves downloads (the service) reads them from the store itself.
+    presigned_links = False
+    # Ranged reads of a base are made conditional on the ETag its `head` gave (If-Match), so
+    # a base replaced mid-stream is never mixed into a stamp.
+    pins_ranges_to_etag = False
 
     def __init__(self, url: str, settings: StorageSettings, prefix: str, obs_store):
         self.url = url  # for messages: never carries credentials
@@ -80,8 +85,18 @@ class Store:
         self.prefix = validate_prefix(prefix, "the storage URL's path")
         self._obs = obs_store
 
+    @classmethod
+    def from_url(cls, url: str, settings: StorageSettings) -> "Store":
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.url}>"
+
+    def local_path(self, key: str) -> Path | None:
+        """Where `key` lives on this machine's disk, for a service that sends files itself;
+        None where objects are not files here."""
+        self._full(key)
+        return None
 
     # -- keys and errors ----------------------------------------------------------------------
 
@@ -229,7 +244,7 @@ class Store:
                 yield seg.data
                 continue
             options = {"range": (seg.src, seg.src + seg.end - seg.start)}
-            if base.etag and self.kind != "file":
+            if base.etag and self.pins_ranges_to_etag:
                 options["if_match"] = base.etag  # a base that changed mid-stream must not be mixed in
             sent = 0
             with self._errors("ranged get", base.key):
@@ -269,10 +284,12 @@ class Store:
 
     # -- download URLs ------------------------------------------------------------------------
 
-    def presigned_url(self, key: str, expires_s: int, *, now: float | None = None) -> str:
-        """A URL a client can GET for `expires_s` seconds: the backend's own presigned URL (S3,
-        Azure), or for local disk a signed path (`signed_link`) for the service to serve."""
-        raise NotImplementedError
+    def presigned_url(self, key: str, expires_s: int) -> str:
+        """A URL a client can GET for `expires_s` seconds, signed by the backend (S3, Azure): only
+        where `presigned_links` says so."""
+        self._full(key)  # a bad key is refused as such, whatever the store
+        raise StorageError(f"storage {self.url} makes no presigned download URLs",
+                           "downloads from this store are served by `builder serve`")
 
     def _sign_with_obstore(self, key: str, expires_s: int) -> str:
         full = self._full(key)
@@ -280,48 +297,3 @@ class Store:
             raise ValueError(f"expires_s must be between 1 and {MAX_PRESIGN_S} seconds")
         with self._errors("sign", key):
             return obstore.sign(self._obs, "GET", full, timedelta(seconds=expires_s))
-
-    def _hmac_key(self) -> bytes:
-        if self.settings.hmac_key is None:
-            raise UsageError("signed download links need an HMAC key",
-                             "set BUILDER_STORAGE_HMAC_KEY (generate one with: openssl rand -hex 32)")
-        return self.settings.hmac_key.reveal().encode()
-
-    def signed_link(self, key: str, expires_at: int, *, route: str = "/files") -> str:
-        """`<route>/<key>?exp=<expires_at>&sig=<hmac>`: an expiring link the service verifies itself."""
-        return links.sign_link(self._hmac_key(), key, expires_at, route)
-
-    def check_link(self, key: object, exp: object, sig: object, now: float) -> LinkStatus:
-        """OK, EXPIRED (410) or INVALID (403) for a link made by `signed_link` with this store's key."""
-        return links.check_link(self._hmac_key(), key, exp, sig, now)
-
-
-def split_bucket_url(url: str, *, scheme: str, service: str, noun: str, valid: re.Pattern,
-                     credentials_hint: str) -> tuple[str, str]:
-    """(bucket or container, prefix) of an object-store URL, which must carry nothing else."""
-    parts = urlsplit(url)
-    name = parts.hostname or ""
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise UsageError(f"an {scheme}:// storage URL carries only the {noun} and a prefix", credentials_hint)
-    if not valid.fullmatch(name) or ".." in name:
-        raise UsageError(f"{url!r} does not name a valid {service} {noun}", f"use {scheme}://{noun}-name/optional/prefix")
-    return name, parts.path.strip("/")
-
-
-def open_store(url: str, settings: StorageSettings | None = None) -> Store:
-    """The store for `url`: file:///abs/path, s3://bucket[/prefix] or az://container[/prefix]."""
-    settings = settings or StorageSettings()
-    for secret in settings.secrets():
-        log.register_secret(secret.reveal(), permanent=True)
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme == "file":
-        from builder.storage.local import LocalDiskStore
-        return LocalDiskStore.from_url(url, settings)
-    if scheme in ("s3", "s3a"):
-        from builder.storage.s3 import S3BucketStore
-        return S3BucketStore.from_url(url, settings)
-    if scheme in ("az", "azure", "abfs"):
-        from builder.storage.azure import AzureContainerStore
-        return AzureContainerStore.from_url(url, settings)
-    raise UsageError(f"unsupported storage URL scheme {scheme or url[:20]!r}",
-                     "use file:///path, s3://bucket/prefix or az://container/prefix")

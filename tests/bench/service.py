@@ -25,7 +25,7 @@ from tests.support.servers import free_ports
 from builder import stamp
 from builder.release import Release
 from builder.service.setup import RELEASES_PREFIX
-from builder.storage import StorageSettings, manifest_key, open_store, publish_release
+from builder.storage import StorageSettings, index_key, open_store, publish_release
 from tests.bench.common import REPO, VERSION, Bench
 from tests.bench.measure import heading, median, ms, percentile, table, verdict
 
@@ -273,7 +273,7 @@ def _storage_write(bench: Bench, store, release_folder: Path, runs: int = 5) -> 
     put_pieces_if_absent of a new 30 MB object (read, sha256, write, fsync, link)."""
     rel = Release.open(release_folder, verify=False)
     base = rel.file("exe")
-    index = json.loads(store.get(manifest_key(RELEASES_PREFIX, VERSION)))
+    index = json.loads(store.get(index_key(RELEASES_PREFIX, VERSION)))
     base_key = index["files"][base.path.name]["key"]
     times = []
     for i in range(runs):

@@ -32,6 +32,9 @@ from builder.enrollment import Secret
 from builder.errors import FormatError, NotarizationError, SigningError
 from builder.signing.signers import AppleKey
 from builder.signing import apple, devca
+from builder.signing.apple import certificates, identity, notarization
+from builder.signing.apple import cms as apple_cms
+from builder.signing.apple import verify as apple_verify
 from tests.support import applepki, xarcheck
 
 PASSWORD = Secret("development")
@@ -345,7 +348,7 @@ def test_verify_flat_package(signed_pkg, dev_keys):
     assert [s.split("CN=")[1].split(",")[0] for s in result["chain"]] == [
         "Developer ID Installer: Builder Dev (DEVTEAM01)", "Developer ID Certification Authority",
         "Builder Development Root CA (DEVELOPMENT)"]
-    assert result["scheme"] == apple.APPLE_SCHEME and "CMS signature" in result["checked"]
+    assert result["scheme"] == apple_verify.APPLE_SCHEME and "CMS signature" in result["checked"]
 
 
 def test_verify_flat_package_without_ca_does_not_claim_trust(signed_pkg):
@@ -501,23 +504,23 @@ def test_a_timestamped_cms_keeps_its_signing_time(signed_pkg, installer_key):
     stamped = info.dump(force=True)
     key = apple.open_identity(installer_key).private_key
     when = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
-    assert apple.cms_with_signing_time(stamped, when, key, "test") == stamped
+    assert apple_cms.cms_with_signing_time(stamped, when, key, "test") == stamped
     info["content"]["signer_infos"][0]["unsigned_attrs"] = None
     plain = info.dump(force=True)
-    assert apple.cms_with_signing_time(plain, when, key, "test") != plain
+    assert apple_cms.cms_with_signing_time(plain, when, key, "test") != plain
 
 
 def test_identities_are_opened_once_per_file_version(installer_key, tmp_path, monkeypatch):
     copy = Path(shutil.copy(installer_key.pkcs12, tmp_path / "installer.p12"))
     loads = []
-    real = apple._load_identity
+    real = identity._load_identity
 
     def counting(*args):
         loads.append(args[0])
         return real(*args)
 
-    monkeypatch.setattr(apple, "_identity_cache", {})
-    monkeypatch.setattr(apple, "_load_identity", counting)
+    monkeypatch.setattr(identity, "_identity_cache", {})
+    monkeypatch.setattr(identity, "_load_identity", counting)
     key, same = AppleKey(pkcs12=copy, password=PASSWORD), AppleKey(pkcs12=copy, password=Secret("development"))
     apple.open_identity(key)
     assert apple.open_identity(same).key is same and len(loads) == 1
@@ -528,7 +531,7 @@ def test_identities_are_opened_once_per_file_version(installer_key, tmp_path, mo
     os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a replaced file is opened again
     apple.open_identity(key)
     assert len(loads) == 3
-    assert all(PASSWORD.reveal().encode() not in part for k in apple._identity_cache
+    assert all(PASSWORD.reveal().encode() not in part for k in identity._identity_cache
                for part in (k[-1], repr(k).encode()))
 
 
@@ -653,8 +656,8 @@ def test_sign_and_verify_a_dmg(unsigned_dmg, tmp_path, app_key, installer_key, d
 
 def test_without_credentials_not_notarized_and_warned_once(signed_pkg, monkeypatch):
     warnings = []
-    monkeypatch.setattr(apple.log, "warning", warnings.append)
-    monkeypatch.setattr(apple, "_warned", set())
+    monkeypatch.setattr(notarization.log, "warning", warnings.append)
+    monkeypatch.setattr(notarization, "_warned", set())
     first = apple.notarize(signed_pkg, None)
     second = apple.notarize(signed_pkg, None)
     assert first == second
@@ -688,10 +691,10 @@ def test_a_key_that_is_not_an_app_store_connect_key_fails_before_any_network(sig
 
 def test_openssl_chains_the_bundled_intermediates_to_the_bundled_root(tmp_path):
     pem = tmp_path / "root.pem"
-    subprocess.run(["openssl", "x509", "-inform", "DER", "-in", apple.APPLE_RESOURCES / "AppleRootCA.cer", "-out", pem], check=True)
+    subprocess.run(["openssl", "x509", "-inform", "DER", "-in", certificates.APPLE_RESOURCES / "AppleRootCA.cer", "-out", pem], check=True)
     for name in ("DeveloperIDCA.cer", "DeveloperIDG2CA.cer"):
         out = subprocess.run(["openssl", "verify", "-CAfile", pem, "-attime", "1767225600",
-                              apple.APPLE_RESOURCES / name], capture_output=True, text=True)
+                              certificates.APPLE_RESOURCES / name], capture_output=True, text=True)
         assert out.returncode == 0 and ": OK" in out.stdout, out.stdout + out.stderr
 
 
@@ -710,12 +713,12 @@ def test_a_chain_to_a_bundled_root_is_trusted_without_ca(tmp_path, apple_pki, mo
     bundled.mkdir()
     (bundled / "AppleRootCA.cer").write_bytes(apple_pki.root.public_bytes(serialization.Encoding.DER))
     (bundled / "DeveloperIDG2CA.cer").write_bytes(apple_pki.ca.public_bytes(serialization.Encoding.DER))
-    monkeypatch.setattr(apple, "APPLE_RESOURCES", bundled)
-    apple._apple_certificates.cache_clear()
+    monkeypatch.setattr(certificates, "APPLE_RESOURCES", bundled)
+    certificates._apple_certificates.cache_clear()
     try:
         result = apple.verify_flat_package(tmp_path / "signed.pkg", None)
         assert result["ok"] and result["trusted"] is True, result["detail"]
         assert "chain to Apple Root CA (Apple's, bundled with builder)" in result["checked"]
         assert apple.open_identity(key).apple_issued is True
     finally:
-        apple._apple_certificates.cache_clear()
+        certificates._apple_certificates.cache_clear()

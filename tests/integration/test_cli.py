@@ -47,11 +47,6 @@ def base_args(out, payload, key: Path | None = None):
             "--enrollment-key", key]
 
 
-def test_exit_codes_are_distinct():
-    codes = [cls.exit_code for cls in errors.ALL_ERRORS]
-    assert len(codes) == len(set(codes))
-
-
 @pytest.mark.parametrize(
     "extra, code, words",
     [
@@ -431,7 +426,7 @@ def test_prune_keeps_the_newest_and_the_latest_of_each_format(tmp_path, test_pay
     assert [r["version"] for r in json.loads(run_cli("releases", "--storage", store, "--json").stdout)] == ["1.0.0", "1.0.2"]
     # What stays is whole: every object a kept index names is there.
     for version in ("1.0.0", "1.0.2"):
-        index = json.loads((root / "dist" / "releases" / version / "manifest.json").read_text())
+        index = json.loads((root / "dist" / "releases" / version / "index.json").read_text())
         assert all((root / e["key"]).is_file() for e in index["files"].values()), version
 
 

@@ -17,7 +17,7 @@ import pytest
 from builder.config import load_product
 from builder.errors import ConfigError, FormatError, ToolMissingError
 from builder.formats import dmg as dmgformat
-from builder.formats import macos_common
+from builder.formats import macos_postinstall
 from builder.signing.signers import Signers
 from builder.formats.dmg import DmgFormat, make_dmg
 from tests.integration.test_pkg import (  # noqa: F401 (fixtures)
@@ -131,7 +131,7 @@ def test_release_dmg_with_a_group_sidecar_installs_that_group(release_pkg, mac_s
     assert report["enrollment_source"].startswith("sidecar")
     # Installed from the volume as 7-Zip sees it: $1 is the pkg there, the sidecar beside it.
     hfs, listing = hfs_listing(dmg, tmp_path)
-    sidecar = macos_common.sidecar_name(PRODUCT)
+    sidecar = macos_postinstall.sidecar_name(PRODUCT)
     assert f"{PRODUCT.name}/{sidecar}" in listing
     root = tmp_path / "root"
     volumes = root / "Volumes"

@@ -36,7 +36,7 @@ from builder.trust import SignedEnrollment, Trust, describe
 from tests.support import signed as oracle
 from tests.support.enrollkeys import KEY, new_key, trust_of
 from builder.errors import FormatError, PayloadError, UsageError
-from builder.formats import macos_common
+from builder.formats import macos_postinstall, pkg_archive
 from builder.formats.base import BuildRequest
 from builder.signing.signers import AppleKey, Signers
 from builder.formats.pkg import PkgFormat, sign_pkg
@@ -409,7 +409,7 @@ def test_baked_enrollment_wins_over_a_sidecar(signed_pkg, tmp_path):
     pkg_copy = root / "dmg" / "agent.pkg"
     pkg_copy.parent.mkdir()
     shutil.copyfile(signed_pkg, pkg_copy)
-    (pkg_copy.parent / macos_common.sidecar_name(PRODUCT)).write_bytes(SIGNED[1].jws.reveal().encode())
+    (pkg_copy.parent / macos_postinstall.sidecar_name(PRODUCT)).write_bytes(SIGNED[1].jws.reveal().encode())
     run_postinstall(script, root, pkg_copy)
     got, want = sha(under(root, CONFIG).read_bytes()), sha(config_of(SIGNED[0]))
     assert got == want
@@ -423,7 +423,7 @@ def test_release_postinstall_takes_a_genuine_sidecar(release_pkg, tmp_path, shel
     folder.mkdir(parents=True)
     pkg_copy = folder / "Example Remote Access Agent.pkg"
     shutil.copyfile(release_pkg, pkg_copy)
-    (folder / macos_common.sidecar_name(PRODUCT)).write_bytes(SIGNED[0].jws.reveal().encode())
+    (folder / macos_postinstall.sidecar_name(PRODUCT)).write_bytes(SIGNED[0].jws.reveal().encode())
     run_postinstall(script, root, pkg_copy, shell=shell)
     config = under(root, CONFIG)
     got, want = sha(config.read_bytes()), sha(config_of(SIGNED[0]))
@@ -439,7 +439,7 @@ def test_release_postinstall_without_sidecar(release_pkg, tmp_path):
     shutil.copyfile(release_pkg, pkg_copy)
     # A first install with no enrollment anywhere fails, naming the sidecar, and writes nothing.
     proc = run_postinstall(script, root, pkg_copy, check=False)
-    assert proc.returncode == 1 and macos_common.sidecar_name(PRODUCT) in proc.stderr
+    assert proc.returncode == 1 and macos_postinstall.sidecar_name(PRODUCT) in proc.stderr
     assert not under(root, CONFIG).exists()
     # An upgrade keeps the config an earlier install wrote.
     earlier = config_of(SIGNED[1])
@@ -509,7 +509,7 @@ KEY_OF_ATTACKER = new_key()
 def test_postinstall_refuses_every_forged_sidecar_and_writes_nothing(release_pkg, tmp_path, shell):
     for name, sidecar in attacks().items():
         script, root, pkg_copy = release_install(release_pkg, tmp_path / name)
-        (pkg_copy.parent / macos_common.sidecar_name(PRODUCT)).write_bytes(sidecar)
+        (pkg_copy.parent / macos_postinstall.sidecar_name(PRODUCT)).write_bytes(sidecar)
         proc = run_postinstall(script, root, pkg_copy, shell=shell, check=False)
         leaked = HOSTILE[0].token.reveal() in proc.stdout + proc.stderr
         assert not leaked, name
@@ -520,7 +520,7 @@ def test_postinstall_refuses_every_forged_sidecar_and_writes_nothing(release_pkg
 
 def test_a_forged_sidecar_over_an_install_keeps_the_old_enrollment(release_pkg, tmp_path):
     script, root, pkg_copy = release_install(release_pkg, tmp_path)
-    sidecar = pkg_copy.parent / macos_common.sidecar_name(PRODUCT)
+    sidecar = pkg_copy.parent / macos_postinstall.sidecar_name(PRODUCT)
     sidecar.write_bytes(SIGNED[1].jws.reveal().encode())
     run_postinstall(script, root, pkg_copy)
     before = under(root, CONFIG).read_bytes()
@@ -535,7 +535,7 @@ def test_builder_verify_and_the_postinstall_agree_on_every_sidecar(release_pkg, 
     cases = {**attacks(), "genuine-0": SIGNED[0].jws.reveal().encode(), "genuine-2": SIGNED[2].jws.reveal().encode()}
     for name, sidecar in cases.items():
         script, root, pkg_copy = release_install(release_pkg, tmp_path / name)
-        (pkg_copy.parent / macos_common.sidecar_name(PRODUCT)).write_bytes(sidecar)
+        (pkg_copy.parent / macos_postinstall.sidecar_name(PRODUCT)).write_bytes(sidecar)
         installed = run_postinstall(script, root, pkg_copy, check=False).returncode == 0
         _, problem = describe(sidecar.decode("ascii", "replace"), TRUST, int(time.time()))
         assert installed == (problem is None), f"{name}: postinstall {'accepted' if installed else 'refused'}, verify: {problem}"
@@ -543,7 +543,7 @@ def test_builder_verify_and_the_postinstall_agree_on_every_sidecar(release_pkg, 
 
 
 def test_the_pins_are_in_the_signed_package(release_pkg, dev_keys, tmp_path):
-    contents = macos_common.read_pkg(release_pkg, "release.pkg")
+    contents = pkg_archive.read_pkg(release_pkg, "release.pkg")
     assert contents.trust == TRUST
     # Editing the pins in the Scripts member breaks the package's signature.
     data = release_pkg.read_bytes()
@@ -566,13 +566,13 @@ def test_rebake_equals_a_baked_build(mac_payload, release_pkg, mac_signers, dev_
     unsigned_release = build_pkg(mac_payload, tmp_path / "release", None, Signers(unsigned=True))
     baked = build_pkg(mac_payload, tmp_path / "baked", SIGNED[1], Signers(unsigned=True))
     started = time.perf_counter()
-    from_unsigned = macos_common.rebake(unsigned_release, SIGNED[1], PRODUCT, EPOCH)
+    from_unsigned = pkg_archive.rebake(unsigned_release, SIGNED[1], PRODUCT, EPOCH)
     seconds = time.perf_counter() - started
     print(f"rebake: {seconds:.3f}s")
     assert sha(from_unsigned) == sha(baked.read_bytes())
     # The signed release's payload carries signed code, so compare with a signed-payload build:
     # same members but Scripts, and a signature away from a finished group pkg.
-    from_signed = macos_common.rebake(release_pkg.read_bytes(), SIGNED[1], PRODUCT, EPOCH)
+    from_signed = pkg_archive.rebake(release_pkg.read_bytes(), SIGNED[1], PRODUCT, EPOCH)
     group = tmp_path / "group.unsigned.pkg"
     group.write_bytes(from_signed)
     signed = tmp_path / "group.pkg"
@@ -589,7 +589,7 @@ def test_rebake_equals_a_baked_build(mac_payload, release_pkg, mac_signers, dev_
 def test_rebake_refuses_another_products_pkg(release_pkg):
     other = load_product(overrides={"pkg_identifier": "org.other.agent.pkg"})
     with pytest.raises(FormatError, match="identifier"):
-        macos_common.rebake(release_pkg, SIGNED[0], other, EPOCH)
+        pkg_archive.rebake(release_pkg, SIGNED[0], other, EPOCH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,32 +651,6 @@ def test_signed_build_needs_both_identities(mac_payload, mac_signers, tmp_path):
     no_application = Signers(apple_installer=mac_signers.apple_installer)
     with pytest.raises(UsageError, match="Application"):
         PkgFormat().build(request(mac_payload, tmp_path / "b", None, no_application))
-
-
-# --------------------------------------------------------------------------------------------
-# The Payload's gzip
-
-
-def test_parallel_gzip_reads_back_with_gzip_and_ignores_thread_count(tmp_path):
-    import io
-
-    rng = random.Random(7)
-    # Compressible and incompressible chunks, and a tail that is not a whole chunk.
-    data = b"".join([b"agent " * 300_000, rng.randbytes(3 * macos_common.CHUNK), bytes(macos_common.CHUNK // 3),
-                     b"tail"])
-    outputs = []
-    for workers in (1, 3):
-        buffer = io.BytesIO()
-        with macos_common.ParallelGzip(buffer, workers=workers) as gz:
-            for start in range(0, len(data), 77_777):  # writes that straddle chunk boundaries
-                gz.write(data[start:start + 77_777])
-        outputs.append(buffer.getvalue())
-    assert outputs[0] == outputs[1]
-    assert len(outputs[0]) < len(data) - 1_500_000  # the text part was deflated
-    (tmp_path / "x.gz").write_bytes(outputs[0])
-    unpacked = subprocess.run(["gzip", "-dc", str(tmp_path / "x.gz")], check=True, capture_output=True).stdout
-    assert unpacked == data
-    assert subprocess.run(["gzip", "-t", str(tmp_path / "x.gz")]).returncode == 0
 
 
 def test_signed_builds_are_byte_identical(mac_payload, mac_signers, dev_keys, tmp_path):

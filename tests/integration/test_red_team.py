@@ -15,7 +15,7 @@ import pytest
 
 from builder import errors
 from builder.enrollment import Secret
-from builder.service.issuer import token_fingerprint
+from builder.service.revocations import token_fingerprint
 from tests.integration.test_cli import TOKEN, assert_no_token, base_args, run_cli
 from tests.integration.test_service import ACCOUNT, auth, new_token, start_service
 from tests.support.service import build_release, signers_for, trust_for
@@ -119,7 +119,7 @@ def test_every_payload_walker_refuses_symlinks(tmp_path, test_payload):
     """The format modules refuse them too when called without `builder build` (a release)."""
     from builder.config import load_product
     from builder.errors import PayloadError
-    from builder.formats import macos_common
+    from builder.formats import macos_payload
     from builder.formats.windows_payload import payload_files
 
     payload = payload_copy(test_payload, tmp_path)
@@ -129,7 +129,7 @@ def test_every_payload_walker_refuses_symlinks(tmp_path, test_payload):
         payload_files(payload / "windows", load_product())
     (payload / "macos" / "lib").symlink_to(tmp_path)
     with pytest.raises(PayloadError, match="lib"):
-        macos_common.check_payload(payload / "macos")
+        macos_payload.check_payload(payload / "macos")
 
 
 # -- 3. partial files under predictable names -----------------------------------------------------

@@ -28,7 +28,9 @@ from fastapi.testclient import TestClient
 from builder.errors import UsageError
 from builder.signing.signers import Signers
 from builder.service.app import ServiceSettings, create_app
-from builder.service.issuer import Issuer, token_fingerprint
+from builder.service.issuer import Issuer
+from builder.service.revocations import token_fingerprint
+from builder.config import Environment
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer
 from builder.signing import devca
 from builder.signing.enrollment_key import DEV_KEY_NAME, FileEnrollmentKey, create_dev_key
@@ -108,10 +110,10 @@ def start_service(root: Path, storage_url: str, environ: dict, *, signers: Signe
     if enrollment_key == "dev":
         enrollment_key = FileEnrollmentKey(ca.parent / DEV_KEY_NAME)
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=root / "state", signers=signers, ca=ca,
-                                        enrollment_key=enrollment_key), environ)
+                                        enrollment_key=enrollment_key), Environment.read(environ))
     if publish is not None:
         publish_release(publish, issuer.store, RELEASES_PREFIX, version=RELEASE_VERSION)
-    service_settings = ServiceSettings(api_keys=api_keys_from(environ), link_secret=link_secret_of(issuer), **settings)
+    service_settings = ServiceSettings(api_keys=api_keys_from(Environment.read(environ)), link_secret=link_secret_of(issuer), **settings)
     app = create_app(issuer, service_settings)
     stops = []
     if served:
@@ -317,13 +319,13 @@ def test_api_keys_file_rules(tmp_path):
     path = tmp_path / "keys"
     path.write_text(f"console:{CONSOLE_KEY}\nshort:abc\n")
     with pytest.raises(UsageError, match="shorter than 16"):
-        api_keys_from({"BUILDER_API_KEYS_FILE": str(path)})
+        api_keys_from(Environment.read({"BUILDER_API_KEYS_FILE": str(path)}))
     path.write_text("# nothing but a comment\n")
     with pytest.raises(UsageError, match="no API keys"):
-        api_keys_from({"BUILDER_API_KEYS_FILE": str(path)})
+        api_keys_from(Environment.read({"BUILDER_API_KEYS_FILE": str(path)}))
     with pytest.raises(UsageError, match="cannot read"):
-        api_keys_from({"BUILDER_API_KEYS_FILE": str(tmp_path / "missing")})
-    keys = api_keys_from({"BUILDER_API_KEYS_FILE": str(write_keys_file(tmp_path))})
+        api_keys_from(Environment.read({"BUILDER_API_KEYS_FILE": str(tmp_path / "missing")}))
+    keys = api_keys_from(Environment.read({"BUILDER_API_KEYS_FILE": str(write_keys_file(tmp_path))}))
     assert sorted(keys.values()) == ["console", "ops"]
     assert CONSOLE_KEY not in json.dumps(keys)  # only digests are kept
 

@@ -19,6 +19,7 @@ from schemathesis.checks import (
 )
 
 from builder.service.app import ServiceSettings, create_app
+from builder.config import Environment
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, link_secret_of, make_issuer
 from builder.storage import publish_release
 from tests.support.service import RELEASE_VERSION, build_release, signers_for, enrollment_key_for
@@ -35,7 +36,7 @@ def service(dev_keys, test_payload, tmp_path_factory):
     environ = {"BUILDER_STORAGE_HMAC_KEY": secrets.token_hex(32)}
     issuer = make_issuer(ServiceOptions(storage_url=(root / "store").as_uri(), state_dir=root / "state",
                                         signers=signers_for(dev_keys), ca=dev_keys.ca_cert,
-                                        enrollment_key=enrollment_key_for(dev_keys)), environ)
+                                        enrollment_key=enrollment_key_for(dev_keys)), Environment.read(environ))
     publish_release(release_dir, issuer.store, RELEASES_PREFIX, version=RELEASE_VERSION)
     app = create_app(issuer, ServiceSettings(api_keys=ServiceSettings.parse_api_keys(f"schema:{API_KEY}"),
                                              link_secret=link_secret_of(issuer), wait_s=10))

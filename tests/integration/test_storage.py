@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
@@ -27,7 +27,6 @@ from builder.enrollment import Secret
 from builder.errors import PayloadError, StorageError, UsageError
 from builder.storage import (
     InvalidKeyError,
-    LinkStatus,
     ObjectNotFoundError,
     ReleaseConflictError,
     StorageSettings,
@@ -367,34 +366,17 @@ def test_presigned_url_is_served_then_refused(make_store, kind):
     assert _status(short) == 403
 
 
-def test_local_signed_link(make_store, hmac_key):
-    store = make_store("file")
-    store.put_if_absent("dl/agent.exe", b"x")
-    now = 1_800_000_000
-    link = store.signed_link("dl/agent.exe", now + 60)
-    parts = urlsplit(link)
-    assert parts.path == "/files/dl/agent.exe"
-    q = {k: v[0] for k, v in parse_qs(parts.query).items()}
-    assert store.check_link("dl/agent.exe", q["exp"], q["sig"], now) is LinkStatus.OK
-    assert store.check_link("dl/agent.exe", q["exp"], q["sig"], now + 60) is LinkStatus.EXPIRED
-    assert LinkStatus.EXPIRED.http_status == 410 and LinkStatus.INVALID.http_status == 403
-    flipped = ("0" if q["sig"][0] != "0" else "1") + q["sig"][1:]
-    assert store.check_link("dl/agent.exe", q["exp"], flipped, now) is LinkStatus.INVALID
-    assert store.check_link("dl/agent.exe", str(now + 3600), q["sig"], now) is LinkStatus.INVALID  # later expiry
-    assert store.check_link("dl/other.exe", q["exp"], q["sig"], now) is LinkStatus.INVALID
-    for exp, sig in ((q["exp"], ""), ("", q["sig"]), ("-1", q["sig"]), (q["exp"], q["sig"].upper()),
-                     (q["exp"] + "x", q["sig"]), (None, None)):
-        assert store.check_link("dl/agent.exe", exp, sig, now) is LinkStatus.INVALID
-    assert store.check_link("../dl/agent.exe", q["exp"], q["sig"], now) is LinkStatus.INVALID
-    other = make_store("file", hmac_key=Secret(secrets.token_hex(32)))
-    assert other.check_link("dl/agent.exe", q["exp"], q["sig"], now) is LinkStatus.INVALID
-    # presigned_url on local disk is a signed link too, valid from now for expires_s.
-    link = store.presigned_url("dl/agent.exe", 30, now=now)
-    q = {k: v[0] for k, v in parse_qs(urlsplit(link).query).items()}
-    assert q["exp"] == str(now + 30) and store.check_link("dl/agent.exe", q["exp"], q["sig"], now + 29) is LinkStatus.OK
-    keyless = open_store(store.url, StorageSettings())
-    with pytest.raises(UsageError, match="BUILDER_STORAGE_HMAC_KEY"):
-        keyless.signed_link("dl/agent.exe", now)
+def test_capabilities_say_how_an_object_reaches_a_client(store):
+    """S3 and Azure presign; local disk has none, and its objects are files the service sends."""
+    store.put_if_absent("dl/agent.exe", b"signed installer bytes")
+    assert store.presigned_links is (store.kind != "file")
+    if store.presigned_links:
+        assert store.local_path("dl/agent.exe") is None
+        assert store.presigned_url("dl/agent.exe", 60).startswith("http")
+    else:
+        assert store.local_path("dl/agent.exe").read_bytes() == b"signed installer bytes"
+        with pytest.raises(StorageError, match="presigned"):
+            store.presigned_url("dl/agent.exe", 60)
 
 
 # -- hostile keys ------------------------------------------------------------------------------
@@ -547,7 +529,7 @@ class _Recorder:
     def put_if_absent(self, key, data):
         if self._fail_on and key.endswith(self._fail_on):
             raise StorageUnavailableError("injected", retry_after=1)
-        if key.endswith("/manifest.json") and "/releases/" in key:
+        if key.endswith("/index.json") and "/releases/" in key:
             index = json.loads(bytes(data))
             self.present_at_manifest = {e["key"]: self._store.exists(e["key"]) for e in index["files"].values()}
         result = self._store.put_if_absent(key, data)
@@ -574,11 +556,11 @@ def test_publish_release_writes_manifest_last_and_is_idempotent(make_store, kind
     failing = _Recorder(store, fail_on=".msi")  # an upload that fails part-way
     with pytest.raises(StorageUnavailableError):
         publish_release(folder, failing, "agents")
-    assert not store.exists("agents/releases/1.2.3/manifest.json")
+    assert not store.exists("agents/releases/1.2.3/index.json")
 
     recorder = _Recorder(store)
     mkey = publish_release(folder, recorder, "agents")
-    assert mkey == "agents/releases/1.2.3/manifest.json"
+    assert mkey == "agents/releases/1.2.3/index.json"
     assert recorder.puts[-1] == (mkey, True)
     assert recorder.present_at_manifest and all(recorder.present_at_manifest.values())
     index = json.loads(store.get(mkey))
@@ -651,7 +633,7 @@ def _formats_release(folder: Path, version: str, formats: list[str], seed: int) 
 
 @pytest.mark.parametrize("kind", ["file", "s3", "az"])
 def test_prune_removes_old_releases_and_what_only_they_use(make_store, kind, tmp_path):
-    from builder.storage.release import prune, prune_plan, published_releases
+    from builder.storage.published import prune, prune_plan, published_releases
 
     store = make_store(kind)
     for i, (version, fmts) in enumerate((("1.0.0", ["msi", "pkg"]), ("1.0.1", ["msi"]), ("1.0.2", ["msi"]))):
@@ -661,9 +643,9 @@ def test_prune_removes_old_releases_and_what_only_they_use(make_store, kind, tmp
         store.put_if_absent(f"installers/{rid[:2]}/{rid}.msi", b"installer of " + version.encode())
         store.put_if_absent(f"records/{rid}.json", json.dumps({"release": version, "key": f"installers/{rid[:2]}/{rid}.msi"}).encode())
     # A record that names a kept release's object (written by anyone but the service): that object stays.
-    kept_object = json.loads(store.get("dist/releases/1.0.2/manifest.json"))["files"]["agent.msi"]["key"]
+    kept_object = json.loads(store.get("dist/releases/1.0.2/index.json"))["files"]["agent.msi"]["key"]
     store.put_if_absent(f"records/{'c' * 32}.json", json.dumps({"release": "1.0.1", "key": kept_object}).encode())
-    old_objects = {e["key"] for e in json.loads(store.get("dist/releases/1.0.1/manifest.json"))["files"].values()}
+    old_objects = {e["key"] for e in json.loads(store.get("dist/releases/1.0.1/index.json"))["files"].values()}
     plan = prune_plan(store, "dist", keep=1)
     assert (plan["keep"], plan["remove"]) == (["1.0.0", "1.0.2"], ["1.0.1"])
     assert plan["keys"][:3] == [f"records/{'a' * 32}.json", f"records/{'c' * 32}.json",  # records first
@@ -675,6 +657,6 @@ def test_prune_removes_old_releases_and_what_only_they_use(make_store, kind, tmp
     assert kept_object in left and f"records/{'c' * 32}.json" not in left
     assert [r["version"] for r in published_releases(store, "dist")] == ["1.0.0", "1.0.2"]
     for version in ("1.0.0", "1.0.2"):  # what stays is whole
-        index = json.loads(store.get(f"dist/releases/{version}/manifest.json"))
+        index = json.loads(store.get(f"dist/releases/{version}/index.json"))
         assert all(store.exists(e["key"]) for e in index["files"].values())
     prune(store, plan)  # removing what is already gone is fine

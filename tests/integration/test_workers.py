@@ -33,8 +33,10 @@ from rq.job import Job
 from builder.service.app import ServiceSettings, create_app
 from builder.enrollment import Enrollment, Secret
 from builder.signing.signers import Signers
-from builder.service.issuer import Issuer, request_id
+from builder.service.issuer import Issuer
+from builder.service.records import request_id
 from builder.service.jobs import QUEUE_NAME
+from builder.config import Environment
 from builder.service.setup import RELEASES_PREFIX, ServiceOptions, api_keys_from, link_secret_of, make_issuer
 from builder.storage import StorageSettings, open_store, publish_release
 from tests.support.redisserver import RedisServer, redis_server
@@ -160,8 +162,8 @@ def worker_environ(queue_key: str, hmac_key: str, extra: dict | None = None) -> 
 def service_for(redis_url: str, storage_url: str, state: Path, environ: dict, dev_keys, **settings):
     issuer = make_issuer(ServiceOptions(storage_url=storage_url, state_dir=state, signers=signers_for(dev_keys),
                                         ca=dev_keys.ca_cert, redis_url=redis_url,
-                                        enrollment_key=enrollment_key_for(dev_keys)), environ)
-    app = create_app(issuer, ServiceSettings(api_keys=api_keys_from(environ), link_secret=link_secret_of(issuer), **settings))
+                                        enrollment_key=enrollment_key_for(dev_keys)), Environment.read(environ))
+    app = create_app(issuer, ServiceSettings(api_keys=api_keys_from(Environment.read(environ)), link_secret=link_secret_of(issuer), **settings))
     return issuer, app
 
 
@@ -576,8 +578,8 @@ def test_a_request_the_workers_cannot_serve_fails_once_with_the_in_process_answe
 
     in_process = make_issuer(ServiceOptions(storage_url=bare.storage_url, state_dir=tmp_path / "in-process",
                                             signers=Signers(verify_ca=dev_keys.ca_cert), ca=dev_keys.ca_cert,
-                                            enrollment_key=enrollment_key_for(dev_keys)), bare.environ)
-    app = create_app(in_process, ServiceSettings(api_keys=api_keys_from(bare.environ), link_secret=b"k" * 32))
+                                            enrollment_key=enrollment_key_for(dev_keys)), Environment.read(bare.environ))
+    app = create_app(in_process, ServiceSettings(api_keys=api_keys_from(Environment.read(bare.environ)), link_secret=b"k" * 32))
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             expected = client.post("/v1/installers", json=body, headers=auth())

@@ -8,7 +8,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from builder.signing import apple
+from builder.signing.apple import certificates, verify
 from tests.support import applepki
 from tests.support.applepki import (OID_APPLICATION_MARK, OID_DEVELOPER_ID_CA, OID_INSTALLER_MARK,
                                     OID_PACKAGE_SIGNING_EKU)
@@ -22,8 +22,8 @@ def pki(tmp_path_factory) -> applepki.ApplePKI:
 
 
 def test_the_genuine_layout_is_recognised(pki):
-    assert apple.developer_id_kind(pki.leaf(APP)[1]) == apple.APPLICATION
-    assert apple.developer_id_kind(pki.leaf(INST)[1]) == apple.INSTALLER
+    assert certificates.developer_id_kind(pki.leaf(APP)[1]) == certificates.APPLICATION
+    assert certificates.developer_id_kind(pki.leaf(INST)[1]) == certificates.INSTALLER
 
 
 def test_the_test_pki_has_apples_fields(pki):
@@ -63,19 +63,19 @@ def test_the_test_pki_has_apples_fields(pki):
 ])
 def test_near_misses_are_refused_and_described(pki, kind, overrides, found):
     _, cert = pki.leaf(kind, **overrides)
-    assert apple.developer_id_kind(cert) is None
-    assert found in apple.describe_certificate(cert)
+    assert certificates.developer_id_kind(cert) is None
+    assert found in certificates.describe_certificate(cert)
 
 
 def test_a_ca_certificate_is_never_an_identity(pki):
-    assert apple.developer_id_kind(pki.ca) is None and apple.developer_id_kind(pki.root) is None
-    assert "CA certificate" in apple.describe_certificate(pki.ca)
+    assert certificates.developer_id_kind(pki.ca) is None and certificates.developer_id_kind(pki.root) is None
+    assert "CA certificate" in certificates.describe_certificate(pki.ca)
 
 
 def test_chain_check_names_the_developer_id_ca_and_refuses_unknown_critical_extensions(pki, tmp_path):
     _, leaf = pki.leaf(INST)
-    report = apple._Report()
-    apple._check_chain(report, leaf, [pki.ca], pki.root_pem, apple.INSTALLER)
+    report = verify.Report()
+    verify.check_chain(report, leaf, [pki.ca], pki.root_pem, certificates.INSTALLER)
     assert not report.problems, report.problems
     assert report.trusted is True
     assert "issued by a Developer ID Certification Authority" in report.checked
@@ -88,6 +88,6 @@ def test_chain_check_names_the_developer_id_ca_and_refuses_unknown_critical_exte
         odd = odd.add_extension(ext.value, ext.critical)
     odd = odd.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00"),
                             critical=True).sign(pki.ca_key, hashes.SHA256())
-    report = apple._Report()
-    apple._check_chain(report, odd, [pki.ca], pki.root_pem, apple.INSTALLER)
+    report = verify.Report()
+    verify.check_chain(report, odd, [pki.ca], pki.root_pem, certificates.INSTALLER)
     assert any("unknown critical extension 1.3.6.1.4.1.99999.1" in p for p in report.problems)

@@ -15,6 +15,8 @@ def test_every_kind_is_made_from_a_registered_format_and_names_its_suffix():
         assert kind.base in formats.NAMES, kind
         assert kind.suffix == "." + (kind.name if kind.name in formats.NAMES else kind.base), kind
     assert formats.SLOTTED == ("exe", "msi-tagged")
+    assert {k.name: k.platform for k in formats.KINDS.values()} == {
+        "exe": "windows", "msi": "windows", "msi-tagged": "windows", "pkg": "macos", "dmg": "macos"}
     assert formats.kinds_of(["msi", "pkg"]) == ["msi", "msi-tagged", "pkg", "dmg"]
 
 

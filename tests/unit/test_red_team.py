@@ -57,11 +57,12 @@ def test_versions_refuse_a_trailing_newline():
 
 
 def test_service_release_names_refuse_a_trailing_newline_without_naming_a_storage_key():
-    from builder.service.issuer import Issuer, UnknownRelease
+    from builder.service.problems import UnknownRelease
+    from builder.service.releases import ReleaseCache
 
-    issuer = Issuer.__new__(Issuer)  # resolve() needs no storage for a named release
+    releases = ReleaseCache.__new__(ReleaseCache)  # resolve() needs no storage for a named release
     with pytest.raises(UnknownRelease) as info:
-        issuer.resolve("1.0.0\n")
+        releases.resolve("1.0.0\n")
     assert "releases/" not in str(info.value) and "manifest" not in str(info.value)
 
 
@@ -179,24 +180,25 @@ def test_step_timings_are_bounded(monkeypatch):
 def test_the_prefix_hash_cache_is_bounded(tmp_path):
     import hashlib
 
-    from builder.service import issuer
+    from builder.service import installers
 
     base = tmp_path / "base.bin"
     base.write_bytes(bytes(range(256)))
-    issuer._prefix_hashes.clear()
+    installers._prefix_hashes.clear()
     for n in range(1, 201):
         pieces = [("base", 0, n), ("bytes", b"slot")]
-        assert issuer._pieces_sha256(base, pieces) == hashlib.sha256(bytes(range(n)) + b"slot").hexdigest()
-    assert len(issuer._prefix_hashes) <= 32
+        assert installers.pieces_sha256(base, pieces) == hashlib.sha256(bytes(range(n)) + b"slot").hexdigest()
+    assert len(installers._prefix_hashes) <= 32
 
 
 def test_waiting_for_a_queued_job_backs_off(tmp_path):
-    from builder.service.issuer import Audit, Issuer
+    from builder.service.audit import Audit
+    from builder.service.issuer import Issuer
     from builder.storage import ObjectNotFoundError
     from builder.signing.signers import Signers
 
     class Store:
-        kind = "file"
+        presigned_links = False
         gets = 0
 
         def get(self, key):

@@ -32,7 +32,10 @@ from builder.errors import (
 )
 from builder.signing.signers import Signers
 from builder.service import jobs
-from builder.service.issuer import Audit, Issuer, Record, Refusal, _Damaged
+from builder.service.audit import Audit
+from builder.service.issuer import Issuer
+from builder.service.records import Record
+from builder.service.releases import Damaged, Refusal
 from builder.service.problems import (
     CODES,
     FormatNotInRelease,
@@ -64,11 +67,13 @@ def test_the_readme_table_lists_every_code_with_its_status():
 
 CASES = [
     # (error, status, code, field, transient)
-    (EnrollmentError("--group-id has a character outside the allowed set", "use ASCII letters"), 422, "invalid_field", "group_id", False),
-    (EnrollmentError("the enrollment token is empty", "give the group's enrollment token"), 422, "invalid_field", "token", False),
-    (EnrollmentError("--console-url is not allowed by this release: host x is not pinned",
-                     "use a pinned console host, or build a release that pins it (--console-host)"), 422, "invalid_field",
-     "console_url", False),
+    (EnrollmentError("{field} has a character outside the allowed set", "use ASCII letters", field="group_id"),
+     422, "invalid_field", "group_id", False),
+    (EnrollmentError("the enrollment token is empty", "give the group's enrollment token", field="token"),
+     422, "invalid_field", "token", False),
+    (EnrollmentError("{field} is not allowed by this release: host x is not pinned",
+                     "use a pinned console host, or build a release that pins it (--console-host)", field="console_url"),
+     422, "invalid_field", "console_url", False),
     (UnknownRelease("release 9.9.9 is not published"), 404, "unknown_release", "release", False),
     (FormatNotInRelease("release 1.0.1 has no pkg installer"), 404, "format_not_in_release", "format", False),
     (ReleaseRefused("release 1.0.2 does not verify on this service"), 503, "release_refused", "release", False),
@@ -119,9 +124,10 @@ def test_a_problem_found_elsewhere_is_answered_as_it_was_found():
     assert describe(jobs.HelperFailed("UsageError: ...", problem=travelled)) == found
 
 
-def test_cli_words_become_field_names_and_cli_advice_is_dropped():
-    problem = describe(EnrollmentError("--console-url is not allowed by this release: host a.example is not pinned",
-                                       "use a pinned console host, or build a release that pins it (--console-host)"))
+def test_fields_are_named_as_the_request_names_them_and_cli_advice_is_dropped():
+    problem = describe(EnrollmentError("{field} is not allowed by this release: host a.example is not pinned",
+                                       "use a pinned console host, or build a release that pins it (--console-host)",
+                                       field="console_url"))
     assert problem.message == ("console_url is not allowed by this release: host a.example is not pinned: "
                                "use a pinned console host, or build a release that pins it")
     usage = describe(UsageError("the MSI needs an Authenticode signing key",
@@ -156,7 +162,7 @@ def test_a_refusal_says_why_without_naming_paths_of_the_host():
     cases = [
         (VerificationError("release exe: a.exe's signing root is not in --ca /srv/ca.pem (...)", "give --ca the root"), "signature"),
         (VerificationError("release file /srv/cache/a.exe does not match its sha256 in the manifest"), "checksum"),
-        (_Damaged("incomplete", "release 1.0.2: object dist/x named by its index is missing"), "incomplete"),
+        (Damaged("incomplete", "release 1.0.2: object dist/x named by its index is missing"), "incomplete"),
         (FormatError("release 1.0.2: index dist/releases/1.0.2/manifest.json is not a release index"), "malformed"),
     ]
     for exc, reason in cases:
@@ -173,7 +179,7 @@ def test_a_refusal_says_why_without_naming_paths_of_the_host():
 class FakeStore:
     """No record until `ready_after` reads of it; counts the reads."""
 
-    kind = "file"
+    presigned_links = False
 
     def __init__(self, ready_after: int | None = None):
         self.ready_after, self.gets = ready_after, 0

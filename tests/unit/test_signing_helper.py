@@ -22,6 +22,7 @@ from builder.enrollment import Enrollment, Secret
 from builder.signing.enrollment_key import FileEnrollmentKey
 from builder.trust import Trust, verify
 from cryptography.hazmat.primitives.asymmetric import ec
+from builder.config import Environment
 from builder.service import jobs
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,11 +59,13 @@ class FakeIssuer:
         return FakeRecord(installer_id, enrollment.group_id)
 
 
-def fake_issuer(marks: str) -> FakeIssuer:
-    return FakeIssuer(Path(marks))
+def fake_issuer(marks: str) -> tuple[FakeIssuer, Fernet]:
+    """What `builder worker` hands its helper to call: the issuer, and the key that opens the
+    jobs, from the environment the helper reads (as builder.cli._helper_context does)."""
+    return FakeIssuer(Path(marks)), jobs.fernet_from(Environment.read().queue_key)
 
 
-def broken_issuer() -> FakeIssuer:
+def broken_issuer() -> tuple[FakeIssuer, Fernet]:
     raise RuntimeError("no such storage bucket")
 
 

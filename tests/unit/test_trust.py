@@ -177,7 +177,7 @@ def test_builder_signs_what_the_oracle_expects_and_refuses_what_agents_would():
     signed = key.sign(e, trust, issued_at=NOW)
     assert key.sign(e, trust, issued_at=NOW).jws == signed.jws  # RFC 6979: reproducible
     assert verify(signed.jws.reveal(), trust, NOW).public() == signed.public()
-    with pytest.raises(EnrollmentError, match="console-url is not allowed"):
+    with pytest.raises(EnrollmentError, match="console_url is not allowed"):
         key.sign(Enrollment(account_id="a", group_id="g", token=Secret("tok-0123456789abcdef"),
                             console_url="https://attacker.example"), trust)
     with pytest.raises(EnrollmentError, match="not pinned by this release"):

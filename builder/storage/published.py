@@ -1,8 +1,9 @@
-"""Publish a release folder: every file as a content-addressed object, then the index LAST.
+"""Releases published to storage: each one's index, publishing, listing and pruning.
 
+Publishing a release folder stores every file as a content-addressed object, then the index LAST.
 Layout under `prefix`:
-    objects/<sha256[:2]>/<sha256><suffix>   each file's bytes, named by their SHA-256
-    releases/<version>/manifest.json        {"version", "files": {name: {key, sha256, size}}}
+    objects/<sha256[:2]>/<sha256><suffix>   each file's bytes (the release's manifest.json too)
+    releases/<version>/index.json           {"format", "version", "files": {name: {key, sha256, size}}}
 
 The index is created only after every object it names is present, with create-if-absent, so
 a reader that finds it finds every file. Publishing the same folder again is a no-op (the index
@@ -25,15 +26,28 @@ from builder.storage.keys import content_key, join_key, validate_key, validate_p
 from builder.storage.store import Store
 
 INDEX_FORMAT = "builder-release-index/1"
+INDEX_NAME = "index.json"  # the index's object name under releases/<version>/
+# The release folder's own manifest (builder.release.MANIFEST): published as one of its files.
 RELEASE_MANIFEST = "manifest.json"
 _SUFFIX_RE = re.compile(r"\.[A-Za-z0-9]{1,16}")
 
 
-def manifest_key(prefix: str, version: str) -> str:
+def index_key(prefix: str, version: str) -> str:
+    """The key of release `version`'s index under `prefix`."""
     validate_key(version, "release version")
     if "/" in version:
         raise StorageError(f"release version {version!r} must be a single path segment")
-    return join_key(validate_prefix(prefix), "releases", version, "manifest.json")
+    return join_key(validate_prefix(prefix), "releases", version, INDEX_NAME)
+
+
+def published_versions(store: Store, prefix: str) -> list[str]:
+    """The versions with an index under `prefix`, oldest first: one listing, no index read."""
+    seen = set()
+    for obj in store.list(join_key(validate_prefix(prefix), "releases")):
+        parts = obj.key.split("/")
+        if parts[-1] == INDEX_NAME and is_version(parts[-2]):
+            seen.add(parts[-2])
+    return sorted(seen, key=version_key)
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -65,7 +79,7 @@ def publish_release(local_dir: Path, store: Store, prefix: str, *, version: str 
     return the index's key. `version` defaults to the folder's name."""
     local_dir = Path(local_dir)
     version = version or local_dir.name
-    mkey = manifest_key(prefix, version)
+    ikey = index_key(prefix, version)
     objects = join_key(validate_prefix(prefix), "objects")
 
     entries = {}
@@ -78,14 +92,14 @@ def publish_release(local_dir: Path, store: Store, prefix: str, *, version: str 
 
     def same_or_conflict(existing: bytes) -> str:
         if existing == index:
-            log.debug(f"release {version} is already published as {mkey}")
-            return mkey
+            log.debug(f"release {version} is already published as {ikey}")
+            return ikey
         raise ReleaseConflictError(
             f"release {version} is already published at {store.url} with other content",
             "a published release never changes: publish the new build under a new version")
 
-    if store.exists(mkey):
-        return same_or_conflict(store.get(mkey))
+    if store.exists(ikey):
+        return same_or_conflict(store.get(ikey))
 
     for name, entry in entries.items():
         result = store.put_if_absent(entry["key"], local_dir / name)
@@ -98,9 +112,9 @@ def publish_release(local_dir: Path, store: Store, prefix: str, *, version: str 
                                    "it was not written by this tool; remove it and publish again")
         log.debug(f"release {version}: {name} -> {entry['key']} ({'uploaded' if result.created else 'present'})")
 
-    if not store.put_if_absent(mkey, index).created:
-        return same_or_conflict(store.get(mkey))
-    return mkey
+    if not store.put_if_absent(ikey, index).created:
+        return same_or_conflict(store.get(ikey))
+    return ikey
 
 
 def published_releases(store: Store, prefix: str) -> list[dict]:
@@ -109,7 +123,7 @@ def published_releases(store: Store, prefix: str) -> list[dict]:
     base = join_key(validate_prefix(prefix), "releases")
     found = []
     for info in store.list(base):
-        if not info.key.endswith("/" + RELEASE_MANIFEST):
+        if not info.key.endswith("/" + INDEX_NAME):
             continue
         index = json.loads(store.get(info.key))
         entry = index.get("files", {}).get(RELEASE_MANIFEST)
@@ -136,7 +150,7 @@ def prune_plan(store: Store, prefix: str, keep: int) -> dict:
     releases = published_releases(store, prefix)
     kept = {r["version"] for r in releases[-keep:]} | set(latest_per_format(releases).values())
     base = validate_prefix(prefix)
-    indexes = {r["version"]: json.loads(store.get(manifest_key(base, r["version"]))) for r in releases}
+    indexes = {r["version"]: json.loads(store.get(index_key(base, r["version"]))) for r in releases}
     remove = [v for v in indexes if v not in kept]
     needed = {e["key"] for v in kept for e in indexes[v]["files"].values()}
     records, issued = [], []
@@ -149,7 +163,7 @@ def prune_plan(store: Store, prefix: str, keep: int) -> dict:
             if str(record.get("key", "")).startswith(("installers/", "stamps/")):
                 issued.append(record["key"])
     objects = sorted({e["key"] for v in remove for e in indexes[v]["files"].values()} - needed)
-    keys = records + sorted(set(issued)) + [manifest_key(base, v) for v in remove] + objects
+    keys = records + sorted(set(issued)) + [index_key(base, v) for v in remove] + objects
     return {"keep": [r["version"] for r in releases if r["version"] in kept], "remove": remove, "keys": keys}
 
 
