@@ -419,3 +419,21 @@ def test_read_groups_resolves_token_files_from_the_groups_folder_and_withholds_v
     same = [g.enrollment.token.reveal() == groups.tokens[("acct-1", g.enrollment.group_id)] for g in lines]
     assert same == [True, True]
     assert not any(var in os.environ for var in groups.env)
+
+
+def test_baked_msis_are_re_signed_for_every_group(release_dir, dev_keys, tmp_path):
+    groups = Groups(tmp_path / "in")
+    groups.add("acct-1", "grp-1")
+    groups.add("acct-1", "grp-2", via="env")
+    out = tmp_path / "out"
+    proc = stamp_groups_cli(release_dir, groups, "msi", out, dev_keys, "--json", "--ca", dev_keys.ca_cert,
+                            "--sign-cert", dev_keys.sign_cert, "--sign-key", dev_keys.sign_key)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not groups.leaked(proc), "a token leaked into the output"
+    docs = json.loads(proc.stdout)
+    assert [Path(d["path"]).name for d in docs] == ["acct-1+grp-1.msi", "acct-1+grp-2.msi"]
+    assert set(listing(out)) == {"acct-1+grp-1.msi", "acct-1+grp-2.msi"}
+    for doc in docs:
+        assert doc["resigned"] is True
+        assert hashlib.sha256(Path(doc["path"]).read_bytes()).hexdigest() == doc["sha256"]
+        assert osslsigncode_ok(Path(doc["path"]), dev_keys.ca_cert), f"osslsigncode verify failed on {doc['path']}"
