@@ -133,11 +133,13 @@ def guard_example_identity(product, signers: Signers, trust, allow: bool) -> Non
                           "or --allow-example-identity to try builder out")
 
 
-def enrollment_options(fn):
+def enrollment_options(fn=None, *, ids_required: bool = True):
+    if fn is None:  # @enrollment_options(ids_required=False): the command checks them itself
+        return functools.partial(enrollment_options, ids_required=ids_required)
     for opt in reversed(
         [
-            click.option("--account-id", required=True, help="The console account id."),
-            click.option("--group-id", required=True, help="The device group the agent joins."),
+            click.option("--account-id", required=ids_required, help="The console account id."),
+            click.option("--group-id", required=ids_required, help="The device group the agent joins."),
             click.option("--token-file", help="File holding the enrollment token, or - for stdin."),
             click.option("--token-env", metavar="NAME", help="Environment variable holding the enrollment token."),
             click.option("--console-url", help="Console URL (default: product.console_url)."),
@@ -637,39 +639,79 @@ def release_cmd(format_names, version, payload, out, console_hosts, public_keys,
 @click.option("--release", "release_dir", type=click.Path(path_type=Path), required=True, help="A folder made by `builder release`.")
 @click.option("--format", "fmt", required=True, type=click.Choice(formats.KIND_NAMES),
               help="msi: Property defaults baked in and re-signed (GPO/Intune); msi-tagged: slot only, no re-signing.")
-@enrollment_options
+@enrollment_options(ids_required=False)
+@click.option("--groups", "groups_file", type=click.Path(path_type=Path),
+              help="Stamp every group of this file (JSON lines: account, group, console_url, token_file or token_env) "
+                   "into the folder --out, all or none; instead of --account-id ... --console-url.")
 @enrollment_key_options
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output installer file.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output installer file (with --groups: a folder).")
 @signing_options
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, console_url, enrollment_key,
+def stamp_cmd(release_dir, fmt, account_id, group_id, token_file, token_env, console_url, groups_file, enrollment_key,
               enrollment_key_pkcs11, expires_in, out, as_json, **signing):
-    """Turn a release into one group's installer (signing keys only for msi, pkg and dmg)."""
+    """Turn a release into one group's installer, or --groups into many (signing keys only for msi, pkg and dmg)."""
     from builder import stamp as stamp_mod
     from builder.release import Release
 
+    _check_stamp_options(groups_file, account_id=account_id, group_id=group_id, token_file=token_file,
+                         token_env=token_env, console_url=console_url)
     ca = signing["ca"]
-    rel = Release.open(release_dir, ca=ca)
+    # Each format's file is checked (sha256, signature) when the stamp first reads it: a stamp
+    # of one format does not pay for the others, and is refused as before when its file changed.
+    rel = Release.open(release_dir, ca=ca, lazy=True)
     product = rel.product()
-    token = _read_token(token_file, token_env)
-    enrollment = _enrollment(account_id, group_id, token, console_url or product.console_url)
+    if groups_file is not None:
+        lines = stamp_mod.read_groups(groups_file, fmt, product.console_url)
+    else:
+        token = _read_token(token_file, token_env)
+        lines = [stamp_mod.GroupLine(0, _enrollment(account_id, group_id, token, console_url or product.console_url))]
     key = resolve_enrollment_key(enrollment_key, enrollment_key_pkcs11, signing["pkcs11_module"], required=True)
-    enrollment = sign_enrollment(key, enrollment, rel.trust(), expires_in)
+    trust = rel.trust()
+    sign = functools.partial(sign_enrollment, key, trust=trust, expires_in=expires_in)
+    signed = (stamp_mod.sign_groups(lines, sign, f"--groups {groups_file}") if groups_file is not None
+              else [(0, sign(lines[0].enrollment))])
     if formats.kind(fmt).slotted and not _any_key(signing):
         signers = Signers(unsigned=not rel.manifest.get("signed"), verify_ca=ca)  # nothing is re-signed
     else:
         signers = resolve_signers(product=product, **signing)
-    result = stamp_mod.stamp(rel, fmt, enrollment, signers, out)
-    doc = {**result.as_dict(), "release": rel.version, "enrollment": enrollment.public()}
+    if groups_file is None:
+        enrollment = signed[0][1]
+        result = stamp_mod.stamp(rel, fmt, enrollment, signers, out)
+        doc = {**result.as_dict(), "release": rel.version, "enrollment": enrollment.public()}
+        if as_json:
+            emit_json(doc)
+        else:
+            log.result(f"{result.path}: group {enrollment.group_id} of account {enrollment.account_id}, console "
+                       f"{enrollment.console_url}, key {enrollment.key_id}; {result.size:,} bytes, sha256 {result.sha256}, "
+                       f"{'re-signed' if result.resigned else ('signature kept' if result.signer else 'unsigned')}, "
+                       f"{result.bytes_written:,} bytes written"
+                       + (f", notarization: {_notarization_cell(result.notarization)}" if result.notarization else ""))
+        return
+    results = stamp_mod.stamp_groups(rel, fmt, signed, signers, out, where=f"--groups {groups_file}")
+    docs = [{"line": line, **r.as_dict(), "release": rel.version, "enrollment": e.public()}
+            for (line, e), r in zip(signed, results)]
     if as_json:
-        emit_json(doc)
+        emit_json(docs)
     else:
-        log.result(f"{result.path}: group {enrollment.group_id} of account {enrollment.account_id}, console "
-                   f"{enrollment.console_url}, key {enrollment.key_id}; {result.size:,} bytes, sha256 {result.sha256}, "
-                   f"{'re-signed' if result.resigned else ('signature kept' if result.signer else 'unsigned')}, "
-                   f"{result.bytes_written:,} bytes written"
-                   + (f", notarization: {_notarization_cell(result.notarization)}" if result.notarization else ""))
+        log.summary_table(f"{len(docs)} {fmt} installers of release {rel.version} in {out}",
+                          ["line", "account", "group", "console", "file", "size", "sha256", "signature"],
+                          [[str(line), e.account_id, e.group_id, e.console_url, r.path.name, f"{r.size:,}",
+                            r.sha256[:16] + "…", "re-signed" if r.resigned else ("kept" if r.signer else "unsigned")]
+                           for (line, e), r in zip(signed, results)])
+
+
+def _check_stamp_options(groups_file, **single) -> None:
+    """--groups takes every group's fields from its file; without it, one group's from the options."""
+    if groups_file is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in single.items() if v is not None]
+        if given:
+            raise UsageError(f"--groups takes each group's fields from its file: {', '.join(given)} cannot go with it",
+                             "drop them, or stamp one group without --groups")
+        return
+    missing = [f"--{k.replace('_', '-')}" for k in ("account_id", "group_id") if single[k] is None]
+    if missing:
+        raise UsageError(f"missing option {' and '.join(missing)}", "give the group's ids, or --groups FILE")
 
 
 # --- storage and service --------------------------------------------------------------------

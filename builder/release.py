@@ -11,7 +11,10 @@ never parses a signature or runs a tool it can avoid.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import stat
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder import __version__, build, formats, log
@@ -109,10 +112,16 @@ class ReleaseFile:
 
 @dataclass(frozen=True)
 class Release:
-    """A release folder opened once: manifest read, files checked against it."""
+    """A release folder opened once: manifest read; each file checked against it (existence,
+    size, sha256 and, for a signed release, its signature) once, before anything uses it."""
 
     folder: Path
     manifest: dict
+    ca: Path | None = None
+    verify: bool = True
+    # Formats whose file passed its checks in this Release: `file()` checks a format once.
+    _checked: set = field(default_factory=set, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def version(self) -> str:
@@ -130,16 +139,62 @@ class Release:
         return Trust.from_json_bytes(json.dumps(self.manifest["trust"]).encode(), f"release {self.folder}")
 
     def file(self, fmt: str) -> ReleaseFile:
+        """The release's `fmt` file, checked against the manifest (and its signature verified)
+        the first time it is asked for: nothing reads a base file that was not checked."""
+        f = self._entry(fmt)
+        if fmt not in self._checked:
+            with self._lock:
+                if fmt not in self._checked:
+                    self._check(f)
+                    self._checked.add(fmt)
+        return f
+
+    def verify_all(self) -> None:
+        """Check every format's file now (what `open` does unless `lazy`)."""
+        for fmt in self.manifest["files"]:
+            self.file(fmt)
+
+    def _entry(self, fmt: str) -> ReleaseFile:
         entry = self.manifest["files"].get(fmt)
         if entry is None:
             raise FormatError(f"release {self.folder} has no {fmt} installer", f"it has: {', '.join(self.manifest['files'])}")
-        return ReleaseFile(fmt, self.folder / entry["file"], entry)
+        name = entry.get("file") if isinstance(entry, dict) else None
+        # A name, never a path: an edited manifest must not point a stamp outside the release.
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise FormatError(f"release {self.folder}: the manifest's {fmt} file is not a file name in the release",
+                              "re-run `builder release`")
+        return ReleaseFile(fmt, self.folder / name, entry)
+
+    def _check(self, f: ReleaseFile) -> None:
+        try:
+            st = os.lstat(f.path)
+        except OSError:
+            st = None
+        # lstat: a link planted in place of a release file is refused, not followed (whatever it
+        # points at now could change between the check and the stamp that reads it).
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != f.entry["size"]:
+            what = "is a link or not a regular file" if st is not None and not stat.S_ISREG(st.st_mode) else \
+                "is missing or has changed size"
+            raise FormatError(f"release file {f.path} {what}", "re-run `builder release`")
+        if not self.verify:
+            return
+        digest = build.sha256_file(f.path)
+        if digest != f.entry["sha256"]:
+            raise VerificationError(f"release file {f.path} does not match its sha256 in the manifest", "re-run `builder release`")
+        # The file is the one the manifest names (its hash matched): its signature needs
+        # checking once per file and CA in a process, not on every open.
+        key = (str(f.path.resolve()), f.format, digest, str(self.ca) if self.ca else None)
+        if self.manifest.get("signed") and key not in _verified:
+            _check_signature(f, self.ca)
+            _verified.add(key)
 
     @classmethod
-    def open(cls, folder: Path, *, ca: Path | None = None, verify: bool = True) -> "Release":
+    def open(cls, folder: Path, *, ca: Path | None = None, verify: bool = True, lazy: bool = False) -> "Release":
         """Read the manifest and check every base file's size and sha256 and, with `verify`,
-        its signature: a release whose files changed since it was made is refused here,
-        once, not on every stamp."""
+        its signature: a release whose files changed since it was made is refused here, once,
+        not on every stamp. With `lazy`, each format's file is checked the first time `file()`
+        asks for it instead (a stamp of one format pays for that format only); what is refused
+        and with which error is the same."""
         path = Path(folder) / MANIFEST
         try:
             manifest = json.loads(path.read_text())
@@ -147,31 +202,19 @@ class Release:
             raise FormatError(f"--release {folder}: no {MANIFEST}", "give a folder made by `builder release`") from None
         except (OSError, ValueError) as exc:
             raise FormatError(f"--release {folder}: {MANIFEST} is unreadable ({exc.__class__.__name__})", "re-run `builder release`") from None
-        if manifest.get("schema") != SCHEMA:
-            raise FormatError(f"--release {folder}: manifest schema {manifest.get('schema')} is not {SCHEMA}", "re-run `builder release` with this builder")
-        rel = cls(Path(folder), manifest)
-        hashes = []
-        for fmt in manifest["files"]:
-            f = rel.file(fmt)
-            if not f.path.is_file() or f.path.stat().st_size != f.entry["size"]:
-                raise FormatError(f"release file {f.path} is missing or has changed size", "re-run `builder release`")
-            if verify:
-                digest = build.sha256_file(f.path)
-                if digest != f.entry["sha256"]:
-                    raise VerificationError(f"release file {f.path} does not match its sha256 in the manifest", "re-run `builder release`")
-                hashes.append(digest)
-        # The files are the ones the manifest names (their hashes matched): their signatures
-        # need checking once per release and CA in a process, not on every open.
-        key = (str(Path(folder).resolve()), tuple(hashes), str(ca) if ca else None)
-        if verify and manifest.get("signed") and key not in _verified:
-            for fmt in manifest["files"]:
-                _check_signature(rel.file(fmt), ca)
-            _verified.add(key)
+        if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+            got = manifest.get("schema") if isinstance(manifest, dict) else None
+            raise FormatError(f"--release {folder}: manifest schema {got} is not {SCHEMA}", "re-run `builder release` with this builder")
+        if not isinstance(manifest.get("files"), dict):
+            raise FormatError(f"--release {folder}: {MANIFEST} lists no files", "re-run `builder release`")
+        rel = cls(Path(folder), manifest, ca, verify)
+        if not lazy:
+            rel.verify_all()
         log.debug(f"release {folder} {rel.version}: {', '.join(manifest['files'])}")
         return rel
 
 
-# (release folder, file hashes, CA) whose signatures verified in this process.
+# (release file, format, its sha256, CA) whose signatures verified in this process.
 _verified: set[tuple] = set()
 
 

@@ -9,14 +9,21 @@ Every enrollment is signed (builder/trust.py) and checked against the release's 
 - pkg: re-baked (Scripts member only) and re-signed. dmg: the release's signed pkg plus the
   group's enrollment file beside it.
 Outputs are deterministic: the same release and enrollment give the same bytes.
+
+`stamp --groups FILE` makes many groups' installers from one release: `read_groups` reads and
+validates the whole file first, `stamp_groups` writes every installer or none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +31,10 @@ from pathlib import Path
 from builder import build, fileio, formats, log
 from builder.binfmt import slot as slotfmt
 from builder.binfmt import tag
+from builder.enrollment import Enrollment, read_token
 from builder.trust import SignedEnrollment, verify
-from builder.errors import OutputError, SlotError, UsageError
+from builder.errors import BuilderError, OutputError, SlotError, UsageError
+from builder.tools import runner
 from builder.signing.signers import Signers
 from builder.release import Release, ReleaseFile
 
@@ -145,3 +154,270 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Stamped(fmt, out, out.stat().st_size, build.sha256_file(out), signer, resigned, written, notarization)
+
+
+# --- many groups from one release (`stamp --groups FILE`) ----------------------------------------
+
+# One JSON object per line; the token is named by a file or a variable, never written inline.
+GROUP_KEYS = ("account", "group", "console_url", "token_file", "token_env")
+MAX_GROUPS_FILE_BYTES = 16 << 20
+_NAME_MAX = 255  # bytes in one file name (Linux, macOS, NTFS)
+# What the enrollment rules call a field (BuilderError.field), and what a groups file calls it;
+# then the options the token reader names in its own words.
+_KEY_OF_FIELD = {"account_id": '"account"', "group_id": '"group"', "console_url": '"console_url"'}
+_KEY_OF_OPTION = {"--account-id": '"account"', "--group-id": '"group"', "--console-url": '"console_url"',
+                  "--token-file": '"token_file"', "--token-env": '"token_env"'}
+
+
+@dataclass(frozen=True)
+class GroupLine:
+    line: int  # 1-based line of the groups file
+    enrollment: Enrollment
+
+
+def group_file_name(account_id: str, group_id: str, fmt: str) -> str:
+    """`<account>+<group><suffix>`. "+" is outside the id alphabet (builder/enrollment.py), so two
+    groups never share a name; ids start with a letter or digit, so no name is hidden or a path."""
+    return f"{account_id}+{group_id}{formats.kind(fmt).suffix}"
+
+
+def _at(where: str, exc: BuilderError) -> BuilderError:
+    """`exc` (same class, so the same exit code) with the groups file's line in front, and the
+    field named as the file names it."""
+    message = exc.worded(lambda name: _KEY_OF_FIELD.get(name, name))
+    for option, key in _KEY_OF_OPTION.items():
+        message = message.replace(option, key)
+    return type(exc)(f"{where}: {message}", exc.hint)
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise UsageError(f"{json.dumps(k) if len(k) <= 24 else 'a key'} is given twice", "give each key once")
+    return dict(pairs)
+
+
+def _group_token(doc: dict, where: str, folder: Path):
+    """The line's token: from "token_file" (a regular file, not a link; a relative path is from
+    the groups file's folder) or "token_env", read by the rules of `stamp --token-file/--token-env`."""
+    if ("token_file" in doc) == ("token_env" in doc):
+        raise UsageError(f'{where}: give one of "token_file" and "token_env"',
+                         "the token is never written in the groups file")
+    name = "token_file" if "token_file" in doc else "token_env"
+    if not isinstance(doc[name], str) or not doc[name]:
+        raise UsageError(f'{where}: "{name}" must be a non-empty string')
+    if name == "token_env":
+        return read_token(None, doc[name]), doc[name]
+    path = folder / doc[name]
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UsageError(f'{where}: "token_file" {path}: cannot read it ({exc.__class__.__name__})', "check the path") from None
+    # A link could make this run read a file its writer cannot (another group's token, a key)
+    # into an installer they receive; a FIFO or device would block or never end.
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f'{where}: "token_file" {path} is a link or not a regular file', "name the token file itself")
+    return read_token(str(path), None), None
+
+
+def read_groups(path: Path, fmt: str, default_console_url: str) -> list[GroupLine]:
+    """Every group of the groups file `path`, each validated by the enrollment rules, its token
+    read: any error names its line (the error class, hence the exit code, is the one a single
+    stamp gives), and nothing is stamped unless the whole file is good. A value is never echoed.
+    Two lines for the same account and group (compared as a case-insensitive file system would)
+    are refused: they would be written to one file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_GROUPS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"--groups {path}: cannot read it ({exc.strerror or exc.__class__.__name__})", "check the path") from None
+    if len(data) > MAX_GROUPS_FILE_BYTES:
+        raise UsageError(f"--groups {path}: more than {MAX_GROUPS_FILE_BYTES >> 20} MiB", "split it into several files")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"--groups {path}: not UTF-8 text", "write one JSON object per line") from None
+    groups: list[GroupLine] = []
+    seen: dict[tuple[str, str], int] = {}
+    withheld: list[str] = []
+    try:
+        # "\n" only: a JSON string may hold U+2028 or a form feed, which splitlines() would split at.
+        for number, raw in enumerate(text.split("\n"), 1):
+            line = raw.rstrip("\r")
+            if not line.strip():
+                continue
+            where = f"--groups {path} line {number}"
+            try:
+                doc = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+            except (ValueError, RecursionError) as exc:
+                # The message only: the line may hold a token.
+                raise UsageError(f"{where}: not a JSON object ({getattr(exc, 'msg', 'invalid JSON')})",
+                                 "write one object per line, e.g. " + '{"account": "A", "group": "G", "token_file": "g.token"}') from None
+            except UsageError as exc:
+                raise _at(where, exc) from None
+            if not isinstance(doc, dict):
+                raise UsageError(f"{where}: not a JSON object", "write one object per line")
+            if "token" in doc:
+                raise UsageError(f'{where}: holds the token itself ("token")',
+                                 'name a file that holds it ("token_file") or an environment variable ("token_env")')
+            unknown = [k for k in doc if k not in GROUP_KEYS]
+            if unknown:
+                # Named only when short: a long one may be a token pasted in the wrong place.
+                named = json.dumps(unknown[0]) if len(unknown[0]) <= 24 else "(a long one, not shown)"
+                raise UsageError(f"{where}: unknown key {named}", f"the keys are {', '.join(GROUP_KEYS)}")
+            for key in ("account", "group", "console_url"):
+                if key in doc and not isinstance(doc[key], str):
+                    raise UsageError(f'{where}: "{key}" must be a string')
+            for key in ("account", "group"):
+                if key not in doc:
+                    raise UsageError(f'{where}: "{key}" is missing', "give the console's account and group ids")
+            try:
+                token, env = _group_token(doc, where, path.parent)
+                if env:
+                    withheld.append(env)
+                enrollment = Enrollment(account_id=doc["account"], group_id=doc["group"], token=token,
+                                        console_url=doc.get("console_url", default_console_url))
+            except BuilderError as exc:
+                raise (exc if exc.message.startswith(where) else _at(where, exc)) from None
+            # Registered only once valid (a word given as a token must not be masked everywhere).
+            log.register_secret(token.reveal(), permanent=True)
+            name = group_file_name(enrollment.account_id, enrollment.group_id, fmt)
+            if len(name.encode()) > _NAME_MAX:
+                raise UsageError(f"{where}: the installer's name {name} would be longer than {_NAME_MAX} bytes",
+                                 "stamp this group alone: `builder stamp --account-id ... --out FILE`")
+            same = (enrollment.account_id.casefold(), enrollment.group_id.casefold())
+            if same in seen:
+                raise UsageError(f"{where}: account {enrollment.account_id} group {enrollment.group_id} is on line "
+                                 f"{seen[same]} too (both would be written to {name})",
+                                 "give each group once (ids that differ only in case count as one)")
+            seen[same] = number
+            groups.append(GroupLine(number, enrollment))
+    finally:
+        # As `stamp --token-env`: no tool or child process started later inherits a token.
+        for name in withheld:
+            runner.withhold_env(name)
+    if not groups:
+        raise UsageError(f"--groups {path}: holds no groups", "write one JSON object per line")
+    return groups
+
+
+def sign_groups(groups: list[GroupLine], sign, where: str = "--groups") -> list[tuple[int, SignedEnrollment]]:
+    """(line, `sign(enrollment)`) of every group; an error (a console host the release does not
+    pin) names its line."""
+    signed = []
+    for g in groups:
+        try:
+            signed.append((g.line, sign(g.enrollment)))
+        except BuilderError as exc:
+            raise _at(f"{where} line {g.line}", exc) from None
+    return signed
+
+
+@contextlib.contextmanager
+def _writing(out: Path, name: str):
+    """An OSError while an installer is made (a full disk) as the one-line OutputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write {name} ({exc.strerror or exc.__class__.__name__}); nothing was placed",
+                          "check free space and permissions, then run again") from None
+
+
+class _PiecesHash:
+    """SHA-256 of stamped files without reading them back: every group's stamp shares the pieces
+    before its first literal, whose hash state is computed once and copied."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self._prefix: tuple[int, "hashlib._Hash"] | None = None
+
+    def sha256(self, pieces: list[tag.Piece]) -> str:
+        pieces = list(pieces)
+        if pieces and pieces[0][0] == "base" and pieces[0][1] == 0:
+            if self._prefix is None or self._prefix[0] != pieces[0][2]:
+                h = hashlib.sha256()
+                self._update(h, 0, pieces[0][2])
+                self._prefix = (pieces[0][2], h)
+            h = self._prefix[1].copy()
+            pieces = pieces[1:]
+        else:
+            h = hashlib.sha256()
+        for piece in pieces:
+            if piece[0] == "bytes":
+                h.update(piece[1])
+            else:
+                self._update(h, piece[1], piece[2])
+        return h.hexdigest()
+
+    def _update(self, h, start: int, length: int) -> None:
+        with open(self.base, "rb") as fh:
+            for chunk in fileio.iter_range(fh, start, length, too_short=f"{self.base}: shorter than the release says"):
+                h.update(chunk)
+
+
+def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrollment]], signers: Signers,
+                 out: Path, *, where: str = "--groups") -> list[Stamped]:
+    """Every group's `fmt` installer in the folder `out`, named by `group_file_name`: all or none.
+
+    Each (line, enrollment) is checked against the release's pins, `out` and every output name
+    checked, and the base file checked against the manifest (and its signature), before
+    anything is written. The installers are made in a new private folder inside `out` and moved
+    into place only once every one is made: a failure before that leaves `out` as it was. An
+    existing installer of the same name is replaced (a re-run writes the same names)."""
+    kind = formats.kind(fmt)
+    for line, enrollment in groups:
+        try:
+            check_pinned(release, enrollment)
+        except BuilderError as exc:
+            raise _at(f"{where} line {line}", exc) from None
+    names = [group_file_name(e.account_id, e.group_id, fmt) for _, e in groups]
+    base = release.file(kind.base)  # checked (sha256, signature) before `out` is touched
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is not a folder", "with --groups, --out is the folder the installers go to")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder") from None
+    for name in names:
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            raise OutputError(f"--out {out}: {name} is a folder", "move it away: the installer is written there")
+    for _, enrollment in groups:
+        log.register_secret(enrollment.token.reveal())
+    # Everything is written into a new 0700 folder inside `out` (as a single stamp does beside
+    # its output): nothing follows a planted link, nobody else reads a token on the way.
+    try:
+        work = fileio.new_private_dir(out / "groups")
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder") from None
+    made: list[Stamped] = []
+    try:
+        hasher = _PiecesHash(base.path) if kind.slotted else None
+        product_signers = None if kind.slotted else signers.for_product(release.product().name)
+        for i, ((line, enrollment), name) in enumerate(zip(groups, names), 1):
+            partial, notarization = work / name, None
+            with log.step(f"[{i}/{len(groups)}] {fmt}: {name}"), _writing(out, name):
+                if kind.slotted:
+                    pieces = stamp_ranges(base, enrollment)
+                    written = write_pieces(base.path, pieces, partial)
+                    size, sha = base.entry["size"], hasher.sha256(pieces)
+                    signer, resigned = base.entry.get("signer"), False
+                else:
+                    built = formats.get(fmt).stamp(release, enrollment, product_signers, partial)
+                    size = written = partial.stat().st_size
+                    sha, signer, resigned = build.sha256_file(partial), built.signer, not signers.unsigned
+                    notarization = (built.details or {}).get("notarization")
+            made.append(Stamped(fmt, out / name, size, sha, signer, resigned, written, notarization))
+        placed = 0
+        for name in names:
+            try:
+                os.replace(work / name, out / name)
+            except OSError as exc:
+                raise OutputError(f"--out {out}: cannot move {name} into place ({exc.strerror or exc}); "
+                                  f"{placed} of {len(names)} installers were placed, complete",
+                                  "fix the folder and run again: the same groups get the same names") from None
+            placed += 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return made

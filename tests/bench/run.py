@@ -1,5 +1,6 @@
-"""`make bench`: every speed target of issues 2-5, and issue 10's soak run (RSS of the service and
-a worker under a stream of requests), measured side by side in one run.
+"""`make bench`: every speed target of issues 2-5, `stamp --groups` throughput (groups per second,
+exe and msi-tagged), and issue 10's soak run (RSS of the service and a worker under a stream of
+requests), measured side by side in one run.
 
     .venv/bin/python -m tests.bench.run        (after `make payload-test`)
 
@@ -23,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from builder import __version__, log
-from tests.bench import macos, service, soak, stamping, windows
+from tests.bench import groups, macos, service, soak, stamping, windows
 from tests.bench.common import REPO, make_bench
 from tests.bench.measure import heading, table
 
@@ -130,6 +131,10 @@ def main() -> int:
             section("stamping", stamping.run, bench, builds)
         else:
             errors.append("stamping: skipped, a build section failed")
+        if "stamping" in results:
+            section("groups", groups.run, bench, Path(results["stamping"]["release_folder"]))
+        else:
+            errors.append("groups: skipped, it needs the release the stamping section makes")
         if "stamping" in results:
             section("service", service.run, bench, Path(results["stamping"]["release_folder"]))
         else:
