@@ -183,10 +183,24 @@ class Release:
             raise VerificationError(f"release file {f.path} does not match its sha256 in the manifest", "re-run `builder release`")
         # The file is the one the manifest names (its hash matched): its signature needs
         # checking once per file and CA in a process, not on every open.
-        key = (str(f.path.resolve()), f.format, digest, str(self.ca) if self.ca else None)
-        if self.manifest.get("signed") and key not in _verified:
-            _check_signature(f, self.ca)
-            _verified.add(key)
+        if self.manifest.get("signed") and self._key(f) not in _verified:
+            _verified[self._key(f)] = _check_signature(f, self.ca)
+
+    def _key(self, f: ReleaseFile) -> tuple:
+        return (str(f.path.resolve()), f.format, f.entry["sha256"], str(self.ca) if self.ca else None)
+
+    def require_trusted_signature(self, fmt: str) -> ReleaseFile:
+        """The `fmt` file, when a signature this machine trusts vouches for it: what a stamp
+        that signs again may sign (it vouches, with the vendor's key, for the pins and console
+        hosts inside). VerificationError for an unsigned release, or one signed under a root
+        that is neither a system root nor --ca's (which opening only warns about)."""
+        f = self.file(fmt)
+        if not self.manifest.get("signed"):
+            raise UntrustedRelease(f"release {self.folder} is unsigned: signing its {fmt} again would vouch for bytes "
+                                    "no one signed", "stamp it with --no-sign (development), or stamp a signed release")
+        if not _verified.get(self._key(f)):  # not checked in this process, or its root not trusted
+            _verified[self._key(f)] = _check_signature(f, self.ca, strict=True)
+        return f
 
     @classmethod
     def open(cls, folder: Path, *, ca: Path | None = None, verify: bool = True, lazy: bool = False) -> "Release":
@@ -214,8 +228,14 @@ class Release:
         return rel
 
 
-# (release file, format, its sha256, CA) whose signatures verified in this process.
-_verified: set[tuple] = set()
+class UntrustedRelease(VerificationError):
+    """A release no trusted signature vouches for, asked to be signed again (a baked msi, a pkg,
+    a dmg): unsigned, or signed under a root this machine does not trust."""
+
+
+# (release file, format, its sha256, CA) whose signatures verified in this process -> whether
+# their chain ends at a trusted root (False: only the root was missing, and opening warned).
+_verified: dict[tuple, bool] = {}
 
 
 def _signatures(report: dict) -> list[dict]:
@@ -223,21 +243,26 @@ def _signatures(report: dict) -> list[dict]:
     return [s for s in found if s]
 
 
-def _check_signature(f: ReleaseFile, ca: Path | None) -> None:
-    """VerificationError unless `f`'s signatures verify. A chain that fails only because its root
-    is not trusted here is a warning without --ca (the file's hash matches the manifest the
-    release wrote after verifying it) and an error with a --ca that lacks the root."""
+def _check_signature(f: ReleaseFile, ca: Path | None, *, strict: bool = False) -> bool:
+    """VerificationError unless `f`'s signatures verify; True when their chain ends at a trusted
+    root. A chain that fails only because its root is not trusted here is a warning without
+    --ca (the file's hash matches the manifest the release wrote after verifying it; False) and
+    an error with a --ca that lacks the root, or when `strict`."""
     fmt = formats.get(f.format)
     report = fmt.verify(f.path, ca)
     if report.get("ok"):
-        return
+        return True
     failing = [s for s in _signatures(report) if not s.get("ok")]
     root_only = bool(failing) and all(s.get("root_missing") for s in failing) and fmt.inspect(f.path).get("ok")
     detail = "; ".join(str(s.get("detail")) for s in failing) or report.get("detail")
+    if root_only and ca is None and strict:
+        raise UntrustedRelease(f"release {f.format}: {f.path.name} is signed under a root this machine does not trust, "
+                                "and a stamp that signs again vouches for what it holds",
+                                "give --ca the root certificate the release was signed under")
     if root_only and ca is None:
         log.warning(f"release {f.format}: {f.path.name} is signed by a root this machine does not trust; its hash "
                     "matches the manifest, its chain is not checked (give --ca ROOT.pem to check it)")
-        return
+        return False
     if root_only:
         raise VerificationError(f"release {f.format}: {f.path.name}'s signing root is not in --ca {ca} ({detail})",
                                 f"give --ca the root certificate the release's {f.format} was signed under")

@@ -124,6 +124,8 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
     if out.suffix.lower() != kind.suffix:
         raise UsageError(f"--out {out}: the {fmt} installer must end in {kind.suffix}", "rename the output")
     base = release.file(kind.base)
+    if not kind.slotted and not signers.unsigned:
+        release.require_trusted_signature(kind.base)  # it signs again: only what a trusted signature vouched for
     log.register_secret(enrollment.token.reveal())
     if out.is_dir():
         raise OutputError(f"--out {out}: is a folder", "give the installer's file name, for example group.exe")
@@ -374,6 +376,8 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
             raise _at(f"{where} line {line}", exc) from None
     names = [group_file_name(e.account_id, e.group_id, fmt) for _, e in groups]
     base = release.file(kind.base)  # checked (sha256, signature) before `out` is touched
+    if not kind.slotted and not signers.unsigned:
+        release.require_trusted_signature(kind.base)  # before `out` is touched too
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: is not a folder", "with --groups, --out is the folder the installers go to")
     try:

@@ -33,6 +33,7 @@ from builder.errors import (
     VerificationError,
     WorkerFailedError,
 )
+from builder.release import UntrustedRelease
 from builder.storage.errors import InvalidKeyError, StorageUnavailableError
 
 # code -> (HTTP status, when). The README's "Error codes" table says the same.
@@ -145,6 +146,7 @@ class StampFailed(WorkerFailedError):
 # For the hierarchy's own classes, first match wins. Permanent: the same request fails the same
 # way; it is the operator's to fix (configuration) or the release's (a stamp that cannot fit).
 _BY_CLASS: tuple[tuple[type[BuilderError], str, bool], ...] = (
+    (UntrustedRelease, "release_refused", False),
     (QueueError, "queue_unavailable", True),
     (UnknownReleaseError, "unknown_release", False),
     (RevokedError, "token_revoked", False),

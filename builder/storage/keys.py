@@ -29,7 +29,7 @@ def validate_key(key: object, what: str = "key") -> str:
             raise InvalidKeyError(
                 f"{what} {key[:80]!r} has an empty segment, a segment starting with '.', or a "
                 "character outside [A-Za-z0-9._-/]",
-                "object keys are relative paths such as releases/1.2.3/manifest.json",
+                "object keys are relative paths such as releases/1.2.3/index.json",
             )
     return key
 
