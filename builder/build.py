@@ -114,7 +114,7 @@ def build(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot create it ({exc.strerror})", "choose a writable folder") from None
+        raise OutputError(f"{{field}} {out}: cannot create it ({exc.strerror})", "choose a writable folder", field="out") from None
     if enrollment is not None:
         log.register_secret(enrollment.token.reveal())
     stem = basename or default_basename(product, version, enrollment)
@@ -167,7 +167,7 @@ def build(
         except OSError as exc:
             for p in placed:
                 p.unlink(missing_ok=True)
-            raise OutputError(f"--out {out}: cannot write the installers ({exc.strerror})", "check free space and permissions") from None
+            raise OutputError(f"{{field}} {out}: cannot write the installers ({exc.strerror})", "check free space and permissions", field="out") from None
     return outputs
 
 

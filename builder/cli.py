@@ -31,7 +31,7 @@ from builder.tools import runner
 # The library names the input an error concerns (BuilderError.field); the command line says
 # which of its options gave it.
 OPTION_OF_FIELD = {"account_id": "--account-id", "group_id": "--group-id", "console_url": "--console-url",
-                   "release": "--release", "format": "--format"}
+                   "release": "--release", "format": "--format", "out": "--out"}
 
 
 def cli_words(exc: BuilderError) -> str:

@@ -39,13 +39,13 @@ def check_out_folder(out: Path, version: str) -> None:
     except FileNotFoundError:
         return
     except (OSError, ValueError, AttributeError):
-        raise OutputError(f"--out {out}: holds an unreadable {MANIFEST}",
-                          "give an empty folder per release, e.g. releases/" + version) from None
+        raise OutputError(f"{{field}} {out}: holds an unreadable {MANIFEST}",
+                          "give an empty folder per release, e.g. releases/" + version, field="out") from None
     if held != version:
-        raise OutputError(f"--out {out}: holds release {held}; a release folder holds one version",
-                          f"give a folder per release, e.g. {Path(out).parent / version}")
-    raise OutputError(f"--out {out}: holds release {held} already",
-                      "remove the folder to build it again, or give a new folder")
+        raise OutputError(f"{{field}} {out}: holds release {held}; a release folder holds one version",
+                          f"give a folder per release, e.g. {Path(out).parent / version}", field="out")
+    raise OutputError(f"{{field}} {out}: holds release {held} already",
+                      "remove the folder to build it again, or give a new folder", field="out")
 
 
 def release(*, format_names: list[str], product: Product, version: str, payload: Path, signers: Signers,
@@ -95,7 +95,7 @@ def _write_manifest(outputs, *, product: Product, version: str, signers: Signers
     try:
         write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write {MANIFEST} ({exc.strerror or exc})", "check free space and permissions") from None
+        raise OutputError(f"{{field}} {out}: cannot write {MANIFEST} ({exc.strerror or exc})", "check free space and permissions", field="out") from None
     return manifest
 
 
@@ -119,6 +119,9 @@ class Release:
     manifest: dict
     ca: Path | None = None
     verify: bool = True
+    # Only files signed under a root this host trusts (the service): an unsigned release, or an
+    # untrusted root, is refused instead of warned about.
+    signed_only: bool = False
     # Formats whose file passed its checks in this Release: `file()` checks a format once.
     _checked: set = field(default_factory=set, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -178,13 +181,17 @@ class Release:
             raise FormatError(f"release file {f.path} {what}", "re-run `builder release`")
         if not self.verify:
             return
+        if self.signed_only and not self.manifest.get("signed"):
+            raise UntrustedRelease(f"release {self.folder} is unsigned", "publish a signed release (`builder release` with signing keys)")
         digest = build.sha256_file(f.path)
         if digest != f.entry["sha256"]:
             raise VerificationError(f"release file {f.path} does not match its sha256 in the manifest", "re-run `builder release`")
         # The file is the one the manifest names (its hash matched): its signature needs
         # checking once per file and CA in a process, not on every open.
-        if self.manifest.get("signed") and self._key(f) not in _verified:
-            _verified[self._key(f)] = _check_signature(f, self.ca)
+        if self.manifest.get("signed"):
+            known = _verified.get(self._key(f))  # None: not checked; False: only its root was untrusted
+            if known is None or (self.signed_only and not known):
+                _verified[self._key(f)] = _check_signature(f, self.ca, strict=self.signed_only)
 
     def _key(self, f: ReleaseFile) -> tuple:
         return (str(f.path.resolve()), f.format, f.entry["sha256"], str(self.ca) if self.ca else None)
@@ -203,25 +210,28 @@ class Release:
         return f
 
     @classmethod
-    def open(cls, folder: Path, *, ca: Path | None = None, verify: bool = True, lazy: bool = False) -> "Release":
+    def open(cls, folder: Path, *, ca: Path | None = None, verify: bool = True, lazy: bool = False,
+             signed_only: bool = False) -> "Release":
         """Read the manifest and check every base file's size and sha256 and, with `verify`,
         its signature: a release whose files changed since it was made is refused here, once,
         not on every stamp. With `lazy`, each format's file is checked the first time `file()`
         asks for it instead (a stamp of one format pays for that format only); what is refused
-        and with which error is the same."""
+        and with which error is the same. With `signed_only` (the service), a release that is
+        unsigned or signed under a root this host does not trust is refused (UntrustedRelease),
+        not warned about."""
         path = Path(folder) / MANIFEST
         try:
             manifest = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FormatError(f"--release {folder}: no {MANIFEST}", "give a folder made by `builder release`") from None
+            raise FormatError(f"{{field}} {folder}: no {MANIFEST}", "give a folder made by `builder release`", field="release") from None
         except (OSError, ValueError) as exc:
-            raise FormatError(f"--release {folder}: {MANIFEST} is unreadable ({exc.__class__.__name__})", "re-run `builder release`") from None
+            raise FormatError(f"{{field}} {folder}: {MANIFEST} is unreadable ({exc.__class__.__name__})", "re-run `builder release`", field="release") from None
         if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
             got = manifest.get("schema") if isinstance(manifest, dict) else None
-            raise FormatError(f"--release {folder}: manifest schema {got} is not {SCHEMA}", "re-run `builder release` with this builder")
+            raise FormatError(f"{{field}} {folder}: manifest schema {got} is not {SCHEMA}", "re-run `builder release` with this builder", field="release")
         if not isinstance(manifest.get("files"), dict):
-            raise FormatError(f"--release {folder}: {MANIFEST} lists no files", "re-run `builder release`")
-        rel = cls(Path(folder), manifest, ca, verify)
+            raise FormatError(f"{{field}} {folder}: {MANIFEST} lists no files", "re-run `builder release`", field="release")
+        rel = cls(Path(folder), manifest, ca, verify, signed_only)
         if not lazy:
             rel.verify_all()
         log.debug(f"release {folder} {rel.version}: {', '.join(manifest['files'])}")
@@ -256,9 +266,9 @@ def _check_signature(f: ReleaseFile, ca: Path | None, *, strict: bool = False) -
     root_only = bool(failing) and all(s.get("root_missing") for s in failing) and fmt.inspect(f.path).get("ok")
     detail = "; ".join(str(s.get("detail")) for s in failing) or report.get("detail")
     if root_only and ca is None and strict:
-        raise UntrustedRelease(f"release {f.format}: {f.path.name} is signed under a root this machine does not trust, "
-                                "and a stamp that signs again vouches for what it holds",
-                                "give --ca the root certificate the release was signed under")
+        raise UntrustedRelease(f"release {f.format}: {f.path.name} is signed under a root this machine does not trust "
+                               "(what is signed again, or served, must be vouched for by a trusted signature)",
+                               "give --ca the root certificate the release was signed under")
     if root_only and ca is None:
         log.warning(f"release {f.format}: {f.path.name} is signed by a root this machine does not trust; its hash "
                     "matches the manifest, its chain is not checked (give --ca ROOT.pem to check it)")

@@ -122,13 +122,13 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
     kind = formats.kind(fmt)
     check_pinned(release, enrollment)
     if out.suffix.lower() != kind.suffix:
-        raise UsageError(f"--out {out}: the {fmt} installer must end in {kind.suffix}", "rename the output")
+        raise UsageError(f"{{field}} {out}: the {fmt} installer must end in {kind.suffix}", "rename the output", field="out")
     base = release.file(kind.base)
     if not kind.slotted and not signers.unsigned:
         release.require_trusted_signature(kind.base)  # it signs again: only what a trusted signature vouched for
     log.register_secret(enrollment.token.reveal())
     if out.is_dir():
-        raise OutputError(f"--out {out}: is a folder", "give the installer's file name, for example group.exe")
+        raise OutputError(f"{{field}} {out}: is a folder", "give the installer's file name, for example group.exe", field="out")
     # Everything this stamp writes by path (the output, a pkg's unsigned intermediate with the
     # token inside, a tool's temporary files) goes into a new 0700 folder beside `out`: nothing
     # follows a planted link, and nobody else can read the token on the way.
@@ -136,7 +136,7 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
         out.parent.mkdir(parents=True, exist_ok=True)
         work = fileio.new_private_dir(out)
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder") from None
+        raise OutputError(f"{{field}} {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder", field="out") from None
     notarization = None
     try:
         partial = work / out.name
@@ -152,7 +152,7 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
         try:
             os.replace(partial, out)
         except OSError as exc:
-            raise OutputError(f"--out {out}: cannot write it ({exc.strerror or exc})", "choose a writable file path") from None
+            raise OutputError(f"{{field}} {out}: cannot write it ({exc.strerror or exc})", "choose a writable file path", field="out") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Stamped(fmt, out, out.stat().st_size, build.sha256_file(out), signer, resigned, written, notarization)
@@ -323,8 +323,8 @@ def _writing(out: Path, name: str):
     try:
         yield
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write {name} ({exc.strerror or exc.__class__.__name__}); nothing was placed",
-                          "check free space and permissions, then run again") from None
+        raise OutputError(f"{{field}} {out}: cannot write {name} ({exc.strerror or exc.__class__.__name__}); nothing was placed",
+                          "check free space and permissions, then run again", field="out") from None
 
 
 class _PiecesHash:
@@ -379,14 +379,14 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
     if not kind.slotted and not signers.unsigned:
         release.require_trusted_signature(kind.base)  # before `out` is touched too
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: is not a folder", "with --groups, --out is the folder the installers go to")
+        raise OutputError(f"{{field}} {out}: is not a folder", "with --groups, --out is the folder the installers go to", field="out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder") from None
+        raise OutputError(f"{{field}} {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder", field="out") from None
     for name in names:
         if (out / name).is_dir() and not (out / name).is_symlink():
-            raise OutputError(f"--out {out}: {name} is a folder", "move it away: the installer is written there")
+            raise OutputError(f"{{field}} {out}: {name} is a folder", "move it away: the installer is written there", field="out")
     for _, enrollment in groups:
         log.register_secret(enrollment.token.reveal())
     # Everything is written into a new 0700 folder inside `out` (as a single stamp does beside
@@ -394,7 +394,7 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
     try:
         work = fileio.new_private_dir(out / "groups")
     except OSError as exc:
-        raise OutputError(f"--out {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder") from None
+        raise OutputError(f"{{field}} {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder", field="out") from None
     made: list[Stamped] = []
     try:
         hasher = _PiecesHash(base.path) if kind.slotted else None
@@ -418,9 +418,9 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
             try:
                 os.replace(work / name, out / name)
             except OSError as exc:
-                raise OutputError(f"--out {out}: cannot move {name} into place ({exc.strerror or exc}); "
+                raise OutputError(f"{{field}} {out}: cannot move {name} into place ({exc.strerror or exc}); "
                                   f"{placed} of {len(names)} installers were placed, complete",
-                                  "fix the folder and run again: the same groups get the same names") from None
+                                  "fix the folder and run again: the same groups get the same names", field="out") from None
             placed += 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -51,7 +51,7 @@ class Issuer:
         self.enrollment_key = enrollment_key
         self.cache_dir = cache_dir
         self.audit = audit
-        self.releases = ReleaseCache(store, cache_dir, releases_prefix, ca)
+        self.releases = ReleaseCache(store, cache_dir, releases_prefix, ca, signed_only=not signers.unsigned)
         self.records = Records(store)
         self.revocations = Revocations(store)
         # id -> (future, release, format) of the work this process does for a request

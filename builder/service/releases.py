@@ -25,6 +25,7 @@ from builder.fileio import write_atomic
 from builder.release import MANIFEST, Release
 from builder.service.problems import FormatNotInRelease, ReleaseRefused, UnknownRelease
 from builder.storage import ObjectNotFoundError, Store
+from builder.storage.keys import is_valid_key
 from builder.storage.published import INDEX_FORMAT, index_key, published_versions
 
 VERIFIED_MARKER = ".verified-index.json"
@@ -87,11 +88,14 @@ class ReleaseCache:
     """The published releases under `prefix` in `store`, opened from copies in `cache_dir`.
     Thread-safe; one per process."""
 
-    def __init__(self, store: Store, cache_dir: Path, prefix: str, ca: Path | None):
+    def __init__(self, store: Store, cache_dir: Path, prefix: str, ca: Path | None, *, signed_only: bool = True):
         self.store = store
         self.cache_dir = cache_dir
         self.prefix = prefix
         self.ca = ca
+        # Serve only releases whose every file is signed under a root this host trusts (the
+        # system's or --ca's); False only for a service that signs nothing itself (--no-sign).
+        self.signed_only = signed_only
         self._opened: dict[str, tuple[Release, dict]] = {}
         self._refused: dict[str, Refusal] = {}
         self._open_lock = threading.Lock()  # held while a release is fetched and verified
@@ -197,6 +201,10 @@ class ReleaseCache:
             staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.cache_dir))
             try:
                 for name, entry in index["files"].items():
+                    # A name the publisher would give (validate_key): nothing climbs out of the cache.
+                    if not is_valid_key(name):
+                        raise FormatError(f"release {version}: index {key} names a file {name!r} that is not a "
+                                          "relative path inside the release")
                     try:
                         data = self.store.get(entry["key"])
                     except ObjectNotFoundError:
@@ -222,8 +230,9 @@ class ReleaseCache:
         restarted with another CA verifies again."""
         marker = folder / VERIFIED_MARKER
         seen = marker.read_bytes() if marker.is_file() else None
-        verified_as = index_bytes + b"\0ca:" + (hashlib.sha256(self.ca.read_bytes()).hexdigest().encode() if self.ca else b"system")
-        rel = Release.open(folder, ca=self.ca, verify=seen != verified_as)
+        verified_as = (index_bytes + b"\0ca:" + (hashlib.sha256(self.ca.read_bytes()).hexdigest().encode() if self.ca else b"system")
+                       + (b"\0signed-only" if self.signed_only else b""))
+        rel = Release.open(folder, ca=self.ca, verify=seen != verified_as, signed_only=self.signed_only)
         if seen != verified_as:
             write_atomic(marker, verified_as)
         return rel, json.loads(index_bytes)

@@ -34,6 +34,15 @@ def validate_key(key: object, what: str = "key") -> str:
     return key
 
 
+def is_valid_key(key: object) -> bool:
+    """Whether `key` follows the rules (validate_key), for a caller with its own error."""
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True
+
+
 def validate_prefix(prefix: str, what: str = "prefix") -> str:
     """A prefix is a key, or "" for the store's root."""
     return "" if prefix == "" else validate_key(prefix, what)

@@ -113,3 +113,73 @@ def test_the_service_refuses_to_sign_a_published_release_no_trusted_signature_vo
         assert issuer.store.list("installers") == []  # nothing was made or stored
     finally:
         issuer.close()
+
+
+# -- what the service takes from storage -------------------------------------------------------
+
+
+def _service(tmp_path, dev_keys, *, ca):
+    from builder.config import Environment
+    from builder.service.setup import ServiceOptions, make_issuer
+
+    return make_issuer(ServiceOptions(storage_url=(tmp_path / "store").as_uri(), state_dir=tmp_path / "state",
+                                      signers=signers_for(dev_keys), ca=ca, enrollment_key=enrollment_key_for(dev_keys)),
+                       Environment.read({"BUILDER_STORAGE_HMAC_KEY": "k" * 64}))
+
+
+def _request(issuer, fmt: str):
+    enrollment = Enrollment(account_id="acct", group_id="grp", token=Secret(TOKEN),
+                            console_url="https://console.example.com")
+    return issuer.request("test", release="1.0.0", fmt=fmt, enrollment=enrollment, wait_s=60)
+
+
+def test_the_service_serves_no_unsigned_release(test_payload, dev_keys, tmp_path):
+    """An unsigned release in the bucket (a manifest saying "signed": false skips every signature
+    check): the service refuses the release as a whole, exe included."""
+    from builder.service.problems import describe
+    from builder.storage import publish_release
+    from builder.service.setup import RELEASES_PREFIX
+
+    release.release(format_names=["msi"], product=load_product(), version="1.0.0", payload=test_payload,
+                    signers=Signers(unsigned=True), trust=trust_for(dev_keys), out=tmp_path / "rel",
+                    source_date_epoch=EPOCH)
+    issuer = _service(tmp_path, dev_keys, ca=dev_keys.ca_cert)
+    publish_release(tmp_path / "rel", issuer.store, RELEASES_PREFIX, version="1.0.0")
+    try:
+        for fmt in ("msi", "msi-tagged"):
+            with pytest.raises(errors.BuilderError) as info:
+                _request(issuer, fmt)
+            problem = describe(info.value)
+            assert (problem.status, problem.code) == (503, "release_refused"), (fmt, problem)
+        assert issuer.store.list("installers") == []
+    finally:
+        issuer.close()
+
+
+def test_an_index_naming_a_path_outside_the_release_is_refused_and_writes_nothing_there(test_payload, dev_keys,
+                                                                                         tmp_path):
+    """Someone who can write the bucket rewrites a release's index so that a file name climbs out
+    of the service's cache: the release is refused as malformed; nothing is written outside."""
+    import json
+
+    from builder.service.problems import describe
+    from builder.storage import publish_release
+    from builder.service.setup import RELEASES_PREFIX
+
+    build_release(dev_keys, test_payload, tmp_path / "rel", formats=("exe",))
+    issuer = _service(tmp_path, dev_keys, ca=dev_keys.ca_cert)
+    index_key = publish_release(tmp_path / "rel", issuer.store, RELEASES_PREFIX, version="1.0.0")
+    index_path = tmp_path / "store" / index_key
+    index = json.loads(index_path.read_text())
+    [name] = [n for n in index["files"] if n.endswith(".exe")]
+    index["files"]["../../../escaped.exe"] = index["files"][name]
+    index_path.chmod(0o600)
+    index_path.write_text(json.dumps(index))
+    try:
+        with pytest.raises(errors.BuilderError) as info:
+            _request(issuer, "exe")
+        problem = describe(info.value)
+        assert (problem.status, problem.code) == (503, "release_refused"), problem
+        assert not list(tmp_path.rglob("escaped.exe"))
+    finally:
+        issuer.close()
