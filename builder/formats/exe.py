@@ -16,7 +16,6 @@ agent it carries, from its plugins folder beside the trust.json it carries, on i
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from builder import log, render
+from builder import render
 from builder.binfmt.nsis import embedded_uninstaller, locate, version_strings
 from builder.config import Product
 from builder.errors import ConfigError, FormatError, ToolFailedError, UsageError, VerificationError

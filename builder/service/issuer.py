@@ -39,6 +39,7 @@ from builder.trust import SignedEnrollment, verify as verify_signed
 
 FORMATS = formats.KIND_NAMES
 
+
 class Issuer:
     """Turns requests into stored installers. Thread-safe; one per process."""
 

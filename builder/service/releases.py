@@ -205,14 +205,13 @@ class ReleaseCache:
                     if not is_valid_key(name):
                         raise FormatError(f"release {version}: index {key} names a file {name!r} that is not a "
                                           "relative path inside the release")
-                    try:
-                        data = self.store.get(entry["key"])
+                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                    try:  # streamed: a 30 MB installer is not held in memory
+                        digest, _ = self.store.download(entry["key"], staging / name)
                     except ObjectNotFoundError:
                         raise Damaged("incomplete", f"release {version}: object {entry['key']} named by its index is missing") from None
-                    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    if digest != entry["sha256"]:
                         raise Damaged("checksum", f"release {version}: object {entry['key']} does not match its sha256")
-                    (staging / name).parent.mkdir(parents=True, exist_ok=True)
-                    (staging / name).write_bytes(data)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

@@ -160,6 +160,19 @@ class Store:
         with self._errors("get", key):
             return bytes(obstore.get(self._obs, full).bytes())
 
+    def download(self, key: str, dst: Path, chunk_size: int = 1 << 20) -> tuple[str, int]:
+        """The object's bytes into `dst`, a new file, streamed (memory holds one chunk, not the
+        object); returns their sha256 and size."""
+        full, digest, size = self._full(key), hashlib.sha256(), 0
+        with open(dst, "xb") as out:  # a local error is not the storage's
+            with self._errors("get", key):
+                stream = obstore.get(self._obs, full).stream(min_chunk_size=chunk_size)
+                for chunk in stream:
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        return digest.hexdigest(), size
+
     def open_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object."""
         full = self._full(key)

@@ -7,7 +7,6 @@ development identities get no timestamp, and notarization failures are provoked 
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import gzip
 import hashlib
@@ -24,7 +23,7 @@ import pyapplebom
 import pytest
 from asn1crypto import cms as asn1_cms
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from builder.binfmt import bom, cpio, udif, xar

@@ -17,7 +17,6 @@ from builder import errors, release, stamp
 from builder.config import load_product
 from builder.enrollment import Enrollment, Secret
 from builder.signing import devca
-from builder.signing.authenticode import SigningKey
 from builder.signing.signers import Signers
 from tests.support.service import build_release, enrollment_key_for, signers_for, trust_for
 

@@ -198,6 +198,18 @@ def test_reads_head_exists_list(store):
     assert [o.key for o in store.list()] == ["r/one.bin", "r/sub/two.bin", "rx/three.bin"]
 
 
+def test_download_streams_an_object_into_a_new_file(store, base_bytes, tmp_path):
+    store.put_if_absent("d/base.bin", base_bytes)
+    digest, size = store.download("d/base.bin", tmp_path / "copy", chunk_size=1 << 16)
+    assert (tmp_path / "copy").read_bytes() == base_bytes
+    assert (digest, size) == (hashlib.sha256(base_bytes).hexdigest(), len(base_bytes))
+    with pytest.raises(ObjectNotFoundError):
+        store.download("d/none.bin", tmp_path / "none")
+    (tmp_path / "planted").symlink_to(tmp_path / "copy")
+    with pytest.raises(FileExistsError):  # a new file only: nothing is written through a planted link
+        store.download("d/base.bin", tmp_path / "planted")
+
+
 # -- stamps ------------------------------------------------------------------------------------
 
 
