@@ -35,6 +35,17 @@ class BuilderError(Exception):
             return self.template
         return self.template.replace("{field}", name_of(self.field))
 
+    def placed(self, where: str, name_of=None) -> "BuilderError":
+        """The same error (class, exit code, attributes) with `where` in front, its field worded
+        by `name_of` (as the place names it): not rebuilt through __init__, whose arguments
+        differ between classes."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.template = f"{where}: {self.worded(name_of or (lambda name: name))}"
+        new.field = None  # worded already
+        new.args = (new.message,)
+        return new
+
     def __str__(self) -> str:
         return f"{self.message}: {self.hint}" if self.hint else self.message
 

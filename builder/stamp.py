@@ -186,10 +186,11 @@ def group_file_name(account_id: str, group_id: str, fmt: str) -> str:
 def _at(where: str, exc: BuilderError) -> BuilderError:
     """`exc` (same class, so the same exit code) with the groups file's line in front, and the
     field named as the file names it."""
-    message = exc.worded(lambda name: _KEY_OF_FIELD.get(name, name))
+    placed = exc.placed(where, lambda name: _KEY_OF_FIELD.get(name, name))
     for option, key in _KEY_OF_OPTION.items():
-        message = message.replace(option, key)
-    return type(exc)(f"{where}: {message}", exc.hint)
+        placed.template = placed.template.replace(option, key)
+    placed.args = (placed.message,)
+    return placed
 
 
 def _no_duplicate_keys(pairs: list) -> dict:

@@ -437,3 +437,21 @@ def test_baked_msis_are_re_signed_for_every_group(release_dir, dev_keys, tmp_pat
         assert doc["resigned"] is True
         assert hashlib.sha256(Path(doc["path"]).read_bytes()).hexdigest() == doc["sha256"]
         assert osslsigncode_ok(Path(doc["path"]), dev_keys.ca_cert), f"osslsigncode verify failed on {doc['path']}"
+
+
+def test_a_refused_enrollment_keeps_its_words_its_class_and_gains_its_line(release_dir, dev_keys, tmp_path):
+    """An enrollment the release's agents would refuse (here: expired) handed to stamp_groups:
+    the error names the line and still says why, with the class (and exit code) a single stamp gives."""
+    from builder.enrollment import Enrollment, Secret
+    from builder.trust import EnrollmentRefused
+
+    rel = release.Release.open(release_dir, ca=dev_keys.ca_cert, lazy=True)
+    enrollment = Enrollment(account_id="acct", group_id="grp", token=Secret("expired-token-0123456789"),
+                            console_url="https://console.example.com")
+    expired = enrollment_key_for(dev_keys).sign(enrollment, rel.trust(), issued_at=1_000_000, expires_at=1_000_060)
+    with pytest.raises(EnrollmentRefused) as info:
+        stamp.stamp_groups(rel, "exe", [(3, expired)], Signers(verify_ca=dev_keys.ca_cert), tmp_path / "out",
+                           where="--groups g.jsonl")
+    assert str(info.value).startswith("--groups g.jsonl line 3: the enrollment expired"), str(info.value)
+    assert info.value.reason == "expired" and info.value.exit_code == errors.EnrollmentError.exit_code
+    assert not (tmp_path / "out").exists()

@@ -53,3 +53,14 @@ def test_a_field_is_named_by_whoever_reports_it():
     assert exc.worded(lambda f: "--" + f.replace("_", "-")) == "--account-id is empty"
     assert str(exc) == "account_id is empty: give the console's account id"
     assert errors.UsageError("no {field} here").message == "no {field} here"  # no field: the text as written
+
+
+def test_a_placed_error_keeps_its_class_attributes_and_words():
+    from builder.trust import EnrollmentRefused
+
+    exc = EnrollmentRefused("host", "the enrollment's console_url is not allowed: x")
+    placed = exc.placed("--groups g line 4")
+    assert type(placed) is EnrollmentRefused and placed.reason == "host" and placed.exit_code == exc.exit_code
+    assert str(placed) == f"--groups g line 4: the enrollment's console_url is not allowed: x: {exc.hint}"
+    field = errors.EnrollmentError("{field} is empty", "give it", field="group_id").placed("line 2", lambda f: '"group"')
+    assert field.message == 'line 2: "group" is empty' and field.field is None
