@@ -7,9 +7,11 @@ field and the rule. Nothing is silently rewritten.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import re
 import sys
 from dataclasses import dataclass
@@ -168,8 +170,11 @@ def validate_console_url(value: str) -> None:
         refuse("{field} must name a host, not an IP address", "agents only talk to console host names pinned in the release")
 
 
-def read_token(token_file: str | None, token_env: str | None, environ: dict | None = None) -> Secret:
-    """The token from a file, standard input (`-`) or an environment variable, never from argv."""
+def read_token(token_file: str | None, token_env: str | None, environ: dict | None = None, *,
+               regular_only: bool = False) -> Secret:
+    """The token from a file, standard input (`-`) or an environment variable, never from argv.
+    With `regular_only`, the file must be a regular file named by itself: a link (checked as it
+    is opened, O_NOFOLLOW, so it cannot be swapped in after a check), FIFO or device is refused."""
     if (token_file is None) == (token_env is None):
         raise UsageError("give exactly one of --token-file and --token-env", "the token is never taken as an option value")
     if token_env is not None:
@@ -186,9 +191,15 @@ def read_token(token_file: str | None, token_env: str | None, environ: dict | No
                 stdin = getattr(sys.stdin, "buffer", None)
                 data = stdin.read(limit + 1) if stdin is not None else sys.stdin.read(limit + 1).encode()
             else:
-                with open(token_file, "rb") as fh:
+                nofollow = os.O_NOFOLLOW | os.O_NONBLOCK if regular_only else 0
+                with os.fdopen(os.open(token_file, os.O_RDONLY | os.O_CLOEXEC | nofollow), "rb") as fh:
+                    if regular_only and not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                        raise OSError(errno.ELOOP, "not a regular file")
                     data = fh.read(limit + 1)
         except OSError as exc:
+            if regular_only and exc.errno == errno.ELOOP:
+                raise UsageError(f"--token-file {token_file} is a link or not a regular file",
+                                 "name the token file itself") from None
             raise UsageError(f"--token-file {token_file}: cannot read it ({exc.__class__.__name__})", "check the path") from None
         if len(data) > limit:
             raise EnrollmentError(f"--token-file {token_file}: more than {MAX_TOKEN_BYTES} bytes",

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,16 +211,9 @@ def _group_token(doc: dict, where: str, folder: Path):
         raise UsageError(f'{where}: "{name}" must be a non-empty string')
     if name == "token_env":
         return read_token(None, doc[name]), doc[name]
-    path = folder / doc[name]
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise UsageError(f'{where}: "token_file" {path}: cannot read it ({exc.__class__.__name__})', "check the path") from None
     # A link could make this run read a file its writer cannot (another group's token, a key)
     # into an installer they receive; a FIFO or device would block or never end.
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f'{where}: "token_file" {path} is a link or not a regular file', "name the token file itself")
-    return read_token(str(path), None), None
+    return read_token(str(folder / doc[name]), None, regular_only=True), None
 
 
 def read_groups(path: Path, fmt: str, default_console_url: str) -> list[GroupLine]:

@@ -1,3 +1,4 @@
+import os
 import io
 
 import pytest
@@ -71,3 +72,18 @@ def test_token_sources(tmp_path, monkeypatch):
         read_token(None, "NOPE", {})
     with pytest.raises(UsageError, match="--token-file"):
         read_token(str(tmp_path / "missing"), None)
+
+
+def test_a_token_file_that_must_be_regular_refuses_links_and_fifos_as_it_opens_them(tmp_path):
+    from builder.enrollment import read_token
+    from builder.errors import UsageError
+
+    real = tmp_path / "token"
+    real.write_text("tok-0123456789abcdef\n")
+    (tmp_path / "link").symlink_to(real)
+    os.mkfifo(tmp_path / "fifo")  # would block a plain open() until a writer came
+    assert read_token(str(real), None, regular_only=True).reveal() == "tok-0123456789abcdef"
+    for name in ("link", "fifo"):
+        with pytest.raises(UsageError, match="is a link or not a regular file"):
+            read_token(str(tmp_path / name), None, regular_only=True)
+    assert read_token(str(tmp_path / "link"), None).reveal() == "tok-0123456789abcdef"  # --token-file follows links
