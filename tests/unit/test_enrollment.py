@@ -1,5 +1,5 @@
-import os
 import io
+import os
 
 import pytest
 
@@ -75,9 +75,6 @@ def test_token_sources(tmp_path, monkeypatch):
 
 
 def test_a_token_file_that_must_be_regular_refuses_links_and_fifos_as_it_opens_them(tmp_path):
-    from builder.enrollment import read_token
-    from builder.errors import UsageError
-
     real = tmp_path / "token"
     real.write_text("tok-0123456789abcdef\n")
     (tmp_path / "link").symlink_to(real)
