@@ -16,6 +16,7 @@ validates the whole file first, `stamp_groups` writes every installer or none.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -23,8 +24,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from builder import build, fileio, formats, log
@@ -110,6 +112,54 @@ def _copy_range(src, out, size: int) -> None:
         shutil.copyfileobj(src, out, 1 << 20)
 
 
+# Hash states of release prefixes (one per release file with a slot), least recently used out.
+PREFIX_CACHE = 32
+_prefix_hashes: collections.OrderedDict[tuple[str, int], "hashlib._Hash"] = collections.OrderedDict()
+_prefix_lock = threading.Lock()
+
+
+def pieces_sha256(base: Path, pieces) -> str:
+    """SHA-256 of the file `pieces` describe, without reading it back. The slot sits near the
+    end of the base, so the hash state of the unchanged prefix (base[0:off]) is computed once per
+    base and copied: a stamp then hashes only the slot and the few bytes after it."""
+    pieces = list(pieces)
+    h = None
+    if pieces and pieces[0][0] == "base" and pieces[0][1] == 0:
+        cache_key = (str(base), pieces[0][2])
+        with _prefix_lock:
+            cached = _prefix_hashes.get(cache_key)
+            if cached is not None:
+                _prefix_hashes.move_to_end(cache_key)
+        if cached is None:
+            cached = hashlib.sha256()
+            _hash_range(base, 0, pieces[0][2], cached)
+            with _prefix_lock:
+                _prefix_hashes[cache_key] = cached
+                while len(_prefix_hashes) > PREFIX_CACHE:
+                    _prefix_hashes.popitem(last=False)
+        h = cached.copy()
+        pieces = pieces[1:]
+    h = h or hashlib.sha256()
+    for piece in pieces:
+        if piece[0] == "bytes":
+            h.update(piece[1])
+        else:
+            _hash_range(base, piece[1], piece[2], h)
+    return h.hexdigest()
+
+
+def warm_prefix_hash(base: ReleaseFile) -> None:
+    """Hash now the prefix every stamp of the slotted `base` shares (base[0:the slot's first
+    extent]), so that its first stamp does not pay for it."""
+    pieces_sha256(base.path, [("base", 0, base.slot["extents"][0][0])])
+
+
+def _hash_range(base: Path, start: int, length: int, h) -> None:
+    with open(base, "rb") as fh:
+        for chunk in fileio.iter_range(fh, start, length, too_short=f"{base}: shorter than the release says"):
+            h.update(chunk)
+
+
 def check_pinned(release: Release, enrollment: SignedEnrollment) -> None:
     """Refuse (EnrollmentError, exit 3) what the release's agents would refuse: a key it does
     not pin, an expired enrollment, a console host outside its allowlist."""
@@ -136,25 +186,32 @@ def stamp(release: Release, fmt: str, enrollment: SignedEnrollment, signers: Sig
         work = fileio.new_private_dir(out)
     except OSError as exc:
         raise OutputError(f"{{field}} {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder", field="out") from None
-    notarization = None
     try:
         partial = work / out.name
-        if kind.slotted:
-            with log.step(f"{fmt}: stamp the enrollment slot"):
-                written = write_pieces(base.path, stamp_ranges(base, enrollment), partial)
-            signer, resigned = base.entry.get("signer"), False
-        else:
-            with log.step(f"{fmt}: bake and sign"):
-                built = formats.get(fmt).stamp(release, enrollment, signers.for_product(release.product().name), partial)
-            written, signer, resigned = partial.stat().st_size, built.signer, not signers.unsigned
-            notarization = (built.details or {}).get("notarization")
+        with log.step(f"{fmt}: {'stamp the enrollment slot' if kind.slotted else 'bake and sign'}"):
+            made = _make(release, fmt, base, enrollment, signers.for_product(release.product().name), partial)
         try:
             os.replace(partial, out)
         except OSError as exc:
             raise OutputError(f"{{field}} {out}: cannot write it ({exc.strerror or exc})", "choose a writable file path", field="out") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Stamped(fmt, out, out.stat().st_size, build.sha256_file(out), signer, resigned, written, notarization)
+    return replace(made, path=out)
+
+
+def _make(release: Release, fmt: str, base: ReleaseFile, enrollment: SignedEnrollment, signers: Signers,
+          partial: Path) -> Stamped:
+    """One group's `fmt` installer written to `partial` (a new file), and what it is: a slot
+    stamp (hashed from its pieces, not read back) or the format's bake-and-sign."""
+    if formats.kind(fmt).slotted:
+        pieces = stamp_ranges(base, enrollment)
+        written = write_pieces(base.path, pieces, partial)
+        return Stamped(fmt, partial, base.entry["size"], pieces_sha256(base.path, pieces), base.entry.get("signer"),
+                       False, written)
+    built = formats.get(fmt).stamp(release, enrollment, signers, partial)
+    size = partial.stat().st_size
+    return Stamped(fmt, partial, size, build.sha256_file(partial), built.signer, not signers.unsigned, size,
+                   (built.details or {}).get("notarization"))
 
 
 # --- many groups from one release (`stamp --groups FILE`) ----------------------------------------
@@ -200,15 +257,14 @@ def _no_duplicate_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
-def _group_token(doc: dict, where: str, folder: Path):
+def _group_token(doc: dict, folder: Path):
     """The line's token: from "token_file" (a regular file, not a link; a relative path is from
     the groups file's folder) or "token_env", read by the rules of `stamp --token-file/--token-env`."""
     if ("token_file" in doc) == ("token_env" in doc):
-        raise UsageError(f'{where}: give one of "token_file" and "token_env"',
-                         "the token is never written in the groups file")
+        raise UsageError('give one of "token_file" and "token_env"', "the token is never written in the groups file")
     name = "token_file" if "token_file" in doc else "token_env"
     if not isinstance(doc[name], str) or not doc[name]:
-        raise UsageError(f'{where}: "{name}" must be a non-empty string')
+        raise UsageError(f'"{name}" must be a non-empty string')
     if name == "token_env":
         return read_token(None, doc[name]), doc[name]
     # A link could make this run read a file its writer cannot (another group's token, a key)
@@ -269,13 +325,13 @@ def read_groups(path: Path, fmt: str, default_console_url: str) -> list[GroupLin
                 if key not in doc:
                     raise UsageError(f'{where}: "{key}" is missing', "give the console's account and group ids")
             try:
-                token, env = _group_token(doc, where, path.parent)
+                token, env = _group_token(doc, path.parent)
                 if env:
                     withheld.append(env)
                 enrollment = Enrollment(account_id=doc["account"], group_id=doc["group"], token=token,
                                         console_url=doc.get("console_url", default_console_url))
             except BuilderError as exc:
-                raise (exc if exc.message.startswith(where) else _at(where, exc)) from None
+                raise _at(where, exc) from None
             # Registered only once valid (a word given as a token must not be masked everywhere).
             log.register_secret(token.reveal(), permanent=True)
             name = group_file_name(enrollment.account_id, enrollment.group_id, fmt)
@@ -320,38 +376,6 @@ def _writing(out: Path, name: str):
                           "check free space and permissions, then run again", field="out") from None
 
 
-class _PiecesHash:
-    """SHA-256 of stamped files without reading them back: every group's stamp shares the pieces
-    before its first literal, whose hash state is computed once and copied."""
-
-    def __init__(self, base: Path):
-        self.base = base
-        self._prefix: tuple[int, "hashlib._Hash"] | None = None
-
-    def sha256(self, pieces: list[tag.Piece]) -> str:
-        pieces = list(pieces)
-        if pieces and pieces[0][0] == "base" and pieces[0][1] == 0:
-            if self._prefix is None or self._prefix[0] != pieces[0][2]:
-                h = hashlib.sha256()
-                self._update(h, 0, pieces[0][2])
-                self._prefix = (pieces[0][2], h)
-            h = self._prefix[1].copy()
-            pieces = pieces[1:]
-        else:
-            h = hashlib.sha256()
-        for piece in pieces:
-            if piece[0] == "bytes":
-                h.update(piece[1])
-            else:
-                self._update(h, piece[1], piece[2])
-        return h.hexdigest()
-
-    def _update(self, h, start: int, length: int) -> None:
-        with open(self.base, "rb") as fh:
-            for chunk in fileio.iter_range(fh, start, length, too_short=f"{self.base}: shorter than the release says"):
-                h.update(chunk)
-
-
 def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrollment]], signers: Signers,
                  out: Path, *, where: str = "--groups") -> list[Stamped]:
     """Every group's `fmt` installer in the folder `out`, named by `group_file_name`: all or none.
@@ -390,22 +414,11 @@ def stamp_groups(release: Release, fmt: str, groups: list[tuple[int, SignedEnrol
         raise OutputError(f"{{field}} {out}: cannot write there ({exc.strerror or exc})", "choose a writable folder", field="out") from None
     made: list[Stamped] = []
     try:
-        hasher = _PiecesHash(base.path) if kind.slotted else None
-        product_signers = None if kind.slotted else signers.for_product(release.product().name)
+        product_signers = signers.for_product(release.product().name)
         for i, ((line, enrollment), name) in enumerate(zip(groups, names), 1):
-            partial, notarization = work / name, None
             with log.step(f"[{i}/{len(groups)}] {fmt}: {name}"), _writing(out, name):
-                if kind.slotted:
-                    pieces = stamp_ranges(base, enrollment)
-                    written = write_pieces(base.path, pieces, partial)
-                    size, sha = base.entry["size"], hasher.sha256(pieces)
-                    signer, resigned = base.entry.get("signer"), False
-                else:
-                    built = formats.get(fmt).stamp(release, enrollment, product_signers, partial)
-                    size = written = partial.stat().st_size
-                    sha, signer, resigned = build.sha256_file(partial), built.signer, not signers.unsigned
-                    notarization = (built.details or {}).get("notarization")
-            made.append(Stamped(fmt, out / name, size, sha, signer, resigned, written, notarization))
+                one = _make(release, fmt, base, enrollment, product_signers, work / name)
+            made.append(replace(one, path=out / name))
         placed = 0
         for name in names:
             try:

@@ -81,7 +81,7 @@ class Issuer:
         for rel in opened:
             for name in {formats.kind(k).base for k in formats.SLOTTED}:
                 if name in rel.manifest["files"] and rel.file(name).slot:
-                    installers.hash_prefix(rel.file(name))
+                    stamp.warm_prefix_hash(rel.file(name))
         self.releases.report_refused()
 
     # -- records and revocations --------------------------------------------------------------

@@ -6,8 +6,10 @@ the one mapping, used by the HTTP app for work done in-process and by `builder w
 failures reach the service as these problems (in the job's meta), so a client gets the same
 answer either way. The README's table lists CODES; a test holds the two together.
 
-The service's errors below are BuilderErrors like every other (one hierarchy): each names its
-`code` (and `field` where a request field is concerned); the exit codes are for `builder issue`.
+The service's errors below are BuilderErrors like every other (one hierarchy), each under its
+kind in builder/errors.py (which gives its exit code): a class's code comes from the table
+`_BY_CLASS`, unless the class names its own `code` (a finer one than its kind's); `field` names
+the request field concerned.
 """
 
 from __future__ import annotations
@@ -96,7 +98,6 @@ class Problem:
 
 
 class UnknownRelease(UnknownReleaseError):
-    code = "unknown_release"
     field = "release"
 
 
@@ -115,15 +116,12 @@ class ReleaseRefused(VerificationError):
 
 
 class Revoked(RevokedError):
-    code = "token_revoked"
     field = "token"
 
 
 class NotConfigured(UsageError):
     """The service (or a worker) lacks what the request needs: a signing key, the enrollment
     key, the queue key the service uses. Messages say what the operator must configure."""
-
-    code = "not_configured"
 
 
 class NoEnrollmentKey(NotConfigured):
@@ -133,8 +131,6 @@ class NoEnrollmentKey(NotConfigured):
 class StampFailed(WorkerFailedError):
     """A worker could not make the installer (after its retries); nothing was published. It
     carries the problem the worker found, which is what the client is told."""
-
-    code = "stamp_failed"
 
     def __init__(self, message: str, hint: str | None = None, *, problem: Problem | None = None):
         super().__init__(message, hint)

@@ -247,6 +247,8 @@ def test_a_slotted_stamp_changes_only_the_slot(rel, stamped, signed_enrollment, 
     streamed = tag.apply_pieces(base, pieces) == out
     assert streamed, "stamp_ranges describes another file than the one stamp() wrote"
     assert stamped.results[fmt].bytes_written == base_file.slot["size"]
+    # Reported from the pieces, not read back: the same as the file's own hash and size.
+    assert (stamped.results[fmt].sha256, stamped.results[fmt].size) == (hashlib.sha256(out).hexdigest(), len(out))
 
 
 @pytest.mark.parametrize("fmt", ["exe", "msi-tagged", "msi", "pkg", "dmg"])

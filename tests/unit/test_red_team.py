@@ -180,15 +180,15 @@ def test_step_timings_are_bounded(monkeypatch):
 def test_the_prefix_hash_cache_is_bounded(tmp_path):
     import hashlib
 
-    from builder.service import installers
+    from builder import stamp
 
     base = tmp_path / "base.bin"
     base.write_bytes(bytes(range(256)))
-    installers._prefix_hashes.clear()
+    stamp._prefix_hashes.clear()
     for n in range(1, 201):
         pieces = [("base", 0, n), ("bytes", b"slot")]
-        assert installers.pieces_sha256(base, pieces) == hashlib.sha256(bytes(range(n)) + b"slot").hexdigest()
-    assert len(installers._prefix_hashes) <= 32
+        assert stamp.pieces_sha256(base, pieces) == hashlib.sha256(bytes(range(n)) + b"slot").hexdigest()
+    assert len(stamp._prefix_hashes) <= stamp.PREFIX_CACHE
 
 
 def test_waiting_for_a_queued_job_backs_off(tmp_path):
