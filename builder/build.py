@@ -8,7 +8,6 @@ so the output folder never holds a half-written, unsigned or partial set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from builder import formats, log
 from builder.config import Product
-from builder.fileio import atomic_output, write_atomic
+from builder.fileio import atomic_output, sha256_file, write_atomic
 from builder.trust import SignedEnrollment, Trust
 from builder.errors import BuilderError, OutputError, PayloadError, UsageError, VerificationError
 from builder.formats.base import BuildRequest, refuse_symlinks
@@ -49,14 +48,6 @@ class Output:
             "seconds": round(self.seconds, 3),
             **({"details": self.details} if self.details else {}),
         }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_payload(payload: Path, platform: str, product: Product) -> None:

@@ -39,6 +39,12 @@ def cli_words(exc: BuilderError) -> str:
     return f"{message}: {exc.hint}" if exc.hint else message
 
 
+def fail(exc: BuilderError):
+    """One line on stderr, and the error's exit code."""
+    log.console.print(f"[bold red]error:[/] {escape(log.redact(cli_words(exc)))}", soft_wrap=True)
+    sys.exit(exc.exit_code)
+
+
 def handle_errors(fn):
     """Turn a BuilderError into one line on stderr and its exit code; anything else is a bug."""
 
@@ -47,8 +53,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except BuilderError as exc:
-            log.console.print(f"[bold red]error:[/] {escape(log.redact(cli_words(exc)))}", soft_wrap=True)
-            sys.exit(exc.exit_code)
+            fail(exc)
 
     return wrapper
 
@@ -68,8 +73,7 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     try:
         ctx.obj = Environment.read()  # the one read of the environment (builder.config)
     except BuilderError as exc:
-        log.console.print(f"[bold red]error:[/] {escape(log.redact(cli_words(exc)))}", soft_wrap=True)
-        sys.exit(exc.exit_code)
+        fail(exc)
     for secret in (ctx.obj.sign_password, ctx.obj.mac_sign_password, ctx.obj.enrollment_key_password):
         if secret is not None and secret.reveal():
             log.register_secret(secret.reveal(), permanent=True)
@@ -78,6 +82,13 @@ def main(ctx: click.Context, verbose: bool, quiet: bool) -> None:
 def environment() -> Environment:
     """The environment `main` read for this command."""
     return click.get_current_context().find_root().obj
+
+
+def open_store_at(storage_url: str):
+    """The store at `storage_url`, with the storage credentials of the environment."""
+    from builder.storage import StorageSettings, open_store
+
+    return open_store(storage_url, StorageSettings.from_env(environment().storage))
 
 
 # --- shared option groups ---------------------------------------------------------------
@@ -503,7 +514,7 @@ def _doctor_checks(storage_url, redis_url, enrollment_key, enrollment_key_pkcs11
         try:
             detail = fn()
         except BuilderError as exc:
-            checks.append({"check": name, "status": "FAILED", "detail": log.redact(str(exc)), "exit_code": exc.exit_code})
+            checks.append({"check": name, "status": "FAILED", "detail": log.redact(cli_words(exc)), "exit_code": exc.exit_code})
         else:
             checks.append({"check": name, "status": "ok", "detail": detail, "exit_code": 0})
 
@@ -529,23 +540,21 @@ def _doctor_checks(storage_url, redis_url, enrollment_key, enrollment_key_pkcs11
     if storage_url:
         def store_ok() -> str:
             from builder.service.setup import RELEASES_PREFIX
-            from builder.storage import StorageSettings, open_store
-            from builder.storage.published import INDEX_NAME
+            from builder.storage.published import published_versions
 
-            store = open_store(storage_url, StorageSettings.from_env(environment().storage))
-            found = store.list(f"{RELEASES_PREFIX}/releases")
-            return f"{store.url}: answers, {sum(o.key.endswith('/' + INDEX_NAME) for o in found)} release(s) published"
+            store = open_store_at(storage_url)
+            return f"{store.url}: answers, {len(published_versions(store, RELEASES_PREFIX))} release(s) published"
         check("storage", store_ok)
     if redis_url:
         def redis_ok() -> str:
             import redis
 
-            from builder.errors import StorageError
+            from builder.errors import QueueError
 
             try:
                 redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5).ping()
             except (redis.RedisError, ValueError) as exc:
-                raise StorageError(f"--redis {redis_url}: does not answer ({exc.__class__.__name__})",
+                raise QueueError(f"--redis {redis_url}: does not answer ({exc.__class__.__name__})",
                                    "start Redis or fix the URL") from None
             return f"{redis_url}: answers"
         check("redis", redis_ok)
@@ -737,10 +746,10 @@ def publish_cmd(release_dir, storage_url):
     """Upload a release folder: objects first, its index last; never overwrites."""
     from builder.release import Release
     from builder.service.setup import RELEASES_PREFIX
-    from builder.storage import StorageSettings, open_store, publish_release
+    from builder.storage import publish_release
 
     rel = Release.open(release_dir, verify=False)
-    store = open_store(storage_url, StorageSettings.from_env(environment().storage))
+    store = open_store_at(storage_url)
     with log.step(f"publish release {rel.version} to {store.url}"):
         key = publish_release(release_dir, store, RELEASES_PREFIX, version=rel.version)
     log.result(f"release {rel.version}: {key}")
@@ -753,10 +762,9 @@ def publish_cmd(release_dir, storage_url):
 def releases_cmd(storage_url, as_json):
     """The releases published to a store: version, formats, signed; and which one `latest` is per format."""
     from builder.service.setup import RELEASES_PREFIX
-    from builder.storage import StorageSettings, open_store
     from builder.storage.published import latest_per_format, published_releases
 
-    store = open_store(storage_url, StorageSettings.from_env(environment().storage))
+    store = open_store_at(storage_url)
     found = published_releases(store, RELEASES_PREFIX)
     latest = latest_per_format(found)
     for r in found:
@@ -779,10 +787,9 @@ def prune_cmd(storage_url, keep, dry_run, as_json):
     """Remove old releases from a store, with the installers issued from them and the objects no
     kept release uses. The newest release of each format is always kept."""
     from builder.service.setup import RELEASES_PREFIX
-    from builder.storage import StorageSettings, open_store
     from builder.storage.published import prune, prune_plan
 
-    store = open_store(storage_url, StorageSettings.from_env(environment().storage))
+    store = open_store_at(storage_url)
     plan = prune_plan(store, RELEASES_PREFIX, keep)
     if not dry_run:
         with log.step(f"prune {len(plan['keys'])} objects from {store.url}"):

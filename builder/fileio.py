@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import tempfile
@@ -79,3 +80,17 @@ def new_private_dir(target: Path) -> Path:
     create or read anything in it. The caller removes it."""
     target = Path(target)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+
+
+def sha256_and_size(path: Path) -> tuple[str, int]:
+    """The file's SHA-256 (hex) and the number of bytes it was computed over, in one read."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_and_size(path)[0]

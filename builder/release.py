@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder import __version__, build, formats, log
+from builder import __version__, build, fileio, formats, log
 from builder.config import Product
 from builder.errors import FormatError, OutputError, VerificationError
 from builder.fileio import write_atomic
@@ -183,7 +183,7 @@ class Release:
             return
         if self.signed_only and not self.manifest.get("signed"):
             raise UntrustedRelease(f"release {self.folder} is unsigned", "publish a signed release (`builder release` with signing keys)")
-        digest = build.sha256_file(f.path)
+        digest = fileio.sha256_file(f.path)
         if digest != f.entry["sha256"]:
             raise VerificationError(f"release file {f.path} does not match its sha256 in the manifest", "re-run `builder release`")
         # The file is the one the manifest names (its hash matched): its signature needs

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from builder import build, fileio, formats, log
+from builder import fileio, formats, log
 from builder.binfmt import slot as slotfmt
 from builder.binfmt import tag
 from builder.enrollment import Enrollment, read_token
@@ -210,7 +210,7 @@ def _make(release: Release, fmt: str, base: ReleaseFile, enrollment: SignedEnrol
                        False, written)
     built = formats.get(fmt).stamp(release, enrollment, signers, partial)
     size = partial.stat().st_size
-    return Stamped(fmt, partial, size, build.sha256_file(partial), built.signer, not signers.unsigned, size,
+    return Stamped(fmt, partial, size, fileio.sha256_file(partial), built.signer, not signers.unsigned, size,
                    (built.details or {}).get("notarization"))
 
 

@@ -13,12 +13,12 @@ refused with ReleaseConflictError and changes nothing the index names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 from builder import log
+from builder.fileio import sha256_and_size
 from builder.config import is_version, version_key
 from builder.errors import PayloadError, StorageError
 from builder.storage.errors import ReleaseConflictError
@@ -50,15 +50,6 @@ def published_versions(store: Store, prefix: str) -> list[str]:
     return sorted(seen, key=version_key)
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def _release_files(local_dir: Path) -> list[tuple[str, Path]]:
     if not (local_dir / RELEASE_MANIFEST).is_file():
         raise PayloadError(f"{local_dir} has no {RELEASE_MANIFEST}: the release is incomplete",
@@ -84,7 +75,7 @@ def publish_release(local_dir: Path, store: Store, prefix: str, *, version: str 
 
     entries = {}
     for name, path in _release_files(local_dir):
-        sha, size = _sha256_file(path)
+        sha, size = sha256_and_size(path)
         suffix = path.suffix if _SUFFIX_RE.fullmatch(path.suffix) else ""
         entries[name] = {"key": content_key(objects, sha, suffix), "sha256": sha, "size": size}
     index = (json.dumps({"format": INDEX_FORMAT, "version": version, "files": entries},

@@ -146,6 +146,7 @@ def test_doctor_opens_the_keys_and_the_store_as_a_run_would(tmp_path, dev_keys, 
     checks = {c["check"]: c for c in json.loads(bad.stdout)["checks"]}
     assert checks["signing keys"]["status"] == "FAILED" and "is not the key of the certificate" in checks["signing keys"]["detail"]
     assert checks["redis"]["status"] == "FAILED" and "does not answer" in checks["redis"]["detail"]
+    assert checks["redis"]["exit_code"] == errors.QueueError.exit_code
 
 
 def test_build_without_an_enrollment_key_is_refused_before_anything_is_built(tmp_path, test_payload):

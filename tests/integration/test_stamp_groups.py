@@ -389,8 +389,8 @@ def test_a_tampered_msi_is_refused_by_an_eager_open_and_by_verify_all(release_co
 def test_a_lazy_release_checks_each_format_once_when_it_is_used(release_dir, dev_keys, monkeypatch):
     release._verified.clear()
     hashed, verified = [], []
-    real_hash = release.build.sha256_file
-    monkeypatch.setattr(release.build, "sha256_file", lambda p: hashed.append(Path(p).suffix) or real_hash(p))
+    real_hash = release.fileio.sha256_file
+    monkeypatch.setattr(release.fileio, "sha256_file", lambda p: hashed.append(Path(p).suffix) or real_hash(p))
     for name in ("exe", "msi"):
         cls = type(formats.get(name))
         real = cls.verify
