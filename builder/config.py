@@ -208,6 +208,13 @@ QUEUE_KEY_ENV = "BUILDER_QUEUE_KEY"
 API_KEYS_ENV, API_KEYS_FILE_ENV = "BUILDER_API_KEYS", "BUILDER_API_KEYS_FILE"
 NOTARY_ENV_PREFIX = "BUILDER_NOTARY_"
 STORAGE_ENV_PREFIXES = ("AWS_", "AZURE_STORAGE_", "BUILDER_STORAGE_")
+# The variables above that hold a secret: no tool or child process inherits them
+# (builder.tools.runner.child_env). No external tool needs one: passwords reach osslsigncode on stdin.
+SECRET_ENV = frozenset({
+    SIGN_PASSWORD_ENV, MAC_SIGN_PASSWORD_ENV, ENROLLMENT_KEY_PASSWORD_ENV, QUEUE_KEY_ENV, API_KEYS_ENV,
+    NOTARY_ENV_PREFIX + "KEY", "BUILDER_STORAGE_HMAC_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING",
+})
 # Times every format can carry: DOS and MSI dates start in 1980; 2099 keeps a margin below the
 # ends of the formats' counters.
 EPOCH_RANGE = (315532800, 4102444799)  # 1980-01-01 .. 2099-12-31 UTC
@@ -224,7 +231,8 @@ class Environment:
     mac_sign_password: Secret | None = None
     enrollment_key_password: Secret | None = None  # empty counts as unset
     queue_key: Secret | None = None
-    api_keys: Secret | None = None  # BUILDER_API_KEYS, or the text of BUILDER_API_KEYS_FILE
+    api_keys: Secret | None = None  # BUILDER_API_KEYS
+    api_keys_file: Path | None = None  # BUILDER_API_KEYS_FILE (read by the service that needs it)
     notary: Mapping[str, str] = field(default_factory=dict)
     storage: Mapping[str, str] = field(default_factory=dict)
 
@@ -238,20 +246,14 @@ class Environment:
                 return None
             return Secret(value)
 
-        api_keys = secret(API_KEYS_ENV)
-        if env.get(API_KEYS_FILE_ENV):
-            path = Path(env[API_KEYS_FILE_ENV])
-            try:
-                api_keys = Secret(path.read_text())
-            except OSError as exc:
-                raise UsageError(f"{API_KEYS_FILE_ENV}={path}: cannot read it ({exc.strerror})", "check the path") from None
         return cls(
             source_date_epoch=_epoch(env.get("SOURCE_DATE_EPOCH")),
             sign_password=secret(SIGN_PASSWORD_ENV, empty_is_unset=False),
             mac_sign_password=secret(MAC_SIGN_PASSWORD_ENV, empty_is_unset=False),
             enrollment_key_password=secret(ENROLLMENT_KEY_PASSWORD_ENV),
             queue_key=secret(QUEUE_KEY_ENV),
-            api_keys=api_keys,
+            api_keys=secret(API_KEYS_ENV),
+            api_keys_file=Path(env[API_KEYS_FILE_ENV]) if env.get(API_KEYS_FILE_ENV) else None,
             notary=MappingProxyType({k: v for k, v in env.items() if k.startswith(NOTARY_ENV_PREFIX)}),
             storage=MappingProxyType({k: v for k, v in env.items() if k.startswith(STORAGE_ENV_PREFIXES)}),
         )

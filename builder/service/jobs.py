@@ -38,8 +38,8 @@ from rq.job_lifecycle import call_exception_handlers
 
 from builder import formats, log
 from builder.trust import SignedEnrollment
-from builder.errors import BuilderError, QueueError, UsageError, WorkerFailedError
-from builder.service.problems import NotConfigured, Problem, describe, unexpected
+from builder.errors import BuilderError, QueueError, UsageError
+from builder.service.problems import NotConfigured, Problem, StampFailed, describe, unexpected
 from builder.storage.errors import StorageUnavailableError
 
 QUEUE_NAME = "builder-stamp"
@@ -79,8 +79,6 @@ def fernet_from(key) -> Fernet:
 class QueueUnavailableError(QueueError, StorageUnavailableError):
     """Redis did not answer: like unreachable storage, a 503 with Retry-After, not a 500 (exit
     code: the queue's)."""
-
-    code = "queue_unavailable"
 
 
 class _Job(Job):
@@ -295,13 +293,9 @@ def _produce(doc: dict) -> dict:
     return {"id": rec.id, "sha256": rec.sha256, "key": rec.key}
 
 
-class HelperFailed(WorkerFailedError):
+class HelperFailed(StampFailed):
     """The signing helper died (RQ retries the job with a new helper), or failed the job with
     `problem`, which says whether RQ retries it."""
-
-    def __init__(self, message: str, hint: str | None = None, *, problem: Problem | None = None):
-        super().__init__(message, hint)
-        self.problem = problem
 
 
 class SigningHelper:

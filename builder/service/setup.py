@@ -9,6 +9,7 @@ from pathlib import Path
 
 from builder import log
 from builder.config import Environment
+from builder.errors import UsageError
 from builder.signing.signers import Signers
 from builder.service.issuer import Audit, Issuer
 from builder.storage import StorageSettings, open_store
@@ -45,7 +46,15 @@ def make_issuer(opts: ServiceOptions, env: Environment) -> Issuer:
 def api_keys_from(env: Environment) -> dict[str, str]:
     from builder.service.app import ServiceSettings
 
-    return ServiceSettings.parse_api_keys(env.api_keys.reveal() if env.api_keys is not None else "")
+    if env.api_keys_file is not None:
+        try:
+            text = env.api_keys_file.read_text()
+        except OSError as exc:
+            raise UsageError(f"BUILDER_API_KEYS_FILE={env.api_keys_file}: cannot read it ({exc.strerror})",
+                             "check the path") from None
+    else:
+        text = env.api_keys.reveal() if env.api_keys is not None else ""
+    return ServiceSettings.parse_api_keys(text)
 
 
 def link_secret_of(issuer: Issuer) -> bytes:

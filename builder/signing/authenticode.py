@@ -15,13 +15,13 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from builder import log
+from builder.config import SIGN_PASSWORD_ENV
 from builder.enrollment import Secret
 from builder.errors import SigningError, ToolFailedError, UsageError, VerificationError
 from builder.tools import runner
 
 DEFAULT_PKCS11_ENGINE = "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so"
 DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-SIGN_PASSWORD_ENV = "BUILDER_SIGN_PASSWORD"  # the variable the CLI reads a key's password or PIN from
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder import log
+from builder.config import SECRET_ENV
 from builder.errors import ToolFailedError, ToolMissingError
 
 
@@ -61,12 +62,6 @@ TOOLS: dict[str, Tool] = {
 }
 
 
-# Secrets the command line and the service take from the environment. No external tool needs
-# one (passwords reach osslsigncode on stdin), so none is passed on to a tool.
-SECRET_ENV = frozenset({
-    "BUILDER_SIGN_PASSWORD", "BUILDER_MAC_SIGN_PASSWORD", "BUILDER_API_KEYS", "BUILDER_QUEUE_KEY",
-    "BUILDER_STORAGE_HMAC_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY",
-})
 # Names of environment variables no child may inherit (see withhold_env), SECRET_ENV's included.
 _withheld: set[str] = set(SECRET_ENV)
 

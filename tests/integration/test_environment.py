@@ -73,6 +73,12 @@ def test_the_cli_refuses_a_bad_source_date_epoch_in_one_line_before_anything_run
     assert not (tmp_path / "keys").exists()
 
 
+def test_a_service_setting_does_not_stop_other_commands(tmp_path):
+    """BUILDER_API_KEYS_FILE is the service's: a missing file stops `serve`, not `builder build`."""
+    env = Environment.read({"BUILDER_API_KEYS_FILE": str(tmp_path / "missing")})
+    assert env.api_keys_file == tmp_path / "missing"
+
+
 def test_the_environment_is_resolved_once_into_values():
     env = Environment.read({"SOURCE_DATE_EPOCH": str(EPOCH), "BUILDER_SIGN_PASSWORD": "", "BUILDER_QUEUE_KEY": "",
                             "AWS_REGION": "eu-west-1", "BUILDER_NOTARY_KEY_ID": "K", "HOME": "/root"})

@@ -351,6 +351,21 @@ def test_withheld_variables_reach_no_tool(monkeypatch):
     assert not leaked and "RED_TEAM_TOKEN" not in os.environ
 
 
+@pytest.mark.parametrize("name", ["BUILDER_SIGN_PASSWORD", "BUILDER_MAC_SIGN_PASSWORD", "BUILDER_ENROLLMENT_KEY_PASSWORD",
+                                  "BUILDER_NOTARY_KEY", "BUILDER_QUEUE_KEY", "BUILDER_API_KEYS", "BUILDER_STORAGE_HMAC_KEY",
+                                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY",
+                                  "AZURE_STORAGE_CONNECTION_STRING"])
+def test_no_secret_the_environment_holds_reaches_a_tool(monkeypatch, name):
+    """Every variable builder.config reads a secret from is kept from every tool's environment."""
+    from builder.tools import runner
+
+    monkeypatch.setitem(runner.TOOLS, "env", runner.Tool("env", "coreutils", (), "tests"))
+    monkeypatch.setenv(name, TOKEN)
+    out = runner.run("env", [], log_stdout=False).stdout.decode()
+    leaked = TOKEN in out
+    assert not leaked, name
+
+
 def test_token_env_is_dropped_from_every_tool_the_build_runs(tmp_path, test_payload, dev_keys):
     import shutil
 
