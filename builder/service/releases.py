@@ -25,8 +25,7 @@ from builder.fileio import write_atomic
 from builder.release import MANIFEST, Release
 from builder.service.problems import FormatNotInRelease, ReleaseRefused, UnknownRelease
 from builder.storage import ObjectNotFoundError, Store
-from builder.storage.keys import is_valid_key
-from builder.storage.published import INDEX_FORMAT, index_key, published_versions
+from builder.storage.published import index_key, parse_index, published_versions
 
 VERIFIED_MARKER = ".verified-index.json"
 VERSIONS_TTL_S = 5.0
@@ -190,21 +189,12 @@ class ReleaseCache:
             index_bytes = self.store.get(key)
         except ObjectNotFoundError:
             raise UnknownRelease(f"release {version} is not published", "GET /v1/releases lists what is") from None
-        try:
-            index = json.loads(index_bytes)
-        except ValueError:
-            raise FormatError(f"release {version}: index {key} is not JSON") from None
-        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-            raise FormatError(f"release {version}: index {key} is not a release index")
+        index = parse_index(index_bytes, f"release {version}: index {key}")  # names, keys, hashes checked
         folder = self.cache_dir / "releases" / version
         if not (folder / MANIFEST).is_file():
             staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=self.cache_dir))
             try:
                 for name, entry in index["files"].items():
-                    # A name the publisher would give (validate_key): nothing climbs out of the cache.
-                    if not is_valid_key(name):
-                        raise FormatError(f"release {version}: index {key} names a file {name!r} that is not a "
-                                          "relative path inside the release")
                     (staging / name).parent.mkdir(parents=True, exist_ok=True)
                     try:  # streamed: a 30 MB installer is not held in memory
                         digest, _ = self.store.download(entry["key"], staging / name)

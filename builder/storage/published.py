@@ -20,9 +20,9 @@ from pathlib import Path
 from builder import log
 from builder.fileio import sha256_and_size
 from builder.config import is_version, version_key
-from builder.errors import PayloadError, StorageError
+from builder.errors import FormatError, PayloadError, StorageError
 from builder.storage.errors import ReleaseConflictError
-from builder.storage.keys import content_key, join_key, validate_key, validate_prefix
+from builder.storage.keys import content_key, is_valid_key, join_key, validate_key, validate_prefix
 from builder.storage.store import Store
 
 INDEX_FORMAT = "builder-release-index/1"
@@ -38,6 +38,29 @@ def index_key(prefix: str, version: str) -> str:
     if "/" in version:
         raise StorageError(f"release version {version!r} must be a single path segment")
     return join_key(validate_prefix(prefix), "releases", version, INDEX_NAME)
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_index(data: bytes, where: str) -> dict:
+    """A release index read from storage, which is not trusted to hold one: JSON of this
+    format, each file a relative name (validate_key: nothing climbs out of a folder it is
+    written under) with an object key, a sha256 and a size. FormatError naming `where` else."""
+    try:
+        index = json.loads(data)
+    except ValueError:
+        raise FormatError(f"{where} is not JSON", "publish the release again") from None
+    files = index.get("files") if isinstance(index, dict) else None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(files, dict):
+        raise FormatError(f"{where} is not a release index", "publish the release again")
+    for name, entry in files.items():
+        if (not is_valid_key(name) or not isinstance(entry, dict) or not is_valid_key(entry.get("key"))
+                or not isinstance(entry.get("sha256"), str) or not _SHA256_HEX.fullmatch(entry["sha256"])
+                or type(entry.get("size")) is not int or entry["size"] < 0):
+            raise FormatError(f"{where}: its entry {name[:80]!r} is not a file name in the release with an object "
+                              "key, a sha256 and a size", "publish the release again")
+    return index
 
 
 def published_versions(store: Store, prefix: str) -> list[str]:
@@ -116,8 +139,8 @@ def published_releases(store: Store, prefix: str) -> list[dict]:
     for info in store.list(base):
         if not info.key.endswith("/" + INDEX_NAME):
             continue
-        index = json.loads(store.get(info.key))
-        entry = index.get("files", {}).get(RELEASE_MANIFEST)
+        index = parse_index(store.get(info.key), f"index {info.key}")
+        entry = index["files"].get(RELEASE_MANIFEST)
         manifest = json.loads(store.get(entry["key"])) if entry else {}
         found.append({"version": index.get("version"), "formats": sorted(manifest.get("files", {})),
                       "signed": manifest.get("signed"), "builder": manifest.get("builder")})
@@ -141,7 +164,8 @@ def prune_plan(store: Store, prefix: str, keep: int) -> dict:
     releases = published_releases(store, prefix)
     kept = {r["version"] for r in releases[-keep:]} | set(latest_per_format(releases).values())
     base = validate_prefix(prefix)
-    indexes = {r["version"]: json.loads(store.get(index_key(base, r["version"]))) for r in releases}
+    indexes = {r["version"]: parse_index(store.get(index_key(base, r["version"])), f"release {r['version']}'s index")
+               for r in releases}
     remove = [v for v in indexes if v not in kept]
     needed = {e["key"] for v in kept for e in indexes[v]["files"].values()}
     records, issued = [], []

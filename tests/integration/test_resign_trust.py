@@ -155,8 +155,10 @@ def test_the_service_serves_no_unsigned_release(test_payload, dev_keys, tmp_path
         issuer.close()
 
 
+@pytest.mark.parametrize("damage", ["climbs out", "files not a map", "entry without key", "key climbs out",
+                                    "sha256 not hex", "size not a number"])
 def test_an_index_naming_a_path_outside_the_release_is_refused_and_writes_nothing_there(test_payload, dev_keys,
-                                                                                         tmp_path):
+                                                                                         tmp_path, damage):
     """Someone who can write the bucket rewrites a release's index so that a file name climbs out
     of the service's cache: the release is refused as malformed; nothing is written outside."""
     import json
@@ -171,7 +173,19 @@ def test_an_index_naming_a_path_outside_the_release_is_refused_and_writes_nothin
     index_path = tmp_path / "store" / index_key
     index = json.loads(index_path.read_text())
     [name] = [n for n in index["files"] if n.endswith(".exe")]
-    index["files"]["../../../escaped.exe"] = index["files"][name]
+    entry = index["files"][name]
+    if damage == "climbs out":
+        index["files"]["../../../escaped.exe"] = entry
+    elif damage == "files not a map":
+        index["files"] = list(index["files"])
+    elif damage == "entry without key":
+        del entry["key"]
+    elif damage == "key climbs out":
+        entry["key"] = "../../../escaped.exe"
+    elif damage == "sha256 not hex":
+        entry["sha256"] = {"x": 1}
+    else:
+        entry["size"] = "30 MB"
     index_path.chmod(0o600)
     index_path.write_text(json.dumps(index))
     try:
