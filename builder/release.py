@@ -10,6 +10,7 @@ never parses a signature or runs a tool it can avoid.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -131,11 +132,20 @@ class Release:
         return self.manifest["version"]
 
     def product(self) -> Product:
+        return self._product
+
+    def trust(self) -> Trust:
+        return self._trust
+
+    # Read from the manifest once per Release: every stamp (and every request) asks for them.
+    @functools.cached_property
+    def _product(self) -> Product:
         fields = dict(self.manifest["product"])
         fields["console_hosts"] = tuple(fields.get("console_hosts") or ())
         return Product(**fields)
 
-    def trust(self) -> Trust:
+    @functools.cached_property
+    def _trust(self) -> Trust:
         if "trust" not in self.manifest:
             raise FormatError(f"release {self.folder} pins no enrollment keys (made by an older builder)",
                               "build the release again: its agents would refuse every enrollment")
